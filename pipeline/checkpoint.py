@@ -1,0 +1,69 @@
+"""Resumable training state in a work directory (never a declared output, so reruns resume).
+
+Checkpoints are step-numbered (`step-00001200.pt`), written atomically; `latest` loads the newest one
+that reads back completely, so a file cut short by a kill is skipped rather than fatal. Older ones are
+pruned, keeping `keep` of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.shards import atomic_path
+
+log = logging.getLogger("pipeline.checkpoint")
+PATTERN = re.compile(r"step-(\d{8})\.pt$")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG a training loop may touch, so a resumed run draws the same numbers."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(workdir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write `state` as step-{step}.pt atomically and prune older checkpoints."""
+    workdir = Path(workdir)
+    path = workdir / f"step-{step:08d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    for old in sorted(_checkpoints(workdir))[:-keep]:
+        old[1].unlink(missing_ok=True)
+    return path
+
+
+def _checkpoints(workdir: Path) -> list[tuple[int, Path]]:
+    if not Path(workdir).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(workdir).iterdir() if (m := PATTERN.search(p.name))]
+    return sorted(found)
+
+
+def latest(workdir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The newest readable checkpoint's state, or None when there is none."""
+    for step, path in reversed(_checkpoints(workdir)):
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as error:  # cut short by a kill or a full disk: fall back to the previous one
+            log.warning("%s: unreadable checkpoint skipped (%s)", path, error)
+            continue
+        log.info("resuming from %s", path)
+        return state
+    return None

@@ -1,0 +1,153 @@
+"""Classifier registry: every model takes images in [0, 1] and normalises inside, so attacks work in
+pixel space. `features(x)` returns the penultimate representation (used by the analysis stage).
+
+WideResNet follows Gowal et al. (2021): pre-activation WRN-d-w with SiLU activations.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """normalise -> body (to a feature vector) -> linear head."""
+
+    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
+        self.body = body
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def small_cnn(num_classes: int = 10) -> Classifier:
+    """A 4-conv CNN with batch norm: trains in a minute on a CPU, the default's model."""
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.SiLU()]
+    body = nn.Sequential(
+        *block(3, 32), *block(32, 32), nn.MaxPool2d(2),
+        *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+    return Classifier(body, 64, num_classes)
+
+
+class _PreActBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, activation: Callable[[], nn.Module],
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.bn1, self.act1 = nn.BatchNorm2d(cin), activation()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.act2 = nn.BatchNorm2d(cout), activation()
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False)
+                         if stride != 1 or cin != cout else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(self.dropout(self.act2(self.bn2(out))))
+        return out + shortcut
+
+
+def wide_resnet(depth: int, width: int, num_classes: int = 10,
+                activation: Callable[[], nn.Module] = nn.SiLU) -> Classifier:
+    """Pre-activation WRN-depth-width (depth = 6n + 4)."""
+    if (depth - 4) % 6:
+        raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+    n = (depth - 4) // 6
+    widths = [16, 16 * width, 32 * width, 64 * width]
+    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)]
+    for stage in range(3):
+        for i in range(n):
+            cin = widths[stage] if i == 0 else widths[stage + 1]
+            layers.append(_PreActBlock(cin, widths[stage + 1], (1 if stage == 0 else 2) if i == 0 else 1,
+                                       activation))
+    layers += [nn.BatchNorm2d(widths[3]), activation(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return Classifier(nn.Sequential(*layers), widths[3], num_classes)
+
+
+def preact_resnet18(num_classes: int = 10) -> Classifier:
+    """PreActResNet-18 (ReLU), the usual baseline of robust-training papers."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False)]
+    cin = 64
+    for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [_PreActBlock(cin, cout, stride, nn.ReLU), _PreActBlock(cout, cout, 1, nn.ReLU)]
+        cin = cout
+    layers += [nn.BatchNorm2d(512), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return Classifier(nn.Sequential(*layers), 512, num_classes)
+
+
+MODELS: dict[str, Callable[[int], Classifier]] = {
+    "small_cnn": small_cnn,
+    "preact_resnet18": preact_resnet18,
+    "wrn-16-4": lambda num_classes=10: wide_resnet(16, 4, num_classes),
+    "wrn-28-10": lambda num_classes=10: wide_resnet(28, 10, num_classes),
+    "wrn-70-16": lambda num_classes=10: wide_resnet(70, 16, num_classes),
+}
+
+
+def build(name: str, num_classes: int = 10) -> Classifier:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    return MODELS[name](num_classes)
+
+
+def save_checkpoint(path, model: nn.Module, name: str, num_classes: int, extra: dict | None = None) -> None:
+    """Save weights with the architecture name, so loading checks it (atomic)."""
+    from pipeline.shards import atomic_path
+    with atomic_path(path) as tmp:
+        torch.save({"model": name, "num_classes": num_classes, "state_dict": model.state_dict(),
+                    **(extra or {})}, tmp)
+
+
+def load_checkpoint(path, device: torch.device | str = "cpu", expected: str | None = None) -> Classifier:
+    """Load a classifier saved by save_checkpoint; name the file when it does not fit."""
+    try:
+        payload = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: model checkpoint missing") from None
+    except Exception as error:  # truncated zip, not a torch file
+        raise ValueError(f"{path}: unreadable model checkpoint ({error})") from None
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise ValueError(f"{path}: not a robustgen classifier checkpoint")
+    if expected is not None and payload["model"] != expected:
+        raise ValueError(f"{path}: holds a {payload['model']} model, expected {expected}")
+    model = build(payload["model"], payload["num_classes"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"{path}: weights do not fit {payload['model']}: {error}") from None
+    return model.to(device).eval()
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; tests and CI run on the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("base.device is cuda but no CUDA device is visible")
+    return torch.device(name)

@@ -1,0 +1,187 @@
+"""Load and validate params.yaml, the single configuration of Snakemake and DVC.
+
+    python -m pipeline.params check params.yaml [--stamp work/params.ok]
+    python -m pipeline.params use paper        # rewrite params.yaml from configs/default + configs/paper
+
+Validation runs before any job starts: the Snakefile calls `validate` at parse time, and DVC's first
+stage is `check_params`. Errors name the offending key, e.g. `train_robust.beta: -1 is less than 0`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("params.schema.yaml")
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+T = TypeVar("T")
+
+
+class ParamsError(ValueError):
+    """Invalid parameters; the message names the key."""
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = [str(part) for part in error.absolute_path]
+    if error.validator == "required":  # the missing key is in the message, not the path
+        missing = error.message.split("'")[1]
+        parts.append(missing)
+    if error.validator == "additionalProperties":
+        unknown = [p for p in error.instance if p not in error.schema.get("properties", {})]
+        parts.append(",".join(unknown))
+        return ".".join(parts) + ": unknown key"
+    return ".".join(parts) or "<root>"
+
+
+def validate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Check `cfg` against the schema and cross-key rules; raise ParamsError naming the key."""
+    if not isinstance(cfg, dict):
+        raise ParamsError("<root>: params must be a mapping of sections")
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(list(e.absolute_path)), e.message))
+    if errors:
+        lines = []
+        for error in errors[:10]:
+            where = _key_path(error)
+            lines.append(where if where.endswith("unknown key") else f"{where}: {error.message}")
+        raise ParamsError("invalid params:\n  " + "\n  ".join(lines))
+    _check_cross_keys(cfg)
+    return cfg
+
+
+def _check_cross_keys(cfg: dict[str, Any]) -> None:
+    generate, robust = cfg["generate"], cfg["train_robust"]
+    if generate["generators"] and robust["generated_fraction"] == 0:
+        raise ParamsError(
+            "train_robust.generated_fraction: 0 means no generated images per batch, but "
+            f"generate.generators asks for {generate['generators']}; use [] for real data only"
+        )
+    if robust["generated_fraction"] == 1:
+        raise ParamsError("train_robust.generated_fraction: 1 leaves no real images for the baseline")
+    if "import" in generate["generators"] and not cfg["train_generator"]["import"]["path"]:
+        raise ParamsError("train_generator.import.path: required when generate.generators has import")
+    if cfg["analysis"]["feature_space"] == "lpips" and not cfg["analysis"]["lpips_weights"]:
+        raise ParamsError("analysis.lpips_weights: required when analysis.feature_space is lpips")
+    if robust["warmup_epochs"] >= robust["epochs"]:
+        raise ParamsError("train_robust.warmup_epochs: must be smaller than train_robust.epochs")
+    if robust["step_255"] > robust["eps_255"]:
+        raise ParamsError("train_robust.step_255: larger than train_robust.eps_255")
+    if cfg["data"]["n_train"] and cfg["data"]["val_size"] >= cfg["data"]["n_train"]:
+        raise ParamsError("data.val_size: must be smaller than data.n_train")
+
+
+def load(path: Path | str) -> dict[str, Any]:
+    """Read and validate a params file."""
+    path = Path(path)
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return validate(cfg)
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Overlay wins key by key; nested mappings merge, everything else is replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def preset(name: str, configs_dir: Path = CONFIGS_DIR) -> dict[str, Any]:
+    """configs/default.yaml with configs/<name>.yaml laid over it, validated."""
+    default = yaml.safe_load((configs_dir / "default.yaml").read_text())
+    if name == "default":
+        return validate(default)
+    overlay_path = configs_dir / f"{name}.yaml"
+    if not overlay_path.exists():
+        known = sorted(p.stem for p in configs_dir.glob("*.yaml"))
+        raise ParamsError(f"unknown preset {name!r}; known: {', '.join(known)}")
+    return validate(deep_merge(default, yaml.safe_load(overlay_path.read_text()) or {}))
+
+
+def section(cfg_type: type[T], values: dict[str, Any]) -> T:
+    """Build a stage config dataclass from its params section; unknown or missing keys are errors."""
+    names = {field.name for field in dataclasses.fields(cfg_type)}  # type: ignore[arg-type]
+    unknown, missing = set(values) - names, names - set(values)
+    if unknown or missing:
+        raise ParamsError(f"{cfg_type.__name__}: unknown keys {sorted(unknown)}, missing {sorted(missing)}")
+    return cfg_type(**values)
+
+
+# --- what the DAG expands over: shared by the Snakefile, dvc.yaml checks and the stages ---
+
+
+def generators(cfg: dict[str, Any]) -> list[str]:
+    return list(cfg["generate"]["generators"])
+
+
+def runs(cfg: dict[str, Any]) -> list[str]:
+    """Robust-training runs: the real-data baseline and one run per generator."""
+    return ["baseline", *generators(cfg)]
+
+
+def shard_count(cfg: dict[str, Any]) -> int:
+    return math.ceil(cfg["generate"]["n_images"] / cfg["generate"]["shard_size"])
+
+
+def shard_range(cfg: dict[str, Any], index: int) -> tuple[int, int]:
+    """Global image indices [start, stop) of shard `index`."""
+    size, total = cfg["generate"]["shard_size"], cfg["generate"]["n_images"]
+    if not 0 <= index < shard_count(cfg):
+        raise ParamsError(f"shard index {index} outside 0..{shard_count(cfg) - 1}")
+    return index * size, min((index + 1) * size, total)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.params", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="validate a params file")
+    check.add_argument("path", type=Path)
+    check.add_argument("--stamp", type=Path, help="write this file when valid (DVC dependency)")
+    use = commands.add_parser("use", help="write params.yaml from a preset in configs/")
+    use.add_argument("name")
+    use.add_argument("--out", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            cfg = load(args.path)
+            if args.stamp:
+                args.stamp.parent.mkdir(parents=True, exist_ok=True)
+                args.stamp.write_text(yaml.safe_dump(cfg, sort_keys=True))
+            print(f"{args.path}: valid")
+        else:
+            cfg = preset(args.name)
+            if args.name == "default":
+                text = (CONFIGS_DIR / "default.yaml").read_text()
+            else:
+                text = (f"# Written by `python -m pipeline.params use {args.name}`: configs/default.yaml"
+                        f" with configs/{args.name}.yaml laid over it.\n# Return to the small default"
+                        " with `python -m pipeline.params use default`.\n")
+                text += yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+            args.out.write_text(text)
+            print(f"{args.out}: now the {args.name!r} configuration")
+    except ParamsError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
