@@ -1,0 +1,31 @@
+# Two commands do all set-up: `make demo` (main job on the shipped small default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TABLE := results/cifar10_table.csv
+
+.PHONY: demo test install dag clean
+
+demo: install
+	$(VENV)/bin/snakemake --cores all $(TABLE)
+	@echo "table: $(TABLE) (markdown: results/cifar10_table.md, figures: results/figures/)"
+	@cat results/cifar10_table.md
+
+test: install
+	$(PY) -m pytest -q
+
+install: $(VENV)/.installed
+
+# torch is pinned first (the pair this project is tested with); pyproject allows a range around it.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+dag: install
+	$(VENV)/bin/snakemake --dag $(TABLE) | dot -Tpng > results/figures/dag.png
+
+clean:
+	rm -rf data/cifar10 data/generated data/pseudolabels models work logs benchmarks results/* .snakemake

@@ -1,0 +1,74 @@
+rule analysis:
+    message:
+        "complementarity and coverage of {wildcards.generator} against train and test"
+    input:
+        train=f"{DATA}/train.h5",
+        test=f"{DATA}/test.h5",
+        teacher="models/teacher/model.pt",
+        shards=generated_shards,
+    output:
+        result="results/analysis/{generator}.json",
+    params:
+        cfg=section("base", "analysis"),
+        params_file=PARAMS_FILE,
+    log:
+        "logs/analysis/{generator}.log",
+    threads: 2
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.analysis"
+        " --params {params.params_file}"
+        " --generator {wildcards.generator}"
+        " --train {input.train}"
+        " --test {input.test}"
+        " --teacher {input.teacher}"
+        " --shards {input.shards}"
+        " --out {output.result}"
+        " 2> {log}"
+
+
+rule analysis_mixup:
+    message:
+        "complementarity and coverage of the mixup baseline (the paper's reference row)"
+    input:
+        train=f"{DATA}/train.h5",
+        test=f"{DATA}/test.h5",
+        teacher="models/teacher/model.pt",
+    output:
+        result="results/analysis/mixup.json",
+    params:
+        cfg=section("base", "analysis"),
+        params_file=PARAMS_FILE,
+    log:
+        "logs/analysis/mixup.log",
+    threads: 2
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.analysis"
+        " --params {params.params_file}"
+        " --generator mixup"
+        " --train {input.train}"
+        " --test {input.test}"
+        " --teacher {input.teacher}"
+        " --out {output.result}"
+        " 2> {log}"
+
+
+rule analysis_summary:
+    input:
+        results=expand("results/analysis/{generator}.json", generator=[*GENERATORS, "mixup"]),
+    output:
+        csv="results/complementarity.csv",
+        figure="results/figures/complementarity.png",
+    log:
+        "logs/analysis/summary.log",
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.analysis summary"
+        " --inputs {input.results}"
+        " --out-csv {output.csv}"
+        " --out-figure {output.figure}"
+        " 2> {log}"

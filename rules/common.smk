@@ -1,0 +1,77 @@
+# Helpers shared by the rules: validation before any job, the DAG's axes, and path templates.
+# Real logic lives in pipeline/ (pipeline.params), where it is tested.
+import yaml
+
+from pipeline import params as P
+
+PARAMS_FILE = "params.yaml"
+P.validate(config)  # fails before any job starts, naming the key
+with open(PARAMS_FILE) as _handle:
+    if P.validate(yaml.safe_load(_handle)) != config:
+        raise P.ParamsError(
+            "the Snakemake config differs from params.yaml (was --config or --configfile given?): "
+            "stages read params.yaml, so change it there, e.g. `python -m pipeline.params use paper`"
+        )
+
+DATASET = config["base"]["dataset"]
+DATA = f"data/{DATASET}"
+GENERATORS = P.generators(config)
+RUNS = P.runs(config)
+THREATS = config["evaluate"]["threats"]
+SHARDS = [f"{i:05d}" for i in range(P.shard_count(config))]
+
+
+wildcard_constraints:
+    generator="|".join(GENERATORS) or "none",
+    run="|".join(RUNS),
+    threat="linf|l2",
+    shard=r"\d{5}",
+
+
+def section(*names):
+    """The params sections a rule reads: Snakemake reruns the rule when they change."""
+    return {name: config[name] for name in names}
+
+
+def generated_shards(wildcards):
+    return expand("data/generated/{generator}/shard-{shard}.h5", generator=wildcards.generator, shard=SHARDS)
+
+
+def run_shards(wildcards):
+    if wildcards.run == "baseline":
+        return []
+    return expand("data/generated/{generator}/shard-{shard}.h5", generator=wildcards.run, shard=SHARDS)
+
+
+def run_labels(wildcards):
+    if wildcards.run == "baseline":
+        return []
+    return expand("data/pseudolabels/{generator}/shard-{shard}.h5", generator=wildcards.run, shard=SHARDS)
+
+
+def flag_list(flag, paths):
+    """`--flag a b c`, or nothing for an empty list (the real-data baseline)."""
+    return f"{flag} {' '.join(paths)}" if paths else ""
+
+
+def import_source(wildcards):
+    """The imported file is an input of the import generator, so a new file reruns it."""
+    path = config["train_generator"]["import"]["path"]
+    return [path] if wildcards.generator == "import" and path else []
+
+
+def data_archive():
+    archive = config["data"]["archive"]
+    return [] if "://" in archive else [archive]
+
+
+def table_path():
+    return f"results/{DATASET}_table.csv"
+
+
+def final_targets():
+    return [
+        table_path(),
+        "results/complementarity.csv",
+        *expand("results/figures/samples_{generator}.png", generator=GENERATORS),
+    ]

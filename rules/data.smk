@@ -1,0 +1,22 @@
+rule data:
+    message:
+        "CIFAR-10 archive (md5 checked) -> HDF5 train / val / test"
+    input:
+        archive=data_archive(),
+    output:
+        train=f"{DATA}/train.h5",
+        val=f"{DATA}/val.h5",
+        test=f"{DATA}/test.h5",
+    params:
+        cfg=section("base", "data"),
+        params_file=PARAMS_FILE,
+        out_dir=DATA,
+    log:
+        "logs/data.log",
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.data"
+        " --params {params.params_file}"
+        " --out-dir {params.out_dir}"
+        " 2> {log}"

@@ -1,0 +1,32 @@
+rule evaluate:
+    message:
+        "clean, PGD and AutoAttack accuracy of run {wildcards.run} under {wildcards.threat}"
+    input:
+        model="models/robust/{run}/model.pt",
+        test=f"{DATA}/test.h5",
+    output:
+        result="results/evaluate/{run}/{threat}.json",
+        examples="results/evaluate/{run}/{threat}.h5",
+    params:
+        cfg=section("base", "evaluate"),
+        params_file=PARAMS_FILE,
+        workdir="work/evaluate/{run}/{threat}",  # AutoAttack resume state: not an output
+    log:
+        "logs/evaluate/{run}/{threat}.log",
+    benchmark:
+        "benchmarks/evaluate/{run}/{threat}.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.evaluate"
+        " --params {params.params_file}"
+        " --model {input.model}"
+        " --test {input.test}"
+        " --threat {wildcards.threat}"
+        " --workdir {params.workdir}"
+        " --out {output.result}"
+        " --out-examples {output.examples}"
+        " 2> {log}"

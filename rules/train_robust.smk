@@ -1,0 +1,42 @@
+rule train_robust:
+    message:
+        "adversarial training of run {wildcards.run} on real + generated batches"
+    input:
+        train=f"{DATA}/train.h5",
+        val=f"{DATA}/val.h5",
+        generated=run_shards,
+        labels=run_labels,
+    output:
+        model="models/robust/{run}/model.pt",
+        best="models/robust/{run}/best.pt",
+        metrics="results/train_robust/{run}/metrics.json",
+        curve="results/train_robust/{run}/curve.csv",
+    params:
+        cfg=section("base", "train_robust"),
+        params_file=PARAMS_FILE,
+        generated=lambda wildcards, input: flag_list("--generated", input.generated),
+        labels=lambda wildcards, input: flag_list("--labels", input.labels),
+        workdir="work/train_robust/{run}",  # resumable checkpoints: not an output
+    log:
+        "logs/train_robust/{run}.log",
+    benchmark:
+        "benchmarks/train_robust/{run}.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.train_robust"
+        " --params {params.params_file}"
+        " --run {wildcards.run}"
+        " --train {input.train}"
+        " --val {input.val}"
+        " {params.generated}"
+        " {params.labels}"
+        " --workdir {params.workdir}"
+        " --out-model {output.model}"
+        " --out-best {output.best}"
+        " --out-metrics {output.metrics}"
+        " --out-curve {output.curve}"
+        " 2> {log}"

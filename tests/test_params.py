@@ -1,0 +1,117 @@
+"""params.yaml validation: every bad value fails before any job starts, naming the key."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import params as P
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def default() -> dict:
+    return yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+
+
+def test_shipped_params_equal_the_default_preset():
+    assert (REPO / "params.yaml").read_text() == (REPO / "configs" / "default.yaml").read_text()
+    P.load(REPO / "params.yaml")
+
+
+@pytest.mark.parametrize("name", ["default", "paper", "study"])
+def test_presets_are_valid(name):
+    if not (REPO / "configs" / f"{name}.yaml").exists():
+        pytest.skip(f"no configs/{name}.yaml")
+    cfg = P.preset(name)
+    assert cfg["base"]["dataset"] == "cifar10"
+
+
+def test_paper_preset_has_the_papers_settings():
+    cfg = P.preset("paper")
+    robust = cfg["train_robust"]
+    assert robust["model"] == "wrn-28-10" and robust["loss"] == "trades" and robust["beta"] == 6.0
+    assert robust["attack_steps"] == 10 and robust["eps_255"] == 8.0 and robust["batch_size"] == 1024
+    assert robust["generated_fraction"] == 0.7 and robust["epochs"] == 400
+    assert robust["epoch_size"] == 50000 and robust["lr"] == 0.4 and robust["warmup_epochs"] == 10
+    assert robust["ema_decay"] == 0.995 and robust["label_smoothing"] == 0.1
+    assert cfg["generate"]["n_images"] == 1_000_000
+
+
+BAD = [
+    (("train_robust", "beta"), -1.0, "train_robust.beta"),
+    (("train_robust", "generated_fraction"), 1.5, "train_robust.generated_fraction"),
+    (("generate", "n_images"), -5, "generate.n_images"),
+    (("generate", "n_images"), "many", "generate.n_images"),
+    (("generate", "generators"), ["gaussian", "gan"], "generate.generators.1"),
+    (("teacher", "model"), "resnet1000", "teacher.model"),
+    (("data", "md5"), "xyz", "data.md5"),
+    (("evaluate", "threats"), ["linf", "l3"], "evaluate.threats.1"),
+    (("base", "seed"), 1.5, "base.seed"),
+]
+
+
+@pytest.mark.parametrize("path,value,key", BAD)
+def test_bad_values_name_the_key(path, value, key):
+    cfg = default()
+    cfg[path[0]][path[1]] = value
+    with pytest.raises(P.ParamsError, match=key.replace(".", r"\.")):
+        P.validate(cfg)
+
+
+def test_unknown_and_missing_keys_are_named():
+    cfg = default()
+    cfg["train_robust"]["betta"] = 6.0
+    with pytest.raises(P.ParamsError, match=r"train_robust\.betta: unknown key"):
+        P.validate(cfg)
+    cfg = default()
+    del cfg["teacher"]["epochs"]
+    with pytest.raises(P.ParamsError, match=r"teacher\.epochs"):
+        P.validate(cfg)
+
+
+def test_contradictory_values_are_rejected():
+    cfg = default()
+    cfg["train_robust"]["generated_fraction"] = 0.0
+    with pytest.raises(P.ParamsError, match="generated_fraction"):
+        P.validate(cfg)
+    cfg = default()
+    cfg["generate"]["generators"] = ["import"]
+    with pytest.raises(P.ParamsError, match=r"train_generator\.import\.path"):
+        P.validate(cfg)
+
+
+def test_shards_cover_every_image_once():
+    cfg = default()
+    cfg["generate"].update(n_images=2500, shard_size=1000)
+    assert P.shard_count(cfg) == 3
+    ranges = [P.shard_range(cfg, i) for i in range(3)]
+    assert ranges == [(0, 1000), (1000, 2000), (2000, 2500)]
+
+
+def test_use_writes_a_valid_params_file(tmp_path):
+    out = tmp_path / "params.yaml"
+    subprocess.run([sys.executable, "-m", "pipeline.params", "use", "paper", "--out", str(out)],
+                   check=True, cwd=REPO)
+    assert P.load(out)["train_robust"]["model"] == "wrn-28-10"
+    subprocess.run([sys.executable, "-m", "pipeline.params", "use", "default", "--out", str(out)],
+                   check=True, cwd=REPO)
+    assert out.read_text() == (REPO / "configs" / "default.yaml").read_text()
+
+
+def test_snakemake_dry_run_fails_on_bad_params_before_any_job(tmp_path):
+    for name in ["Snakefile", "rules", "profiles", "pipeline"]:
+        (tmp_path / name).symlink_to(REPO / name)
+    cfg = default()
+    cfg["train_robust"]["beta"] = -2.0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([Path(sys.executable).with_name("snakemake"), "-n"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "train_robust.beta" in result.stdout + result.stderr
+    assert not (tmp_path / "data").exists()
