@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TABLE := results/cifar10_table.csv
+# Rules call `python -m pipeline.<stage>`: the venv's python must come first on PATH.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: demo test install dag clean
 

@@ -6,6 +6,9 @@ rule table:
         train_metrics=expand("results/train_robust/{run}/metrics.json", run=RUNS),
         teacher="results/teacher/metrics.json",
         analysis=expand("results/analysis/{generator}.json", generator=GENERATORS),
+        # not read by the table, but part of what one `snakemake results/cifar10_table.csv` delivers
+        complementarity="results/complementarity.csv",
+        grids=expand("results/figures/samples_{generator}.png", generator=GENERATORS),
     output:
         csv=table_path(),
         markdown=f"results/{DATASET}_table.md",
