@@ -40,6 +40,15 @@ def content_hash(images: np.ndarray, labels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def arrays_hash(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over named arrays in name order, the checksum stored in sidecar files."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(arrays[name]).data)
+    return digest.hexdigest()
+
+
 def file_sha256(path: Path, block: int = 1 << 20) -> str:
     """sha256 of a whole file, for provenance of checkpoints and sets."""
     digest = hashlib.sha256()
@@ -78,35 +87,47 @@ def write_imageset(
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels shape {labels.shape} does not match {images.shape[0]} images")
     checksum = content_hash(images, labels)
-    with atomic_path(Path(path)) as tmp:
-        with h5py.File(tmp, "w") as h5:
-            rows = max(1, min(CHUNK_ROWS, len(images)))
-            h5.create_dataset("images", data=images, chunks=(rows, *images.shape[1:]))
-            h5.create_dataset("labels", data=labels)
-            h5.attrs["sha256"] = checksum
-            h5.attrs["n"] = len(images)
-            h5.attrs["format_version"] = FORMAT_VERSION
-            for key, value in (attrs or {}).items():
-                h5.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+
+    def fill(h5: h5py.File) -> None:
+        rows = max(1, min(CHUNK_ROWS, len(images)))
+        h5.create_dataset("images", data=images, chunks=(rows, *images.shape[1:]))
+        h5.create_dataset("labels", data=labels)
+        h5.attrs["n"] = len(images)
+
+    _write_h5(Path(path), fill, checksum, attrs)
     return checksum
 
 
 def write_arrays(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any] | None = None) -> str:
     """Write named arrays (e.g. pseudo-label sidecars) atomically with a checksum over all of them."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(arrays[name]).data)
-    checksum = digest.hexdigest()
-    with atomic_path(Path(path)) as tmp:
-        with h5py.File(tmp, "w") as h5:
-            for name, array in arrays.items():
-                h5.create_dataset(name, data=array)
-            h5.attrs["sha256"] = checksum
-            h5.attrs["format_version"] = FORMAT_VERSION
-            for key, value in (attrs or {}).items():
-                h5.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+    checksum = arrays_hash(arrays)
+
+    def fill(h5: h5py.File) -> None:
+        for name, array in arrays.items():
+            h5.create_dataset(name, data=array)
+
+    _write_h5(Path(path), fill, checksum, attrs)
     return checksum
+
+
+def _write_h5(path: Path, fill, checksum: str, attrs: dict[str, Any] | None) -> None:
+    """Atomically write an HDF5 file: `fill` adds the datasets, then checksum and provenance attrs.
+
+    Any failure (disk full, quota) leaves the previous file under `path` untouched and no temporary
+    behind, and is reported as one OSError naming the file (h5py reports a full disk on flush as a
+    RuntimeError otherwise).
+    """
+    try:
+        with atomic_path(path) as tmp:
+            with h5py.File(tmp, "w") as h5:
+                fill(h5)
+                h5.attrs["sha256"] = checksum
+                h5.attrs["format_version"] = FORMAT_VERSION
+                for key, value in (attrs or {}).items():
+                    h5.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+    except (OSError, RuntimeError) as error:
+        raise OSError(f"{path}: could not write ({str(error).splitlines()[0]}); "
+                      "the previous file, if any, is untouched") from error
 
 
 def _open(path: Path) -> h5py.File:
@@ -164,11 +185,7 @@ def read_arrays(path: Path, verify: bool = True) -> dict[str, np.ndarray]:
     except (OSError, KeyError, ValueError) as error:
         raise ShardError(f"{path}: corrupt data ({error})") from None
     if verify:
-        digest = hashlib.sha256()
-        for name in sorted(arrays):
-            digest.update(name.encode())
-            digest.update(np.ascontiguousarray(arrays[name]).data)
-        if digest.hexdigest() != expected:
+        if arrays_hash(arrays) != expected:
             raise ShardError(f"{path}: checksum mismatch (file corrupt or modified after writing)")
     return arrays
 
