@@ -19,7 +19,7 @@ from pipeline import params as P
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-WORKFLOW_FILES = ["Snakefile", "rules", "profiles", "dvc.yaml", "configs", "data/demo"]
+WORKFLOW_FILES = ["Snakefile", "rules", "profiles", "envs", "dvc.yaml", "configs", "data/demo"]
 pytestmark = pytest.mark.slow
 
 
