@@ -28,6 +28,10 @@ FORMAT_VERSION = 1
 CHUNK_ROWS = 64
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class ShardError(RuntimeError):
     """An image set on disk is missing, truncated, corrupt or not what its manifest says."""
 
@@ -70,6 +74,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; finished files get the usual mode
         os.replace(tmp, final)
     finally:
         if tmp.exists():

@@ -69,3 +69,9 @@ def test_expand_accepts_files_and_directories(tmp_path):
     listed = shards.expand([tmp_path])
     assert [p.name for p in listed] == ["shard-00000.h5", "shard-00001.h5"]
     assert shards.expand(listed) == listed
+
+
+def test_finished_files_are_readable_by_the_group(tmp_path):
+    path = tmp_path / "shard-00005.h5"
+    shards.write_imageset(path, *sample(n=4))
+    assert path.stat().st_mode & 0o044  # not mkstemp's 0600: shared caches and colleagues can read it

@@ -1,0 +1,85 @@
+"""Sampling throughput (images/s) of our DDPM loop vs diffusers' DDPMPipeline on the same UNet and steps.
+
+    python bench/bench_sampling.py [--images 64] [--batch 32] [--steps 20] [--threads 2] [--repeats 3]
+
+The UNet is the small default's (params.yaml train_generator.ddpm, random weights: speed does not
+depend on them). For each sampler (ddpm ancestral, ddim, dpmsolver) both loops get the same scheduler
+class and step count; the pipeline is called with one generator per batch, as its docs show, and ours
+with per-image generators (what makes shards reproducible). Best of `repeats` runs, alternating which
+goes first; the CPU-time ratio (process_time) is less sensitive to other jobs on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import DDPMPipeline
+
+from pipeline import params as params_mod
+from pipeline.generators import SampleSettings, ddpm
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    cfg = params_mod.section(ddpm.Config, default["train_generator"]["ddpm"])
+    torch.manual_seed(0)
+    unet = ddpm.build_unet(cfg).eval()
+    model = {"kind": "ddpm", "unet_config": dict(unet.config), "state_dict": unet.state_dict(),
+             "num_train_timesteps": cfg.num_train_timesteps, "beta_start": ddpm.BETA_START,
+             "beta_end": ddpm.BETA_END}
+    device = torch.device("cpu")
+    print(f"# {platform.machine()} {platform.processor() or ''}, {args.threads} torch threads, "
+          f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}")
+    print(f"# UNet {cfg.block_out_channels} x{cfg.layers_per_block}, attention={cfg.attention}, "
+          f"{args.images} images, batch {args.batch}, {args.steps} steps")
+    print("| sampler | ours img/s | DDPMPipeline img/s | ratio ours/pipeline (wall) | ratio (CPU time) |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        torch.save(model, path)
+        for sampler in ("ddpm", "ddim", "dpmsolver"):
+            settings = SampleSettings(seed=0, batch_size=args.batch, sampler=sampler, sampling_steps=args.steps)
+            ours = ddpm.load(path, settings, device)
+            pipe = DDPMPipeline(unet=ddpm.load_unet(model, device), scheduler=ddpm.make_scheduler(sampler, model))
+            pipe.set_progress_bar_config(disable=True)
+
+            def run_ours() -> None:
+                ours.sample(0, args.images)
+
+            def run_pipeline() -> None:
+                for b in range(0, args.images, args.batch):
+                    pipe(batch_size=min(args.batch, args.images - b), num_inference_steps=args.steps,
+                         generator=torch.Generator().manual_seed(b), output_type="np")
+
+            best = {"ours": float("inf"), "pipeline": float("inf")}
+            cpu = {"ours": float("inf"), "pipeline": float("inf")}
+            run_ours(), run_pipeline()  # warm-up (allocator, oneDNN primitive caches)
+            for repeat in range(args.repeats):
+                order = [("ours", run_ours), ("pipeline", run_pipeline)]
+                for name, fn in order if repeat % 2 == 0 else order[::-1]:
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    fn()
+                    best[name] = min(best[name], time.perf_counter() - start)
+                    cpu[name] = min(cpu[name], time.process_time() - start_cpu)
+            rate = {k: args.images / v for k, v in best.items()}
+            print(f"| {sampler} | {rate['ours']:.2f} | {rate['pipeline']:.2f} | "
+                  f"{rate['ours'] / rate['pipeline']:.2f}x | {cpu['pipeline'] / cpu['ours']:.2f}x |", flush=True)
+
+if __name__ == "__main__":
+    main()

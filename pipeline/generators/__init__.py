@@ -1,0 +1,30 @@
+"""Generator registry: each entry fits (or validates) a generator and samples images by global index.
+
+A generator module provides `Config` (frozen dataclass mirroring params `train_generator.<name>`),
+`train(cfg, train_h5, workdir, out, seed, device)` writing model.pt, and `load(model, settings,
+device)` returning a `Sampler` whose `sample(start, stop)` gives the same bytes for an index whatever
+range it was asked for together with: that is what makes shards independent of order and batching.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pipeline.generators import ddpm, gaussian, imported
+from pipeline.generators.base import UNLABELLED, SampleSettings, Sampler
+
+GENERATORS: dict[str, ModuleType] = {"gaussian": gaussian, "ddpm": ddpm, "import": imported}
+
+__all__ = ["GENERATORS", "UNLABELLED", "SampleSettings", "Sampler", "get", "load"]
+
+
+def get(name: str) -> ModuleType:
+    if name not in GENERATORS:
+        raise ValueError(f"unknown generator {name!r}; known: {', '.join(sorted(GENERATORS))}")
+    return GENERATORS[name]
+
+
+def load(name: str, model: Path, settings: SampleSettings, device: Any) -> Sampler:
+    return get(name).load(Path(model), settings, device)

@@ -1,0 +1,57 @@
+"""What every generator shares: the sampler contract, the sampling settings, index tiling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+UNLABELLED = -1  # label of images whose class only the teacher decides (ddpm)
+
+
+class Sampler(Protocol):
+    name: str
+
+    def sample(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Images (uint8 N x 32 x 32 x 3) and labels (int64 N, -1 = unknown) of indices [start, stop)."""
+
+    def provenance(self) -> dict[str, Any]:
+        """Shard attributes the bytes depend on besides checkpoint, seed and index range."""
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """What a sampler needs from params `base:` and `generate:`."""
+    seed: int              # base.seed
+    batch_size: int        # generate.batch_size
+    sampler: str           # generate.sampler (ddpm only)
+    sampling_steps: int    # generate.sampling_steps (ddpm only)
+
+
+def tiled(start: int, stop: int, tile: int,
+          compute: Callable[[int, int], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluate `compute` on whole tiles [k*tile, (k+1)*tile) covering [start, stop) and cut the range.
+
+    Float kernels (BLAS, oneDNN, cuDNN) round differently for different batch shapes, so an image is
+    bit-reproducible only if it is always computed at the same position of a same-sized call. Aligning
+    the calls to global index multiples makes that true whatever range, shard or order was asked for.
+    """
+    images, labels = [], []
+    first = start - start % tile
+    for lo in range(first, stop, tile):
+        tile_images, tile_labels = compute(lo, lo + tile)
+        cut = slice(max(start, lo) - lo, min(stop, lo + tile) - lo)
+        images.append(tile_images[cut])
+        labels.append(tile_labels[cut])
+    if not images:
+        return np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def to_uint8(x: "Any") -> np.ndarray:
+    """[0, 1] float tensor N x C x H x W -> uint8 N x H x W x C, rounding to nearest."""
+    import torch
+
+    x = torch.as_tensor(x).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()

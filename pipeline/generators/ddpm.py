@@ -1,0 +1,211 @@
+"""DDPM (Ho et al., 2020) with Hugging Face diffusers, trained from scratch on the training set only.
+
+Training: UNet2DModel predicting the noise (epsilon), linear betas 1e-4..0.02 over
+`num_train_timesteps`, Adam, gradient clipping at 1 (Ho et al.), random horizontal flips, an EMA of the
+weights. Every step's batch, flips, timesteps, noise and dropout come from generators seeded by
+(seed, step), so a run resumed from a checkpoint draws exactly what the uninterrupted run drew.
+Unconditional, as in the paper: the teacher labels the samples later.
+
+Sampling: `ddpm` (ancestral), `ddim` (eta 0) or `dpmsolver` (DPM-Solver++ 2M) schedulers from
+diffusers, in a plain loop under torch.inference_mode. Each image's initial and per-step noise come
+from its own generator seeded by (seed, "ddpm", index); network calls run on tiles of `batch_size`
+images aligned to index multiples (see base.tiled), so a shard's bytes do not depend on which shards
+were generated before it, in which order, or where.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from tqdm import tqdm
+
+from pipeline import checkpoint, seeding
+from pipeline.generators.base import UNLABELLED, SampleSettings, tiled, to_uint8
+from pipeline.shards import atomic_path, file_sha256, read_imageset
+
+log = logging.getLogger("pipeline.generators.ddpm")
+NAME = "ddpm"
+GRAD_CLIP = 1.0                       # Ho et al. clip the gradient norm at 1
+BETA_START, BETA_END = 1e-4, 0.02     # Ho et al. linear schedule
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Mirror of params.yaml `train_generator.ddpm:`."""
+    block_out_channels: list[int]  # UNet widths per resolution (paper: [128, 256, 256, 256])
+    layers_per_block: int          # res blocks per level (paper: 2)
+    attention: bool                # self-attention at 16x16 (paper: true)
+    dropout: float                 # (paper: 0.1)
+    num_train_timesteps: int       # length of the linear beta schedule (paper: 1000)
+    lr: float                      # Adam learning rate (paper: 2e-4)
+    batch_size: int                # (paper: 128)
+    train_steps: int               # optimisation steps (paper: 800000)
+    ema_decay: float               # (paper: 0.9999), warm-up form min(decay, (1+t)/(10+t))
+    checkpoint_every: int          # steps between resumable checkpoints in the work dir
+
+    def __post_init__(self) -> None:
+        if self.attention and len(self.block_out_channels) < 2:
+            raise ValueError("train_generator.ddpm.attention: needs a 16x16 level (2+ block_out_channels)")
+
+
+def build_unet(cfg: Config) -> UNet2DModel:
+    """Ho et al.'s CIFAR-10 UNet shape in diffusers terms: level i works at 32 / 2**i pixels."""
+    levels = len(cfg.block_out_channels)
+    attn = [cfg.attention and 32 // 2**i == 16 for i in range(levels)]
+    groups = min(32, math.gcd(*cfg.block_out_channels))  # GroupNorm(32) as in Ho, when widths allow
+    return UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        attention_head_dim=cfg.block_out_channels[min(1, levels - 1)],  # one head, as in Ho et al.
+        dropout=cfg.dropout, norm_num_groups=groups,
+    )
+
+
+def noise_scheduler(num_train_timesteps: int) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
+                         beta_start=BETA_START, beta_end=BETA_END, clip_sample=True)
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """EMA with warm-up: min(decay, (1+t)/(10+t)), so short runs are not dominated by the init."""
+    rate = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        ema_params = list(ema.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - rate)
+
+
+def train_step_batch(images: torch.Tensor, seed: int, step: int, batch_size: int, timesteps: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch (in [-1, 1], randomly flipped), timesteps and noise of one step, from (seed, step) only."""
+    gen = seeding.torch_generator(seed, "train_generator/ddpm", step)
+    idx = torch.randint(len(images), (batch_size,), generator=gen)
+    x = images[idx].permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    flip = torch.rand(batch_size, generator=gen) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    t = torch.randint(timesteps, (batch_size,), generator=gen)
+    noise = torch.randn(x.shape, generator=gen)
+    return x, t, noise
+
+
+def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, device: torch.device) -> None:
+    """Train (resuming from the newest checkpoint in workdir) and write the EMA UNet to `out`."""
+    images, _ = read_imageset(train_h5)  # labels unused: unconditional model
+    images = torch.from_numpy(images)
+    torch.manual_seed(seeding.derive(seed, "train_generator/ddpm/init"))
+    unet = build_unet(cfg).to(device)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
+    scheduler = noise_scheduler(cfg.num_train_timesteps)
+    alphas = scheduler.alphas_cumprod.to(device)
+    start = 0
+    state = checkpoint.latest(workdir, map_location=device)
+    if state is not None:
+        if state["config"] != asdict(cfg) or state["seed"] != seed:
+            raise ValueError(f"{workdir}: checkpoints were made with other train_generator.ddpm params or "
+                             "seed; delete the work dir to start over")
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    unet.train()
+    bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="ddpm train",
+               unit="step", mininterval=5)
+    loss_value = float("nan")
+    for step in bar:
+        x, t, noise = (v.to(device) for v in train_step_batch(images, seed, step, cfg.batch_size,
+                                                               cfg.num_train_timesteps))
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x + (1 - a).sqrt() * noise
+        torch.manual_seed(seeding.derive(seed, "train_generator/ddpm/dropout", step))
+        loss = torch.nn.functional.mse_loss(unet(noisy, t).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), GRAD_CLIP)
+        optimizer.step()
+        ema_update(ema, unet, cfg.ema_decay, step)
+        loss_value = loss.item()
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.train_steps:
+            checkpoint.save(workdir, done, {"step": done, "seed": seed, "config": asdict(cfg),
+                                            "unet": unet.state_dict(), "ema": ema.state_dict(),
+                                            "optimizer": optimizer.state_dict(), "loss": loss_value})
+    log.info("trained %d steps, last loss %.4f", cfg.train_steps, loss_value)
+    model = {"kind": NAME, "unet_config": dict(ema.config), "state_dict": ema.state_dict(),
+             "num_train_timesteps": cfg.num_train_timesteps, "beta_start": BETA_START, "beta_end": BETA_END,
+             "train_config": asdict(cfg), "seed": seed, "train_sha256": file_sha256(train_h5)}
+    with atomic_path(out) as tmp:
+        torch.save(model, tmp)
+
+
+def make_scheduler(sampler: str, model: dict[str, Any]) -> Any:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
+    kwargs = dict(num_train_timesteps=model["num_train_timesteps"], beta_schedule="linear",
+                  beta_start=model["beta_start"], beta_end=model["beta_end"])
+    if sampler == "dpmsolver":
+        return DPMSolverMultistepScheduler(**kwargs, algorithm_type="dpmsolver++", solver_order=2)
+    return SAMPLERS[sampler](**kwargs, clip_sample=True)
+
+
+def load_unet(model: dict[str, Any], device: torch.device) -> UNet2DModel:
+    unet = UNet2DModel.from_config(model["unet_config"])
+    unet.load_state_dict(model["state_dict"])
+    return unet.to(device).eval().requires_grad_(False)
+
+
+class DDPMSampler:
+    name = NAME
+
+    def __init__(self, model: dict[str, Any], settings: SampleSettings, device: torch.device) -> None:
+        if device.type == "cuda":  # same kernels for the same shapes, run after run
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        self.unet = load_unet(model, device)
+        self.scheduler = make_scheduler(settings.sampler, model)
+        self.scheduler.set_timesteps(settings.sampling_steps)
+        self.settings = settings
+        self.device = device
+
+    def denoise(self, noise: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+        """The sampling loop: one UNet call and one scheduler step per timestep; returns [0, 1] images."""
+        scheduler = copy.deepcopy(self.scheduler)  # multistep solvers keep per-run history
+        x = noise * scheduler.init_noise_sigma
+        with torch.inference_mode():
+            for t in scheduler.timesteps:
+                eps = self.unet(scheduler.scale_model_input(x, t), t).sample
+                x = scheduler.step(eps, t, x, generator=generators).prev_sample
+        return (x / 2 + 0.5).clamp(0, 1)
+
+    def _tile(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        generators = [seeding.torch_generator(self.settings.seed, NAME, i) for i in range(lo, hi)]
+        noise = torch.cat([torch.randn(1, 3, 32, 32, generator=g) for g in generators]).to(self.device)
+        # per-image generators continue into the ancestral sampler's per-step noise (diffusers'
+        # randn_tensor draws image b from generators[b])
+        images = self.denoise(noise, generators)
+        return to_uint8(images), np.full(hi - lo, UNLABELLED, dtype=np.int64)
+
+    def sample(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return tiled(start, stop, self.settings.batch_size, self._tile)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"sampler": self.settings.sampler, "steps": self.settings.sampling_steps,
+                "tile": self.settings.batch_size}
+
+
+def load(model_path: Path, settings: SampleSettings, device: torch.device) -> DDPMSampler:
+    model = torch.load(model_path, map_location="cpu", weights_only=False)
+    if model.get("kind") != NAME:
+        raise ValueError(f"{model_path}: not a ddpm generator (kind {model.get('kind')!r})")
+    return DDPMSampler(model, settings, device)

@@ -1,0 +1,125 @@
+"""Adversarial training losses: TRADES (Zhang et al., 2019) and PGD adversarial training (Madry et al.).
+
+Both take per-example label smoothing, so smoothing can apply to generated (pseudo-labelled) images
+only, as in Gowal et al. (2021). The inner maximisation uses the one PGD in pipeline.attacks, run in
+eval mode (batch-norm statistics are not updated by the attack, and dropout is off). A loss returns
+tensors and leaves the optimiser alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.attacks import Threat, eval_mode, pgd, pgd_ce
+
+LossName = Literal["trades", "pgd"]
+# Train-mode forward of one or more inputs, returning their logits. Under DDP it is one call of the
+# wrapped model (see TwoViews), since DDP expects exactly one forward per backward.
+Forward = Callable[..., tuple[torch.Tensor, ...]]
+
+
+class TwoViews(nn.Module):
+    """Runs the wrapped model on each input in one forward call (TRADES' clean + adversarial passes).
+
+    Each input goes through the model separately, so batch-norm sees the clean and the adversarial
+    batch apart, as in the original TRADES, yet DistributedDataParallel sees one forward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model(x) for x in inputs)
+
+
+def _plain(model: nn.Module) -> Forward:
+    return lambda *inputs: tuple(model(x) for x in inputs)
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """Inner maximisation of the training loss; radii in [0, 1] pixel units."""
+    threat: Threat
+    eps: float
+    step_size: float
+    steps: int
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: torch.Tensor | float = 0.0,
+                           reduction: Literal["mean", "none"] = "mean") -> torch.Tensor:
+    """Cross-entropy against (1 - s) * onehot(y) + s / K, with `s` a scalar or one value per example."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    nll = -logp.gather(1, y[:, None]).squeeze(1)
+    uniform = -logp.mean(dim=1)
+    s = torch.as_tensor(smoothing, dtype=logp.dtype, device=logp.device)
+    loss = (1.0 - s) * nll + s * uniform
+    return loss.mean() if reduction == "mean" else loss
+
+
+def trades_kl(logits_nat: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
+    """sum_i KL(p_nat_i || p_adv_i) over the batch (TRADES' KLDivLoss(size_average=False))."""
+    logp_nat = F.log_softmax(logits_nat.float(), dim=1)
+    logp_adv = F.log_softmax(logits_adv.float(), dim=1)
+    return (logp_nat.exp() * (logp_nat - logp_adv)).sum()
+
+
+def trades_objective(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float,
+                     smoothing: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TRADES outer loss CE(f(x), y) + beta * KL(f(x) || f(x')) / batch; returns (total, ce, kl)."""
+    ce = smoothed_cross_entropy(logits_nat, y, smoothing)
+    kl = trades_kl(logits_nat, logits_adv) / len(y)
+    return ce + beta * kl, ce, kl
+
+
+def trades_attack(model: nn.Module, x: torch.Tensor, attack: AttackSpec,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """TRADES inner maximisation: maximise KL(f(x) || f(x')) from x + 0.001 * N(0, 1), in eval mode."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None \
+        else torch.randn_like(x)
+    with eval_mode(model):
+        with torch.no_grad():
+            p_nat = F.softmax(model(x).float(), dim=1)
+
+        def kl(logits: torch.Tensor) -> torch.Tensor:
+            return F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
+
+        return pgd(model, x, kl, attack.threat, attack.eps, attack.step_size, attack.steps,
+                   start=x + 0.001 * noise)
+
+
+def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, beta: float, attack: AttackSpec,
+                smoothing: torch.Tensor | float = 0.0, generator: torch.Generator | None = None,
+                forward: Forward | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Full TRADES step loss (attack on `model`, then train-mode forwards); returns (loss, parts)."""
+    x_adv = trades_attack(model, x, attack, generator)
+    logits_nat, logits_adv = (forward or _plain(model))(x, x_adv)
+    total, ce, kl = trades_objective(logits_nat, logits_adv, y, beta, smoothing)
+    return total, {"ce": ce.detach(), "kl": kl.detach(), "logits": logits_nat.detach()}
+
+
+def pgd_at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackSpec,
+                smoothing: torch.Tensor | float = 0.0, generator: torch.Generator | None = None,
+                forward: Forward | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PGD adversarial training: cross-entropy at the PGD-CE point (random start, eval-mode attack)."""
+    x_adv = pgd_ce(model, x, y, attack.threat, attack.eps, attack.step_size, attack.steps, generator)
+    (logits_adv,) = (forward or _plain(model))(x_adv)
+    ce = smoothed_cross_entropy(logits_adv, y, smoothing)
+    return ce, {"ce": ce.detach(), "kl": torch.zeros((), device=x.device), "logits": logits_adv.detach()}
+
+
+def adversarial_loss(name: LossName, model: nn.Module, x: torch.Tensor, y: torch.Tensor, beta: float,
+                     attack: AttackSpec, smoothing: torch.Tensor | float = 0.0,
+                     generator: torch.Generator | None = None, forward: Forward | None = None,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Dispatch on the params name (`trades` or `pgd`); `model` is the plain module the attack uses."""
+    if name == "trades":
+        return trades_loss(model, x, y, beta, attack, smoothing, generator, forward)
+    if name == "pgd":
+        return pgd_at_loss(model, x, y, attack, smoothing, generator, forward)
+    raise ValueError(f"unknown loss {name!r}; known: trades, pgd")

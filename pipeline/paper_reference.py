@@ -1,0 +1,68 @@
+"""Published numbers of Gowal et al. (2021), shown beside ours in the table's markdown and figure.
+
+THESE ARE THE PAPER'S RESULTS, NOT OURS: they are never written into results/{dataset}_table.csv and
+every rendering labels them "paper". Kept deliberately small: only values checked against a written
+source are listed, each with that source; a value we could not check is None (not drawn), never a
+guess. Accuracies are fractions, AutoAttack (standard) on the full 10,000-image test set.
+
+Sources:
+- ABSTRACT: Gowal, Rebuffi, Wiles, Stimberg, Calian, Mann. "Improving Robustness using Generated
+  Data", NeurIPS 2021, arXiv:2110.09468, abstract: "66.10% and 33.49% robust accuracy on CIFAR-10 and
+  CIFAR-100 [Linf 8/255] ... 78.31% on CIFAR-10 [L2 128/255]".
+- RELEASE: the model-release table for Gowal et al. (2021) in the README of
+  github.com/deepmind/deepmind-research/tree/master/adversarial_robustness (read from a mirror), which
+  names each released checkpoint (e.g. cifar10_linf_wrn70-16_cutmix_ddpm_100m.pt) with its clean and
+  AutoAttack accuracy. Its WRN-28-10 row is labelled "WRN-70-16" but links cifar10_linf_wrn28-10_ddpm_100m;
+  we follow the file name. Released checkpoints may differ slightly from the paper's tables (66.11 vs
+  66.10 for the WRN-70-16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CITATION = "Gowal et al. 2021 (NeurIPS), arXiv:2110.09468"
+ABSTRACT = "paper abstract"
+RELEASE = "released checkpoint, deepmind-research adversarial_robustness README"
+
+
+@dataclass(frozen=True)
+class PaperResult:
+    """One published result; `model` uses the paper's architecture name, not our registry's."""
+    dataset: str
+    threat: str                   # linf or l2
+    eps_255: float                # radius in 1/255 units
+    model: str
+    generator: str                # the paper's generated data (DDPM samples)
+    n_generated: int | None       # generated images used; None where the source does not say
+    clean_acc: float | None       # None: not checked, not shown
+    autoattack_acc: float
+    source: str
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        data = f"{self.n_generated // 1_000_000}M " if self.n_generated else ""
+        return f"paper: {self.model}, {data}{self.generator}"
+
+
+REFERENCES: tuple[PaperResult, ...] = (
+    PaperResult("cifar10", "linf", 8, "WRN-70-16", "DDPM", 100_000_000, 0.8874, 0.6610, ABSTRACT,
+                "AutoAttack 66.10 from the abstract; clean 88.74 from the released checkpoint "
+                "cifar10_linf_wrn70-16_cutmix_ddpm_100m (AutoAttack 66.11 there; trained with CutMix)"),
+    PaperResult("cifar10", "linf", 8, "WRN-28-10", "DDPM", 100_000_000, 0.8750, 0.6344, RELEASE,
+                "released checkpoint cifar10_linf_wrn28-10_ddpm_100m"),
+    PaperResult("cifar10", "linf", 8, "ResNet-18", "DDPM", 100_000_000, 0.8735, 0.5863, RELEASE,
+                "released checkpoint cifar10_linf_resnet18_ddpm_100m"),
+    PaperResult("cifar10", "l2", 128, "WRN-70-16", "DDPM", None, None, 0.7831, ABSTRACT,
+                "clean accuracy not checked, so not shown"),
+    PaperResult("cifar100", "linf", 8, "WRN-70-16", "DDPM", None, None, 0.3349, ABSTRACT,
+                "clean accuracy not checked, so not shown"),
+)
+
+
+def matching(dataset: str, threat: str | None = None, eps_255: float | None = None) -> list[PaperResult]:
+    """The paper's results for this data set (and threat model and radius, when given)."""
+    return [ref for ref in REFERENCES if ref.dataset == dataset
+            and (threat is None or ref.threat == threat)
+            and (eps_255 is None or abs(ref.eps_255 - eps_255) < 1e-9)]

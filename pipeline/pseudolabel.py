@@ -1,0 +1,140 @@
+"""Stage `pseudolabel`: the teacher's labels for every generated shard, in a sidecar file per shard.
+
+    python -m pipeline.pseudolabel --params params.yaml --teacher models/teacher/model.pt \
+        --shard data/generated/{g}/shard-{i:05d}.h5 --out data/pseudolabels/{g}/shard-{i:05d}.h5
+    python -m pipeline.pseudolabel --params params.yaml --teacher models/teacher/model.pt \
+        --shard-dir data/generated/{g} --out-dir data/pseudolabels/{g}      # DVC: every shard, same bytes
+
+Labels live beside the images, never inside them, so a new teacher does not invalidate the DVC-tracked
+images. A sidecar (shards.write_arrays) holds `label` (int64 argmax), `confidence` (float32 max
+softmax) and, with `save_probs`, `probs` (float32 N x classes). Its attributes name the shard file and
+its content sha256 and the teacher file's sha256, so `load_labels` can refuse a sidecar that does not
+belong to a shard. Shards whose images carry a conditioning label (label >= 0, e.g. the class-conditional
+Gaussian or an imported labelled set) also record the agreement between that label and the teacher's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import models
+from pipeline import params as params_mod
+from pipeline.classifier_training import predict
+from pipeline.shards import ShardError, count, expand, file_sha256, read_arrays, read_attrs, read_imageset, write_arrays
+
+log = logging.getLogger("pipeline.pseudolabel")
+
+
+@dataclass(frozen=True)
+class PseudolabelConfig:
+    """Mirror of params.yaml `pseudolabel:`."""
+    batch_size: int     # images per teacher forward pass (memory only; labels do not depend on it)
+    save_probs: bool    # also store the full softmax probabilities (N x classes float32)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("pseudolabel.batch_size: must be >= 1")
+
+
+def label_arrays(probs: np.ndarray, save_probs: bool) -> dict[str, np.ndarray]:
+    arrays = {"label": probs.argmax(1).astype(np.int64), "confidence": probs.max(1).astype(np.float32)}
+    if save_probs:
+        arrays["probs"] = probs.astype(np.float32)
+    return arrays
+
+
+def agreement(conditioning: np.ndarray, teacher: np.ndarray) -> tuple[int, float | None]:
+    """(number of rows with a known label, share of them where the teacher agrees) (None if none known)."""
+    known = conditioning >= 0
+    if not known.any():
+        return 0, None
+    return int(known.sum()), float((conditioning[known] == teacher[known]).mean())
+
+
+def label_shard(model: torch.nn.Module, shard: Path, out: Path, cfg: PseudolabelConfig,
+                device: torch.device, teacher_sha256: str, teacher_name: str) -> dict[str, Any]:
+    """Pseudo-label one shard (checksum verified) and write its sidecar atomically; return its attrs."""
+    images, labels = read_imageset(shard, verify=True)
+    shard_attrs = read_attrs(shard)
+    probs = predict(model, images, cfg.batch_size, device, desc=f"pseudolabel {shard.name}")
+    arrays = label_arrays(probs, cfg.save_probs)
+    n_known, agree = agreement(labels, arrays["label"])
+    # Only names and hashes, never absolute paths: both CLI forms must write the same bytes.
+    attrs: dict[str, Any] = {
+        "shard": shard.name, "shard_sha256": shard_attrs["sha256"], "n": len(images),
+        "teacher_sha256": teacher_sha256, "teacher_model": teacher_name,
+        "n_known_labels": n_known, "mean_confidence": float(arrays["confidence"].mean()) if len(images) else 0.0,
+    }
+    if agree is not None:
+        attrs["label_agreement"] = agree
+    write_arrays(out, arrays, attrs)
+    log.info("%s: %d images, mean confidence %.3f%s", out, len(images), attrs["mean_confidence"],
+             f", agreement with conditioning labels {agree:.3f}" if agree is not None else "")
+    return attrs
+
+
+def load_labels(shard_path: Path, sidecar_path: Path, teacher_sha256: str | None = None) -> dict[str, np.ndarray]:
+    """The sidecar's arrays, after checking it was made for exactly this shard (and this teacher).
+
+    Raises ShardError naming both files when the sidecar belongs to another shard, another version of
+    it, or has a different number of rows.
+    """
+    shard_path, sidecar_path = Path(shard_path), Path(sidecar_path)
+    arrays = read_arrays(sidecar_path, verify=True)
+    side = read_attrs(sidecar_path)
+    shard_sha, n = read_attrs(shard_path).get("sha256"), count(shard_path)
+    if side.get("shard_sha256") != shard_sha:
+        raise ShardError(f"{sidecar_path}: pseudo-labels were made for shard {side.get('shard')!r} with sha256 "
+                         f"{str(side.get('shard_sha256'))[:12]}, but {shard_path} has sha256 {str(shard_sha)[:12]}: "
+                         "sidecar and shard do not match (rerun pseudolabel for this shard)")
+    if "label" not in arrays or len(arrays["label"]) != n:
+        raise ShardError(f"{sidecar_path}: {len(arrays.get('label', []))} labels for {n} images in {shard_path}")
+    if teacher_sha256 is not None and side.get("teacher_sha256") != teacher_sha256:
+        raise ShardError(f"{sidecar_path}: made by another teacher than expected for {shard_path} "
+                         f"(sha256 {str(side.get('teacher_sha256'))[:12]} != {teacher_sha256[:12]})")
+    return arrays
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.pseudolabel", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--teacher", type=Path, required=True, help="teacher model.pt")
+    parser.add_argument("--shard", type=Path, help="one shard (Snakemake: one job per shard)")
+    parser.add_argument("--out", type=Path, help="its sidecar")
+    parser.add_argument("--shard-dir", type=Path, help="every shard-*.h5 in a folder (DVC)")
+    parser.add_argument("--out-dir", type=Path, help="sidecars with the same file names")
+    args = parser.parse_args(argv)
+    if bool(args.shard) == bool(args.shard_dir) or bool(args.shard) != bool(args.out) \
+            or bool(args.shard_dir) != bool(args.out_dir):
+        parser.error("give either --shard with --out, or --shard-dir with --out-dir")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg_all = params_mod.load(args.params)
+    cfg = params_mod.section(PseudolabelConfig, cfg_all["pseudolabel"])
+    device = models.resolve_device(cfg_all["base"]["device"])
+    model = models.load_checkpoint(args.teacher, device)
+    teacher_sha = file_sha256(args.teacher)
+    teacher_name = torch.load(args.teacher, map_location="cpu", weights_only=False)["model"]
+    if args.shard:
+        jobs = [(args.shard, args.out)]
+    else:
+        shards = expand([args.shard_dir])
+        if not shards:
+            raise SystemExit(f"error: {args.shard_dir}: no shard-*.h5 files")
+        jobs = [(shard, args.out_dir / shard.name) for shard in shards]
+    try:
+        for shard, out in jobs:
+            label_shard(model, shard, out, cfg, device, teacher_sha, teacher_name)
+    except ShardError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

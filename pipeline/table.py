@@ -1,0 +1,388 @@
+"""Stage `table`: every (run, threat) evaluation as one traceable row, plus markdown and a figure.
+
+    python -m pipeline.table --params params.yaml --evaluations results/evaluate \\
+        --train-metrics results/train_robust --teacher-metrics results/teacher/metrics.json \\
+        --analysis results/analysis [--generated data/generated] \\
+        --out results/cifar10_table.csv --out-md results/cifar10_table.md \\
+        --out-figure results/figures/cifar10_robust_vs_generated.png
+
+Inputs may be files or directories (Snakemake passes file lists, DVC directories): a directory of
+evaluations means every results/evaluate/{run}/{threat}.json in it, of train metrics every
+{run}/metrics.json, of analyses every {generator}.json, of generated sets every {generator}/shard-*.h5.
+
+Columns: accuracies are fractions of `n_eval` test images. `pgd_acc` is PGD with `pgd_steps` steps
+(the issue's "pgd40_acc": 40 steps in the default and paper presets, fewer in the test preset, so the
+step count is its own column rather than part of the name). `flags` lists the evaluation's sanity
+checks that fired (';'-separated, empty when none). Provenance: `git_commit` (of the working tree the
+table was built in, "-dirty" when it has uncommitted changes, empty outside git), `params_sha256`
+(sha256 of the validated params as canonical JSON), `model_sha256` (of the evaluated model.pt),
+`generated_sha256` (sha256 of the newline-joined sorted shard sha256 attributes of the generator's
+set; empty for the baseline) and the paths of the evaluation JSON, model and per-example file.
+
+The paper's published numbers (pipeline/paper_reference.py) appear only in the markdown and the figure,
+labelled as the paper's; the CSV holds our measurements only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pipeline import paper_reference
+from pipeline import params as params_mod
+from pipeline.shards import atomic_path, expand, read_attrs
+
+log = logging.getLogger("pipeline.table")
+BASELINE = "baseline"
+COLUMNS = [
+    "dataset", "run", "generator", "n_generated", "model", "threat", "eps", "eps_255",
+    "clean_acc", "autoattack_acc", "pgd_acc", "pgd_steps", "teacher_acc",
+    "complementarity_train", "complementarity_test", "complementarity_self", "coverage_train", "coverage_test",
+    "epochs", "n_eval", "flags", "gradient_masking_suspected",
+    "git_commit", "params_sha256", "model_sha256", "generated_sha256",
+    "evaluation_path", "model_path", "examples_path",
+]
+
+
+class TableError(ValueError):
+    """An input is missing, incomplete or inconsistent; the message names the file."""
+
+
+# --- reading inputs defensively ---
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TableError(f"{path}: missing") from None
+    except json.JSONDecodeError as error:
+        raise TableError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise TableError(f"{path}: expected a JSON object")
+    return data
+
+
+def need(data: dict[str, Any], key: str, path: Path, *alternatives: str) -> Any:
+    """data[key] (or the first alternative present), else an error naming the file and key."""
+    for name in (key, *alternatives):
+        if name in data and data[name] is not None:
+            return data[name]
+    names = " or ".join(repr(k) for k in (key, *alternatives))
+    raise TableError(f"{path}: required key {names} missing")
+
+
+def files(paths: list[Path], pattern: str) -> list[Path]:
+    """Files as given, directories expanded with `pattern` (sorted)."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            out += sorted(path.glob(pattern))
+        elif path.exists():
+            out.append(path)
+        else:
+            raise TableError(f"{path}: missing")
+    return out
+
+
+def params_sha256(cfg: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def git_commit(where: Path = Path(".")) -> str:
+    """HEAD of the git work tree around `where`, '-dirty' if tracked files changed; '' outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                              timeout=30)
+        if head.returncode:
+            return ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=30)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def generated_set_sha256(shards: list[Path]) -> str:
+    """Checksum of a generated set: sha256 of its shards' stored sha256 attributes, sorted, one a line.
+
+    Reads only the HDF5 headers, so it is cheap at a million images; any change of a shard's content
+    changes its attribute and so this value.
+    """
+    if not shards:
+        raise TableError("generated set has no shard-*.h5 files")
+    sums = sorted(str(read_attrs(path)["sha256"]) for path in shards)
+    return hashlib.sha256("\n".join(sums).encode()).hexdigest()
+
+
+def generated_checksums(paths: list[Path]) -> dict[str, str]:
+    """{generator: checksum} from generated-set folders or shard files (grouped by parent folder)."""
+    groups: dict[str, list[Path]] = {}
+    for path in map(Path, paths):
+        if path.is_dir() and not list(path.glob("shard-*.h5")):  # data/generated: one folder per generator
+            for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+                groups.setdefault(sub.name, []).extend(expand([sub]))
+        else:
+            for shard in expand([path]):
+                groups.setdefault(shard.parent.name, []).append(shard)
+    return {name: generated_set_sha256(shards) for name, shards in groups.items()}
+
+
+def analysis_values(data: dict[str, Any], path: Path) -> dict[str, float]:
+    """complementarity train/test/self and coverage train/test, nested or flat keys."""
+    out = {}
+    for group, parts in [("complementarity", ("train", "test", "self")), ("coverage", ("train", "test"))]:
+        nested = data.get(group) if isinstance(data.get(group), dict) else {}
+        for part in parts:
+            value = nested.get(part, data.get(f"{group}_{part}"))
+            if value is None:
+                raise TableError(f"{path}: required key '{group}.{part}' (or '{group}_{part}') missing")
+            out[f"{group}_{part}"] = float(value)
+    return out
+
+
+# --- rows ---
+
+
+def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list[Path], teacher_metrics: Path,
+               analyses: list[Path], generated: dict[str, str], commit: str) -> list[dict[str, Any]]:
+    """One row per evaluation JSON, joined with its run's training metrics and its generator's analysis."""
+    if not evaluations:
+        raise TableError("no evaluation JSON files given (--evaluations)")
+    teacher = read_json(teacher_metrics)
+    teacher_acc = float(need(teacher, "test_acc", teacher_metrics))
+    trains: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path in train_metrics:
+        data = read_json(path)
+        run = str(data.get("run") or path.parent.name)
+        trains[run] = (path, data)
+    analysis: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path in analyses:
+        data = read_json(path)
+        analysis[str(data.get("generator") or path.stem)] = (path, data)
+    p_hash = params_sha256(cfg)
+    rows = []
+    for path in evaluations:
+        ev = read_json(path)
+        run, threat = str(need(ev, "run", path)), str(need(ev, "threat", path))
+        if run not in trains:
+            raise TableError(f"{path}: run {run!r} has no training metrics among --train-metrics "
+                             f"({', '.join(sorted(trains)) or 'none given'})")
+        train_path, train = trains[run]
+        generator = train.get("generator") or (None if run == BASELINE else run)
+        is_baseline = run == BASELINE or generator in (None, "", "none")
+        n_generated = 0 if is_baseline else int(need(train, "n_generated", train_path))
+        model_sha = str(need(ev, "model_sha256", path))
+        trained_sha = train.get("model_sha256")
+        if trained_sha and trained_sha != model_sha:
+            raise TableError(f"{path}: evaluated model sha256 {model_sha[:12]} differs from the model "
+                             f"{train_path} describes ({str(trained_sha)[:12]}): stale evaluation")
+        row: dict[str, Any] = {
+            "dataset": cfg["base"]["dataset"], "run": run, "generator": "none" if is_baseline else generator,
+            "n_generated": n_generated, "model": need(train, "model", train_path),
+            "threat": threat, "eps": f"{float(need(ev, 'eps_255', path)):g}/255",
+            "eps_255": f"{float(ev['eps_255']):g}",
+            "clean_acc": float(need(ev, "clean_acc", path)),
+            "autoattack_acc": float(need(ev, "autoattack_acc", path)),
+            "pgd_acc": float(need(ev, "pgd_acc", path)), "pgd_steps": int(need(ev, "pgd_steps", path)),
+            "teacher_acc": teacher_acc,
+            "epochs": need(train, "epochs", train_path), "n_eval": int(need(ev, "n_eval", path)),
+            "flags": ";".join(need(ev, "flags", path)),
+            "gradient_masking_suspected": bool(ev.get("gradient_masking_suspected", False)),
+            "git_commit": commit, "params_sha256": p_hash, "model_sha256": model_sha,
+            "generated_sha256": "", "evaluation_path": str(path), "model_path": ev.get("model_path", ""),
+            "examples_path": ev.get("examples_path", ""),
+        }
+        for key in ("complementarity_train", "complementarity_test", "complementarity_self",
+                    "coverage_train", "coverage_test"):
+            row[key] = ""
+        if not is_baseline:
+            if generator not in analysis:
+                raise TableError(f"{path}: generator {generator!r} has no analysis JSON among --analysis "
+                                 f"({', '.join(sorted(analysis)) or 'none given'})")
+            row.update(analysis_values(analysis[generator][1], analysis[generator][0]))
+            row["generated_sha256"] = generated_checksum(generator, train, train_path, generated)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["generator"] != "none", r["generator"], r["n_generated"], r["model"], r["threat"]))
+    seen = set()
+    for row in rows:
+        key = (row["run"], row["threat"])
+        if key in seen:
+            raise TableError(f"two evaluations of run {row['run']} under {row['threat']} "
+                             f"(one is {row['evaluation_path']})")
+        seen.add(key)
+    return rows
+
+
+def generated_checksum(generator: str, train: dict[str, Any], train_path: Path, generated: dict[str, str]) -> str:
+    """From the shards themselves (--generated) when given, checked against the training metrics."""
+    recorded = train.get("generated_sha256")
+    if generator in generated:
+        if recorded and recorded != generated[generator]:
+            raise TableError(f"{train_path}: trained on generated set {str(recorded)[:12]}, but the shards "
+                             f"of {generator!r} now hash to {generated[generator][:12]}: retrain or restore")
+        return generated[generator]
+    if recorded:
+        return str(recorded)
+    raise TableError(f"{train_path}: no 'generated_sha256' key and no --generated shards for {generator!r}: "
+                     "cannot trace the row to its generated set")
+
+
+# --- renderings ---
+
+
+def _cell(key: str, value: Any) -> Any:
+    """Accuracies and analysis values to 4 decimals (1/10,000 = one test image at paper scale)."""
+    measured = key.endswith("_acc") or key.startswith(("complementarity", "coverage"))
+    return f"{value:.4f}" if measured and isinstance(value, float) else value
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _cell(key, value) for key, value in row.items()})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.2f}" if isinstance(value, float) else ""
+
+
+def markdown(rows: list[dict[str, Any]], dataset: str) -> str:
+    lines = [f"# Robust accuracy on {dataset} (ours)", "",
+             "Accuracies in % of the first `n_eval` test images; AutoAttack = standard version "
+             "(APGD-CE, APGD-T, FAB-T, Square); PGD with `pgd_steps` steps. Provenance (git commit, params "
+             f"hash, model and generated-set checksums) is in results/{dataset}_table.csv.", "",
+             "| generator | n generated | model | threat | eps | clean | AutoAttack | PGD (steps) | teacher "
+             "| compl. test | coverage test | epochs | n eval | flags |",
+             "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['generator']} | {r['n_generated']:,} | {r['model']} | {r['threat']} | {r['eps']} "
+                     f"| {_pct(r['clean_acc'])} | {_pct(r['autoattack_acc'])} | {_pct(r['pgd_acc'])} "
+                     f"({r['pgd_steps']}) | {_pct(r['teacher_acc'])} | "
+                     f"{'' if r['complementarity_test'] == '' else format(r['complementarity_test'], '.4f')} | "
+                     f"{'' if r['coverage_test'] == '' else format(r['coverage_test'], '.4f')} | {r['epochs']} "
+                     f"| {r['n_eval']} | {r['flags'].replace(';', ', ') or 'none'} |")
+    flagged = [r for r in rows if r["gradient_masking_suspected"]]
+    if flagged:
+        lines += ["", "**Gradient masking suspected** for " + ", ".join(
+            f"{r['run']}/{r['threat']}" for r in flagged) + ": treat their robust accuracy as an upper bound "
+            "(reasons in the evaluation JSON, `flag_reasons`)."]
+    refs = paper_reference.matching(dataset)
+    lines += ["", f"## For comparison: the paper's published results ({paper_reference.CITATION})", "",
+              "NOT our measurements. Full CIFAR test set, AutoAttack; each value's source is named in "
+              "pipeline/paper_reference.py. A blank clean accuracy was not checked against a source.", ""]
+    if refs:
+        lines += ["| paper model | generated data | threat | eps | clean | AutoAttack | source |",
+                  "|---|---|---|---|---:|---:|---|"]
+        for ref in refs:
+            data = f"{ref.n_generated:,} {ref.generator}" if ref.n_generated else ref.generator
+            lines.append(f"| {ref.model} | {data} | {ref.threat} | {ref.eps_255:g}/255 | {_pct(ref.clean_acc)} "
+                         f"| {_pct(ref.autoattack_acc)} | {ref.source} |")
+    else:
+        lines.append(f"(no published {dataset} numbers recorded)")
+    return "\n".join(lines) + "\n"
+
+
+def figure(path: Path, rows: list[dict[str, Any]], dataset: str) -> None:
+    """Left: AutoAttack accuracy vs generated images per generator; right: clean vs robust accuracy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    threats = sorted({r["threat"] for r in rows})
+    styles = {"linf": "-", "l2": "--"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    generators = sorted({r["generator"] for r in rows if r["generator"] != "none"})
+    color_of = {g: colors[i % len(colors)] for i, g in enumerate(["none", *generators])}
+    for threat in threats:
+        for base in (r for r in rows if r["threat"] == threat and r["generator"] == "none"):
+            left.axhline(100 * base["autoattack_acc"], color=color_of["none"], ls=":",
+                         label=f"ours: baseline, real only ({threat}, {base['model']})")
+        for gen in generators:
+            pts = sorted((r["n_generated"], 100 * r["autoattack_acc"]) for r in rows
+                         if r["threat"] == threat and r["generator"] == gen)
+            if pts:
+                left.plot(*zip(*pts), marker="o", ls=styles.get(threat, "-"), color=color_of[gen],
+                          label=f"ours: {gen} ({threat})")
+        for ref in paper_reference.matching(dataset, threat):
+            left.axhline(100 * ref.autoattack_acc, color="grey", ls="-.", lw=0.8)
+            left.annotate(f"{ref.label} ({threat} {ref.eps_255:g}/255)", (0.01, 100 * ref.autoattack_acc),
+                          xycoords=("axes fraction", "data"), fontsize=7, color="grey", va="bottom")
+    if any(r["n_generated"] > 0 for r in rows):
+        left.set_xscale("log")
+    left.set_xlabel("generated images used in training")
+    left.set_ylabel("AutoAttack accuracy (%)")
+    left.set_title(f"{dataset}: robust accuracy vs generated data\n(grey dash-dot: the paper's published values)")
+    left.legend(fontsize=7, loc="center right")
+    markers = {"linf": "o", "l2": "s"}
+    for r in rows:
+        right.scatter(100 * r["clean_acc"], 100 * r["autoattack_acc"], color=color_of[r["generator"]],
+                      marker=markers.get(r["threat"], "o"))
+        right.annotate(f"{r['generator']} {r['threat']}", (100 * r["clean_acc"], 100 * r["autoattack_acc"]),
+                       fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for ref in (ref for threat in threats for ref in paper_reference.matching(dataset, threat)):
+        if ref.clean_acc is not None:  # only the threat models we evaluated, only checked values
+            right.scatter(100 * ref.clean_acc, 100 * ref.autoattack_acc, marker="*", s=120, color="grey")
+            right.annotate(f"{ref.label} ({ref.threat})", (100 * ref.clean_acc, 100 * ref.autoattack_acc),
+                           fontsize=7, color="grey", xytext=(-4, -10), textcoords="offset points", ha="right")
+    right.set_xlabel("clean accuracy (%)")
+    right.set_ylabel("AutoAttack accuracy (%)")
+    right.set_title("clean vs robust (ours: circles Linf, squares L2; grey stars: paper)")
+    right.title.set_fontsize(9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.table", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--evaluations", type=Path, nargs="+", required=True,
+                        help="evaluation JSONs or folders of {run}/{threat}.json")
+    parser.add_argument("--train-metrics", type=Path, nargs="+", required=True,
+                        help="train_robust metrics.json files or folders of {run}/metrics.json")
+    parser.add_argument("--teacher-metrics", type=Path, required=True)
+    parser.add_argument("--analysis", type=Path, nargs="*", default=[],
+                        help="analysis {generator}.json files or their folder (none for baseline only)")
+    parser.add_argument("--generated", type=Path, nargs="*", default=[],
+                        help="generated shards or folders, to checksum each generator's set")
+    parser.add_argument("--out", type=Path, required=True, help="CSV table")
+    parser.add_argument("--out-md", type=Path, required=True)
+    parser.add_argument("--out-figure", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = params_mod.load(args.params)
+        rows = build_rows(cfg, files(args.evaluations, "*/*.json"), files(args.train_metrics, "*/metrics.json"),
+                          args.teacher_metrics, files(args.analysis, "*.json"),
+                          generated_checksums(args.generated), git_commit())
+    except (TableError, params_mod.ParamsError) as error:
+        raise SystemExit(f"error: {error}") from None
+    dataset = cfg["base"]["dataset"]
+    write_csv(args.out, rows)
+    with atomic_path(args.out_md) as tmp:
+        tmp.write_text(markdown(rows, dataset))
+    figure(args.out_figure, rows, dataset)
+    for row in rows:
+        log.info("%s %s: clean %.4f AutoAttack %.4f PGD-%d %.4f%s", row["run"], row["threat"], row["clean_acc"],
+                 row["autoattack_acc"], row["pgd_steps"], row["pgd_acc"],
+                 f"  FLAGS {row['flags']}" if row["flags"] else "")
+    log.info("wrote %s (%d rows), %s, %s", args.out, len(rows), args.out_md, args.out_figure)
+
+
+if __name__ == "__main__":
+    main()

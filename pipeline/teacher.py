@@ -1,0 +1,163 @@
+"""Stage `teacher`: a standard (non-robust) classifier that pseudo-labels generated images.
+
+    python -m pipeline.teacher --params params.yaml --train data/cifar10/train.h5 \
+        --test data/cifar10/test.h5 --workdir work/teacher \
+        --out-model models/teacher/model.pt --out-metrics results/teacher/metrics.json
+
+Crop (pad 4) + flip augmentation, SGD with cosine decay (pipeline/optim.py), as for the paper's
+WRN-28-10 teacher (about 96% test accuracy at full scale). The test accuracy it writes is the paper's
+first sufficient condition (accurate pseudo-labels). Checkpoints go to --workdir every
+`checkpoint_every` epochs; running the same command again resumes from the newest one and gives the
+same model as an uninterrupted run (every epoch's order and augmentation come from its own seeded
+generator, and model, optimiser and schedule state are saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline import checkpoint, models, optim, seeding
+from pipeline import params as params_mod
+from pipeline.classifier_training import accuracy, crop_flip, to_float
+from pipeline.shards import atomic_path, read_attrs, read_imageset
+
+log = logging.getLogger("pipeline.teacher")
+NUM_CLASSES = {"cifar10": 10}
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Mirror of params.yaml `teacher:`; every field is required (no second defaults)."""
+    model: str              # architecture from pipeline.models.MODELS (paper: wrn-28-10)
+    epochs: int             # passes over the training set
+    batch_size: int         # images per SGD step (the last incomplete batch of an epoch is dropped)
+    lr: float               # peak SGD learning rate at this batch size, cosine-decayed per step to 0
+    momentum: float         # SGD momentum
+    nesterov: bool          # Nesterov momentum
+    weight_decay: float     # on conv/linear weights only (not batch norm, not biases)
+    checkpoint_every: int   # epochs between resumable checkpoints in --workdir
+
+    def __post_init__(self) -> None:
+        if self.model not in models.MODELS:
+            raise ValueError(f"teacher.model: unknown {self.model!r}; known: {sorted(models.MODELS)}")
+        if self.epochs < 1 or self.batch_size < 2 or self.checkpoint_every < 1:
+            raise ValueError("teacher.epochs, teacher.checkpoint_every >= 1 and teacher.batch_size >= 2")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError("teacher.lr > 0, teacher.weight_decay >= 0, 0 <= teacher.momentum < 1")
+
+
+def train_teacher(cfg: TeacherConfig, seed: int, train: tuple[np.ndarray, np.ndarray],
+                  test: tuple[np.ndarray, np.ndarray], workdir: Path, device: torch.device,
+                  num_classes: int = 10, data_ids: dict[str, str] | None = None
+                  ) -> tuple[models.Classifier, dict[str, Any]]:
+    """Train (resuming from --workdir if a checkpoint is there); return the model and its metrics."""
+    train_x, train_y = train
+    n = len(train_x)
+    steps_per_epoch = n // cfg.batch_size if n > cfg.batch_size else 1
+    batch = min(cfg.batch_size, n)
+    total_steps = steps_per_epoch * cfg.epochs
+    identity = {"config": dataclasses.asdict(cfg), "seed": seed, "data": data_ids or {}, "n_train": n}
+
+    torch.manual_seed(seeding.derive(seed, "teacher", "init"))
+    model = models.build(cfg.model, num_classes).to(device)
+    opt = optim.sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
+    sched = optim.scheduler(opt, total_steps, warmup_steps=0)
+    train_loss: list[float] = []
+    start_epoch = 0
+
+    state = checkpoint.latest(workdir, map_location=device)
+    if state is not None:
+        if state.get("identity") != identity:
+            raise RuntimeError(
+                f"{workdir}: holds checkpoints of another teacher run (config, seed or data differ); "
+                "delete the work directory or point --workdir elsewhere")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        train_loss = list(state["train_loss"])
+        start_epoch = state["epoch"]
+        log.info("resumed after epoch %d of %d", start_epoch, cfg.epochs)
+
+    labels = torch.as_tensor(train_y, dtype=torch.long)
+    for epoch in range(start_epoch, cfg.epochs):
+        # One generator per epoch: order and augmentation of epoch e never depend on earlier epochs.
+        generator = seeding.torch_generator(seed, "teacher", "epoch", epoch)
+        order = torch.randperm(n, generator=generator)
+        model.train()
+        total, seen = 0.0, 0
+        bar = tqdm(total=steps_per_epoch * batch, desc=f"teacher epoch {epoch + 1}/{cfg.epochs}",
+                   unit="img", leave=False)
+        for step in range(steps_per_epoch):
+            idx = order[step * batch:(step + 1) * batch]
+            idx_np = idx.numpy()
+            x = crop_flip(to_float(train_x[idx_np], device), generator)
+            y = labels[idx].to(device)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            bar.update(len(idx))
+            bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
+        bar.close()
+        train_loss.append(total / seen)
+        log.info("epoch %d/%d: train loss %.4f", epoch + 1, cfg.epochs, train_loss[-1])
+        done = epoch + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
+            checkpoint.save(workdir, done * steps_per_epoch, {
+                "identity": identity, "epoch": done, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": checkpoint.rng_state(), "train_loss": train_loss})
+
+    test_x, test_y = test
+    test_acc = accuracy(model, test_x, test_y, 500, device)
+    log.info("test accuracy %.4f on %d images", test_acc, len(test_x))
+    metrics = {"test_acc": test_acc, "train_loss": train_loss, "epochs": cfg.epochs,
+               "steps": total_steps, "n_train": n, "n_test": len(test_x), "model": cfg.model,
+               "seed": seed, "config": dataclasses.asdict(cfg), "data": data_ids or {}}
+    return model.eval(), metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.teacher", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--train", type=Path, required=True, help="training image set (HDF5)")
+    parser.add_argument("--test", type=Path, required=True, help="test image set (HDF5)")
+    parser.add_argument("--workdir", type=Path, required=True, help="resumable checkpoints (not an output)")
+    parser.add_argument("--out-model", type=Path, required=True)
+    parser.add_argument("--out-metrics", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg_all = params_mod.load(args.params)
+    cfg = params_mod.section(TeacherConfig, cfg_all["teacher"])
+    base = cfg_all["base"]
+    device = models.resolve_device(base["device"])
+    train, test = read_imageset(args.train), read_imageset(args.test)
+    data_ids = {"train_sha256": read_attrs(args.train)["sha256"], "test_sha256": read_attrs(args.test)["sha256"]}
+    model, metrics = train_teacher(cfg, base["seed"], train, test, args.workdir, device,
+                                   NUM_CLASSES[base["dataset"]], data_ids)
+    models.save_checkpoint(args.out_model, model, cfg.model, NUM_CLASSES[base["dataset"]],
+                           {"stage": "teacher", "config": dataclasses.asdict(cfg), "seed": base["seed"],
+                            "test_acc": metrics["test_acc"], "data": data_ids})
+    with atomic_path(args.out_metrics) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("wrote %s and %s", args.out_model, args.out_metrics)
+
+
+if __name__ == "__main__":
+    main()

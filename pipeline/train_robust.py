@@ -1,0 +1,470 @@
+"""Stage `train_robust`: adversarial training (TRADES or PGD-AT) on real + generated batches.
+
+    python -m pipeline.train_robust --params params.yaml --run {run} \
+        --train data/cifar10/train.h5 --val data/cifar10/val.h5 \
+        [--generated data/generated/{g} --labels data/pseudolabels/{g} [--selection data/selection/{g}/index.npy]] \
+        --workdir work/train_robust/{run} \
+        --out-model models/robust/{run}/model.pt --out-best models/robust/{run}/best.pt \
+        --out-metrics results/train_robust/{run}/metrics.json --out-curve results/train_robust/{run}/curve.csv \
+        [--out-figure results/figures/train_robust_{run}.png]
+    torchrun --nproc_per_node 8 -m pipeline.train_robust -- --run {run} ...   # data-parallel, same flags
+                                       # ("--" stops torchrun reading --run as its own --run-path)
+
+Gowal et al. (2021): every batch holds a fixed fraction of generated images (pseudo-labelled, label
+smoothing on those only), the rest real; an epoch is `epoch_size` samples whatever the data, so the
+real-only `baseline` run and every generator run take the same number of steps. SGD Nesterov with
+weight decay off batch-norm/bias, linear warm-up then cosine per step, an EMA of the weights (warm-up
+form), and PGD-`val_pgd_steps` robust accuracy of the EMA model on the validation split each epoch
+choosing best.pt; model.pt is the last EMA model.
+
+Resumable: a checkpoint (model, EMA, optimiser, scheduler, RNG states, step = loader position, curve so
+far) goes to --workdir every `checkpoint_every` steps and on SIGTERM (then the process exits with 143);
+running the same command again resumes from it. Batches and attack noise are functions of (seed, step),
+so on CPU a resumed run ends with exactly the weights of an uninterrupted one. A non-finite loss stops
+the run with an error before anything is saved, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import signal
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from pipeline import checkpoint, models, optim, seeding
+from pipeline import loader as loader_mod
+from pipeline import params as params_mod
+from pipeline.attacks import robust_accuracy
+from pipeline.ema import EMA
+from pipeline.losses import AttackSpec, TwoViews, adversarial_loss
+from pipeline.shards import atomic_path, file_sha256, read_imageset
+
+log = logging.getLogger("pipeline.train_robust")
+NUM_CLASSES = {"cifar10": 10}
+CURVE_FIELDS = ["epoch", "step", "lr", "train_loss", "train_ce", "train_kl", "train_acc",
+                "val_clean_acc", "val_robust_acc"]
+SIGTERM_EXIT = 143   # 128 + SIGTERM, what a scheduler expects from a preempted job
+
+
+@dataclass(frozen=True)
+class TrainRobustConfig:
+    """Mirror of params.yaml `train_robust:`; every field is required (no second defaults)."""
+    model: str                  # models.MODELS name
+    loss: str                   # trades or pgd
+    threat: str                 # linf or l2
+    beta: float                 # TRADES weight of the KL term (paper: 6)
+    eps_255: float              # attack radius in 1/255 units
+    step_255: float             # attack step in 1/255 units
+    attack_steps: int           # inner maximisation steps
+    epochs: int                 # epochs of epoch_size samples
+    epoch_size: int             # samples (real + generated) per epoch
+    batch_size: int             # global batch, all ranks together
+    generated_fraction: float   # share of each batch that is generated (ignored by the baseline)
+    lr: float                   # peak learning rate at this batch size
+    momentum: float
+    nesterov: bool
+    weight_decay: float         # not on batch-norm and bias parameters
+    warmup_epochs: int          # linear warm-up epochs before cosine decay
+    ema_decay: float            # EMA decay, warm-up form min(decay, (1+t)/(10+t))
+    label_smoothing: float      # on generated labels only
+    val_pgd_steps: int          # PGD steps of the validation attack
+    checkpoint_every: int       # steps between resumable checkpoints
+    num_workers: int            # DataLoader worker processes
+    sync_bn: bool               # SyncBatchNorm across ranks
+
+    def __post_init__(self) -> None:
+        if self.model not in models.MODELS:
+            raise ValueError(f"train_robust.model: {self.model!r} not in {sorted(models.MODELS)}")
+        if self.loss not in ("trades", "pgd") or self.threat not in ("linf", "l2"):
+            raise ValueError("train_robust.loss must be trades|pgd and threat linf|l2")
+        if not 0 <= self.generated_fraction < 1:
+            raise ValueError("train_robust.generated_fraction: must be in [0, 1)")
+        if self.epoch_size < self.batch_size:
+            raise ValueError("train_robust.epoch_size: smaller than one batch")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError("train_robust.warmup_epochs: must be smaller than epochs")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.epoch_size // self.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def attack(self) -> AttackSpec:
+        return AttackSpec(self.threat, self.eps_255 / 255, self.step_255 / 255, self.attack_steps)  # type: ignore[arg-type]
+
+
+@dataclass
+class Result:
+    """What a finished run hands to `main` for writing."""
+    ema_model: nn.Module
+    best_state: dict[str, torch.Tensor]
+    curve: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class Preempted(SystemExit):
+    """SIGTERM arrived; a checkpoint was written."""
+
+
+# --- distributed setup (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK) ---
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the process group if launched by torchrun (gloo on CPU, nccl on GPU); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = models.resolve_device(device_name)
+    if world == 1:
+        return Dist(), device
+    ctx = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ctx, device
+
+
+# --- data ---
+
+
+def load_eval_set(path: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = read_imageset(path)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+    return x.to(device), torch.from_numpy(labels).to(device)
+
+
+def make_dataset(cfg: TrainRobustConfig, seed: int, train: Path, generated: list[Path],
+                 labels: list[Path], selection: Path | None, ctx: Dist) -> loader_mod.MixedBatches:
+    """Real pool plus, when `generated` is given, the generated pool at the configured fraction."""
+    real = loader_mod.pool([train])
+    gen_pool = None
+    n_gen = 0
+    if generated:
+        index = np.load(selection) if selection else None
+        gen_pool = loader_mod.pool(generated, labels or None, index)
+        n_gen = loader_mod.split_batch(cfg.batch_size, cfg.generated_fraction)[1]
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(f"train_robust.batch_size {cfg.batch_size} not divisible by {ctx.world_size} ranks")
+    spec = loader_mod.BatchSpec(cfg.batch_size, n_gen, seeding.derive(seed, "train_robust", "data"),
+                                ctx.rank, ctx.world_size)
+    return loader_mod.MixedBatches(real, gen_pool, spec)
+
+
+# --- training ---
+
+
+class _Sigterm:
+    """Remembers a SIGTERM so the loop can checkpoint after the current step, then exit."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+
+    def __enter__(self) -> "_Sigterm":
+        if threading_main():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def validate(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], cfg: TrainRobustConfig,
+             seed: int) -> tuple[float, float]:
+    """(clean accuracy, PGD-val_pgd_steps robust accuracy) of `model` on the validation split."""
+    x, y = val
+    with torch.no_grad():
+        clean = torch.cat([model(x[i:i + cfg.batch_size]).argmax(1) == y[i:i + cfg.batch_size]
+                           for i in range(0, len(x), cfg.batch_size)]).float().mean().item()
+    robust, _ = robust_accuracy(model, x, y, cfg.threat, cfg.eps_255 / 255, cfg.val_pgd_steps,  # type: ignore[arg-type]
+                                cfg.batch_size, seed=seed)
+    return clean, robust
+
+
+def _state_to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, train: Path, val: Path,
+                 generated: list[Path], labels: list[Path], workdir: Path,
+                 selection: Path | None = None, stop_after: int | None = None,
+                 progress: bool = True) -> Result:
+    """Train (or resume) one run and return the EMA model, best EMA weights, curve and metrics.
+
+    `stop_after` ends the call after that many global steps as if preempted (tests use it).
+    """
+    ctx, device = init_distributed(device_name)
+    cuda = device.type == "cuda"
+    if run == "baseline" and generated:
+        raise ValueError("run baseline trains on real data only; do not pass --generated")
+    if run != "baseline" and not generated:
+        raise ValueError(f"run {run!r} needs --generated shards")
+    dataset = make_dataset(cfg, seed, train, generated, labels, selection, ctx)
+    n_generated = len(dataset.generated) if dataset.generated is not None else 0
+    val_set = load_eval_set(val, device)
+    num_classes = NUM_CLASSES["cifar10"]
+
+    torch.manual_seed(seeding.derive(seed, "train_robust", "init"))  # same init for every run
+    model = models.build(cfg.model, num_classes)
+    ema = EMA(model, cfg.ema_decay, shadow=models.build(cfg.model, num_classes))
+    if ctx.world_size > 1 and cfg.sync_bn:
+        if cuda:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif ctx.main:  # torch's SyncBatchNorm has no CPU kernel
+            log.warning("train_robust.sync_bn: ignored on CPU (SyncBatchNorm needs CUDA); per-rank batch norm")
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    ema.model.to(device, memory_format=memory_format)
+    optimizer = optim.sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
+    schedule = optim.scheduler(optimizer, cfg.total_steps, cfg.warmup_epochs * cfg.steps_per_epoch)
+
+    step, curve, best = 0, [], {"acc": -1.0, "epoch": 0, "state": _state_to_cpu(ema.model.state_dict())}
+    acc = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, kl, correct, count this epoch
+    state = checkpoint.latest(workdir, map_location="cpu")
+    if state is not None:
+        if state["world_size"] != ctx.world_size or state["total_steps"] != cfg.total_steps:
+            raise ValueError(f"{workdir}: checkpoint from another setting (world size {state['world_size']}, "
+                             f"{state['total_steps']} steps); use a fresh --workdir")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        step, curve, best = state["step"], state["curve"], state["best"]
+        acc = state["epoch_accumulators"].to(device)
+        if ctx.main:
+            log.info("resumed at step %d of %d", step, cfg.total_steps)
+    # The attack runs on the plain model (eval mode, no parameter gradients); the train-mode forwards
+    # go through one call of `forward`, DDP-wrapped when distributed.
+    forward: nn.Module = TwoViews(model)
+    if ctx.world_size > 1:
+        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if cuda else None)
+    model.train()
+
+    def save() -> None:
+        if ctx.main:
+            checkpoint.save(workdir, step, {
+                "step": step, "total_steps": cfg.total_steps, "world_size": ctx.world_size,
+                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": schedule.state_dict(), "rng": checkpoint.rng_state(), "curve": curve,
+                "best": best, "epoch_accumulators": acc.cpu(), "config": dataclasses.asdict(cfg), "run": run})
+        if ctx.world_size > 1:
+            dist.barrier()
+
+    stop = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
+    batches = loader_mod.loader(dataset, step, stop, cfg.num_workers, pin_memory=cuda)
+    attack = cfg.attack()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    bar = tqdm(total=cfg.total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="img",
+               unit_scale=True, disable=not (progress and ctx.main), desc=f"train_robust {run}")
+    with _Sigterm() as sigterm:
+        for images, y, is_generated in batches:
+            x = images.to(device, non_blocking=True).float().div_(255)
+            x = x.contiguous(memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
+            smoothing = is_generated.to(device).float() * cfg.label_smoothing
+            attack_rng = seeding.torch_generator(seed, "train_robust", run, "attack", step, ctx.rank,
+                                                 device=device)
+            with autocast:
+                loss, parts = adversarial_loss(cfg.loss, model, x, y, cfg.beta, attack,  # type: ignore[arg-type]
+                                               smoothing, attack_rng, forward)
+            if not torch.isfinite(loss).item():
+                raise NonFiniteLoss(f"run {run}: loss is {loss.item()} at step {step} (lr "
+                                    f"{schedule.get_last_lr()[0]:.4g}); stopped without saving, the last good "
+                                    f"checkpoint in {workdir} is kept. Lower train_robust.lr or check the data.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            ema.update(model)
+            with torch.no_grad():
+                n = len(y)
+                acc += torch.stack([loss.detach().double() * n, parts["ce"].double() * n, parts["kl"].double() * n,
+                                    (parts["logits"].argmax(1) == y).sum().double(),
+                                    torch.tensor(n, dtype=torch.float64, device=device)])
+            step += 1
+            bar.update(cfg.batch_size)
+            if ctx.main and step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.get_last_lr()[0]:.3g}")
+            if step % cfg.steps_per_epoch == 0:
+                totals = acc.clone()
+                if ctx.world_size > 1:
+                    dist.all_reduce(totals)
+                epoch = step // cfg.steps_per_epoch
+                row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": schedule.get_last_lr()[0],
+                                       "train_loss": (totals[0] / totals[4]).item(),
+                                       "train_ce": (totals[1] / totals[4]).item(),
+                                       "train_kl": (totals[2] / totals[4]).item(),
+                                       "train_acc": (totals[3] / totals[4]).item()}
+                if ctx.main:
+                    row["val_clean_acc"], row["val_robust_acc"] = validate(
+                        ema.model, val_set, cfg, seeding.derive(seed, "train_robust", "val"))
+                    if row["val_robust_acc"] > best["acc"]:
+                        best = {"acc": row["val_robust_acc"], "epoch": epoch,
+                                "state": _state_to_cpu(ema.model.state_dict())}
+                    log.info("epoch %d/%d: train loss %.4f, val clean %.3f, val PGD-%d %.3f",
+                             epoch, cfg.epochs, row["train_loss"], row["val_clean_acc"], cfg.val_pgd_steps,
+                             row["val_robust_acc"])
+                curve.append(row)
+                acc.zero_()
+            preempted = sigterm.received
+            if ctx.world_size > 1:  # every rank must agree, or one would wait forever in save()'s barrier
+                flag = torch.tensor([float(preempted)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                preempted = bool(flag.item())
+            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted:
+                save()
+            if preempted:
+                bar.close()
+                log.warning("SIGTERM: checkpoint at step %d in %s; rerun the same command to resume", step, workdir)
+                raise Preempted(SIGTERM_EXIT)
+    bar.close()
+    if step < cfg.total_steps:
+        save()
+        raise Preempted(SIGTERM_EXIT)
+    last = curve[-1] if curve else {}
+    metrics = {
+        "run": run, "generator": None if run == "baseline" else run, "n_generated": n_generated,
+        "generated_per_batch": dataset.spec.n_generated, "model": cfg.model, "loss": cfg.loss,
+        "threat": cfg.threat, "eps_255": cfg.eps_255, "epochs": cfg.epochs, "steps": cfg.total_steps,
+        "seed": seed, "world_size": ctx.world_size,
+        "val_robust_acc_best": best["acc"], "best_epoch": best["epoch"],
+        "val_robust_acc_last": last.get("val_robust_acc"), "val_clean_acc_last": last.get("val_clean_acc"),
+        "train_loss": last.get("train_loss"), "config": dataclasses.asdict(cfg),
+    }
+    return Result(ema.model, best["state"], curve, metrics)
+
+
+# --- outputs ---
+
+
+def write_curve(path: Path, curve: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CURVE_FIELDS)
+    writer.writeheader()
+    for row in curve:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def write_figure(path: Path, curve: list[dict[str, Any]], run: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [r["epoch"] for r in curve]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(epochs, [r["train_loss"] for r in curve], label="train loss")
+    left.set_xlabel("epoch"), left.set_title(f"{run}: training loss"), left.legend()
+    right.plot(epochs, [r["val_clean_acc"] for r in curve], label="val clean")
+    right.plot(epochs, [r["val_robust_acc"] for r in curve], label="val robust (PGD)")
+    right.set_xlabel("epoch"), right.set_ylabel("accuracy"), right.set_title("EMA model"), right.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(result: Result, cfg: TrainRobustConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """model.pt (last EMA), best.pt, curve.csv, metrics.json (last, so it marks completion)."""
+    name, classes = cfg.model, NUM_CLASSES["cifar10"]
+    extra = {"config": dataclasses.asdict(cfg), "run": args.run}
+    models.save_checkpoint(args.out_model, result.ema_model, name, classes,
+                           {**extra, "val_robust_acc": result.metrics["val_robust_acc_last"]})
+    best = models.build(name, classes)
+    best.load_state_dict(result.best_state)
+    models.save_checkpoint(args.out_best, best, name, classes,
+                           {**extra, "val_robust_acc": result.metrics["val_robust_acc_best"],
+                            "epoch": result.metrics["best_epoch"]})
+    write_curve(args.out_curve, result.curve)
+    if args.out_figure:
+        write_figure(args.out_figure, result.curve, args.run)
+    metrics = {**result.metrics, "model_sha256": file_sha256(args.out_model),
+               "best_sha256": file_sha256(args.out_best)}
+    with atomic_path(args.out_metrics) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train_robust", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--run", required=True, help="baseline or a generator name")
+    parser.add_argument("--train", type=Path, required=True, help="real training set (HDF5)")
+    parser.add_argument("--val", type=Path, required=True, help="validation split (HDF5)")
+    parser.add_argument("--generated", type=Path, nargs="*", default=[], help="shard files or directories")
+    parser.add_argument("--labels", type=Path, nargs="*", default=[], help="pseudo-label sidecars (files or dirs)")
+    parser.add_argument("--selection", type=Path, help="pipeline.select index.npy (optional)")
+    parser.add_argument("--workdir", type=Path, required=True, help="resumable checkpoints (not an output)")
+    parser.add_argument("--out-model", type=Path, required=True)
+    parser.add_argument("--out-best", type=Path, required=True)
+    parser.add_argument("--out-metrics", type=Path, required=True)
+    parser.add_argument("--out-curve", type=Path, required=True)
+    parser.add_argument("--out-figure", type=Path)
+    parser.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate preemption
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg_all = params_mod.load(args.params)
+    cfg = params_mod.section(TrainRobustConfig, cfg_all["train_robust"])
+    if args.generated and not args.labels:
+        log.warning("no --labels: using the labels stored in the generated shards")
+    try:
+        result = train_robust(cfg, cfg_all["base"]["seed"], cfg_all["base"]["device"], args.run, args.train,
+                              args.val, list(args.generated), list(args.labels), args.workdir,
+                              args.selection, args.stop_after)
+    except NonFiniteLoss as error:
+        sys.exit(f"error: {error}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        metrics = write_outputs(result, cfg, args)
+        log.info("%s: best val robust acc %.4f (epoch %d), last %.4f", args.run,
+                 metrics["val_robust_acc_best"], metrics["best_epoch"], metrics["val_robust_acc_last"])
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

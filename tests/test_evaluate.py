@@ -1,0 +1,201 @@
+"""Evaluation: real AutoAttack on small trained models (CPU, a few dozen images), resume, sanity checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import evaluate as E
+from pipeline import models
+from pipeline import params as P
+from pipeline.shards import read_arrays, read_imageset, write_arrays
+
+CPU = torch.device("cpu")
+
+
+def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, epochs: int, lr: float) -> nn.Module:
+    """Plain (non-robust) SGD training: the model has real clean accuracy and no robustness."""
+    torch.manual_seed(0)
+    x, y = E.to_tensor(images), torch.from_numpy(labels)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(64):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def data(cifar_sets):
+    return {"train": read_imageset(cifar_sets["train"]), "test": read_imageset(cifar_sets["test"])}
+
+
+@pytest.fixture(scope="module")
+def small_cnn(data):
+    """The registry's small CNN after 1 epoch on the 1,900 shipped training images (~20% clean).
+
+    Points that survive APGD-CE go through APGD-T, FAB-T and Square (minutes for a CNN on a shared
+    CPU), so tests attacking it use a radius no non-robust model survives.
+    """
+    return train(models.build("small_cnn"), *data["train"], epochs=1, lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def linear(data):
+    """A trained linear classifier (~35% clean): cheap enough for the full standard AutoAttack
+    (all four attacks) on the points that survive, so it carries the attack-quality tests."""
+    model = nn.Sequential(models.Normalize(models.CIFAR10_MEAN, models.CIFAR10_STD), nn.Flatten(),
+                          nn.Linear(3 * 32 * 32, 10))
+    return train(model, *data["train"], epochs=5, lr=0.01)
+
+
+class Quantised(nn.Module):
+    """Gradient masking by construction: rounding the input to a few grey levels has zero gradient
+    almost everywhere, so gradient attacks stall while the classifier's decisions stay breakable."""
+
+    def __init__(self, inner: nn.Module, levels: int = 4) -> None:
+        super().__init__()
+        self.inner, self.levels = inner, levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.round(x * self.levels) / self.levels)
+
+
+def config(tiny_params: dict, **overrides) -> E.EvaluateConfig:
+    return P.section(E.EvaluateConfig, {**tiny_params["evaluate"], **overrides})
+
+
+def test_autoattack_breaks_a_trained_model_below_clean_and_pgd(linear, data, tiny_params, tmp_path):
+    cfg = config(tiny_params, n_eval=32, chunk_size=32, batch_size=32, n_sweep=32)
+    result = E.evaluate(linear, *data["test"], "linf", cfg, 0, tmp_path, CPU, "m", "t")
+    acc = result.accuracies()
+    assert acc["clean_acc"] > 0.2  # a real classifier, well above chance
+    assert acc["autoattack_acc"] < acc["clean_acc"]
+    assert acc["autoattack_acc"] <= acc["pgd_acc"]
+    assert not (result.aa_correct & ~result.clean_correct).any()  # AutoAttack never repairs a mistake
+    assert result.max_perturbation <= 8 / 255 + 1e-6
+    # a non-robust model: accuracy falls along the sweep; nothing looks like masking
+    flags = E.sanity_flags(acc, result.sweep, cfg, 8 / 255, result.max_perturbation, result.autoattack_warnings)
+    assert not E.MASKING_FLAGS & set(flags), flags
+
+
+def test_l2_threat_uses_the_l2_ball(linear, data, tiny_params, tmp_path):
+    cfg = config(tiny_params, n_eval=16, chunk_size=16, batch_size=16, n_sweep=16)
+    result = E.evaluate(linear, *data["test"], "l2", cfg, 0, tmp_path, CPU, "m", "t")
+    acc = result.accuracies()
+    assert acc["autoattack_acc"] < acc["clean_acc"]
+    assert 0 < result.max_perturbation <= 128 / 255 + 1e-5  # L2 radius 0.502, far below Linf's sqrt(d)*eps
+    assert result.sweep["eps_255"] == [32.0, 64.0, 128.0, 256.0]
+
+
+def test_masking_checks_fire_on_an_input_quantising_model(linear, data, tiny_params, tmp_path):
+    # points surviving the gradient attacks cost Square's 5,000 queries each: keep few images
+    cfg = config(tiny_params, n_eval=12, chunk_size=12, batch_size=12, n_sweep=12, pgd_steps=10)
+    result = E.evaluate(Quantised(linear), *data["test"], "linf", cfg, 0, tmp_path, CPU, "m", "t")
+    acc = result.accuracies()
+    flags = E.sanity_flags(acc, result.sweep, cfg, 8 / 255, result.max_perturbation, result.autoattack_warnings)
+    assert "sweep_not_decreasing" in flags  # PGD cannot use a larger budget without gradients
+    assert "autoattack_warning" in flags and "zero gradient" in flags["autoattack_warning"]
+    assert acc["autoattack_acc"] < acc["pgd_acc"]  # the black-box Square attack finds what PGD cannot
+    # the same classifier without the rounding raises none of them
+    plain = E.evaluate(linear, *data["test"], "linf", cfg, 0, tmp_path / "plain", CPU, "m", "t")
+    plain_flags = E.sanity_flags(plain.accuracies(), plain.sweep, cfg, 8 / 255, plain.max_perturbation,
+                                 plain.autoattack_warnings)
+    assert not E.MASKING_FLAGS & set(plain_flags), plain_flags
+
+
+@pytest.mark.parametrize("acc, sweep, expected", [
+    ({"clean_acc": 0.8, "pgd_acc": 0.5, "autoattack_acc": 0.48}, [0.7, 0.6, 0.48, 0.2], set()),
+    ({"clean_acc": 0.8, "pgd_acc": 0.5, "autoattack_acc": 0.55}, [0.7, 0.6, 0.5, 0.2], {"autoattack_above_pgd"}),
+    ({"clean_acc": 0.5, "pgd_acc": 0.6, "autoattack_acc": 0.5}, [0.7, 0.6, 0.6, 0.2], {"robust_above_clean"}),
+    ({"clean_acc": 0.8, "pgd_acc": 0.6, "autoattack_acc": 0.3}, [0.7, 0.6, 0.6, 0.2], {"pgd_far_above_autoattack"}),
+    ({"clean_acc": 0.8, "pgd_acc": 0.5, "autoattack_acc": 0.48}, [0.5, 0.4, 0.5, 0.1], {"sweep_not_decreasing"}),
+    ({"clean_acc": 0.8, "pgd_acc": 0.5, "autoattack_acc": 0.48}, [0.5, 0.5, 0.5, 0.45], {"sweep_not_decreasing"}),
+    ({"clean_acc": 0.1, "pgd_acc": 0.0, "autoattack_acc": 0.0}, [0.0, 0.0, 0.0, 0.0], set()),  # undefended
+])
+def test_sanity_flags_known_answers(tiny_params, acc, sweep, expected):
+    cfg = config(tiny_params)
+    flags = E.sanity_flags(acc, {"eps_255": [2, 4, 8, 16], "pgd_acc": sweep}, cfg, 8 / 255, 8 / 255, [])
+    assert set(flags) == expected
+    assert all(reason for reason in flags.values())
+
+
+def test_perturbation_outside_the_ball_is_flagged(tiny_params):
+    acc = {"clean_acc": 0.8, "pgd_acc": 0.5, "autoattack_acc": 0.48}
+    flags = E.sanity_flags(acc, {}, config(tiny_params), 8 / 255, 9 / 255, [])
+    assert set(flags) == {"perturbation_exceeds_eps"}
+
+
+def cli_args(params, model, test, work, out):
+    return ["--params", str(params), "--model", str(model), "--test", str(test), "--threat", "linf",
+            "--workdir", str(work), "--out", str(out / "linf.json"), "--out-examples", str(out / "linf.h5")]
+
+
+def test_cli_killed_evaluation_resumes_to_the_same_per_example_results(small_cnn, cifar_sets, tiny_params,
+                                                                       write_params, tmp_path, monkeypatch):
+    tiny_params["evaluate"]["eps_255"]["linf"] = 32.0  # every point falls to APGD-CE: fast (fixture doc)
+    tiny_params["evaluate"].update(n_eval=24, chunk_size=12, batch_size=12, n_sweep=12)
+    params = write_params(tiny_params)  # two chunks
+    model = tmp_path / "models" / "robust" / "baseline" / "model.pt"
+    models.save_checkpoint(model, small_cnn, "small_cnn", 10)
+    test = cifar_sets["test"]
+
+    E.main(cli_args(params, model, test, tmp_path / "work_a", tmp_path / "a"))
+    report = json.loads((tmp_path / "a" / "linf.json").read_text())
+    for key in ("run", "threat", "eps_255", "eps", "n_eval", "clean_acc", "autoattack_acc", "pgd_acc",
+                "pgd_steps", "flags", "flag_reasons", "gradient_masking_suspected", "model_sha256", "seed",
+                "attack", "sweep"):
+        assert key in report, key
+    assert report["run"] == "baseline" and report["n_eval"] == 24 and report["eps"] == pytest.approx(32 / 255)
+    assert report["autoattack_acc"] < report["clean_acc"] and report["autoattack_acc"] <= report["pgd_acc"]
+    assert report["attack"]["version"] == "standard" and isinstance(report["attack"]["seed"], int)
+    uninterrupted = read_arrays(tmp_path / "a" / "linf.h5")
+    assert report["autoattack_acc"] == pytest.approx(uninterrupted["aa_correct"].mean())
+
+    real_chunk = E.autoattack_chunk
+    calls = []
+
+    def killed_on_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a SLURM time limit or Ctrl-C does mid-evaluation
+        return real_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(E, "autoattack_chunk", killed_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        E.main(cli_args(params, model, test, tmp_path / "work_b", tmp_path / "b"))
+    assert not (tmp_path / "b" / "linf.json").exists() and not (tmp_path / "b" / "linf.h5").exists()
+    assert (tmp_path / "work_b" / "chunk-000000.h5").exists()
+
+    calls.clear()
+    monkeypatch.setattr(E, "autoattack_chunk", lambda *a, **k: (calls.append(1), real_chunk(*a, **k))[1])
+    E.main(cli_args(params, model, test, tmp_path / "work_b", tmp_path / "b"))
+    assert len(calls) == 1  # only the unfinished chunk is attacked again
+    resumed = read_arrays(tmp_path / "b" / "linf.h5")
+    assert set(resumed) == set(uninterrupted)
+    for name in uninterrupted:
+        np.testing.assert_array_equal(resumed[name], uninterrupted[name], err_msg=name)
+    resumed_report = json.loads((tmp_path / "b" / "linf.json").read_text())
+    for key in ("clean_acc", "pgd_acc", "autoattack_acc", "flags", "sweep"):
+        assert resumed_report[key] == report[key], key
+
+
+def test_chunk_from_other_settings_is_attacked_again(tmp_path, tiny_params):
+    cfg = config(tiny_params)
+    path = tmp_path / "chunk-000000.h5"
+    stamp = E.fingerprint("model", "test", "linf", cfg, 0, 0, 20)
+    write_arrays(path, {"index": np.arange(3)}, {"fingerprint": stamp})
+    assert E._load_chunk(path, stamp) is not None
+    other = config(tiny_params, eps_255={"linf": 4.0, "l2": 128.0})
+    assert E._load_chunk(path, E.fingerprint("model", "test", "linf", other, 0, 0, 20)) is None
+    assert E._load_chunk(path, E.fingerprint("other-model", "test", "linf", cfg, 0, 0, 20)) is None
+    path.write_bytes(b"truncated")
+    assert E._load_chunk(path, stamp) is None

@@ -1,0 +1,170 @@
+"""Results table: every column, one row per (run, threat), provenance that points at real files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline import evaluate as E
+from pipeline import models, paper_reference
+from pipeline import params as P
+from pipeline import table as T
+from pipeline.shards import file_sha256, read_arrays, read_attrs, write_imageset
+
+from tests.conftest import REPO, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, cifar_sets):
+    """A miniature results tree: two runs (baseline, gaussian), each really evaluated (AutoAttack on
+    8 images of an untrained small CNN at a radius it cannot survive, so the attack stays cheap)."""
+    root = tmp_path_factory.mktemp("project")
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    cfg = P.deep_merge(default, tiny_overrides())
+    cfg["evaluate"].update(n_eval=8, chunk_size=8, batch_size=8, n_sweep=8)
+    cfg["evaluate"]["eps_255"]["linf"] = 32.0
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(P.validate(cfg)))
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_imageset(root / "data" / "generated" / "gaussian" / f"shard-{i:05d}.h5",
+                       rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 5))
+    for run, seed in [("baseline", 0), ("gaussian", 1)]:
+        torch.manual_seed(seed)
+        model = root / "models" / "robust" / run / "model.pt"
+        models.save_checkpoint(model, models.build("small_cnn"), "small_cnn", 10)
+        out = root / "results" / "evaluate" / run
+        E.main(["--params", str(params), "--model", str(model), "--test", str(cifar_sets["test"]),
+                "--threat", "linf", "--workdir", str(root / "work" / run), "--out", str(out / "linf.json"),
+                "--out-examples", str(out / "linf.h5")])
+        metrics = {"run": run, "generator": None if run == "baseline" else run,
+                   "n_generated": 0 if run == "baseline" else 10, "model": "small_cnn", "loss": "trades",
+                   "threat": "linf", "eps_255": 8.0, "epochs": 2, "model_sha256": file_sha256(model)}
+        path = root / "results" / "train_robust" / run / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(metrics))
+    (root / "results" / "analysis").mkdir(parents=True)
+    (root / "results" / "analysis" / "gaussian.json").write_text(json.dumps(
+        {"generator": "gaussian", "complementarity": {"train": 0.4, "test": 0.45, "self": 0.1},
+         "coverage": {"train": 0.2, "test": 0.25}}))
+    (root / "results" / "teacher").mkdir(parents=True)
+    (root / "results" / "teacher" / "metrics.json").write_text(json.dumps({"test_acc": 0.61}))
+    return root
+
+
+@pytest.fixture
+def project(evaluated, tmp_path):
+    """A private copy per test (tests edit the metrics); evaluation JSONs keep naming the real files."""
+    root = tmp_path / "project"
+    shutil.copytree(evaluated, root)
+    return {"root": root, "params": root / "params.yaml",
+            "shards": sorted((root / "data" / "generated" / "gaussian").glob("shard-*.h5"))}
+
+
+def table_args(project, **override):
+    root = project["root"] / "results"
+    args = {"--evaluations": [root / "evaluate"], "--train-metrics": [root / "train_robust"],
+            "--teacher-metrics": [root / "teacher" / "metrics.json"], "--analysis": [root / "analysis"],
+            "--generated": [project["root"] / "data" / "generated"],
+            "--out": [root / "cifar10_table.csv"], "--out-md": [root / "cifar10_table.md"],
+            "--out-figure": [root / "figures" / "cifar10_robust_vs_generated.png"], **override}
+    argv = ["--params", str(project["params"])]
+    for flag, values in args.items():
+        argv += [flag, *map(str, values)]
+    return argv
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_table_has_every_column_and_traceable_rows(project, monkeypatch):
+    monkeypatch.chdir(REPO)  # inside the repository: git_commit is filled
+    T.main(table_args(project))
+    root = project["root"] / "results"
+    rows = read_rows(root / "cifar10_table.csv")
+    assert list(rows[0]) == T.COLUMNS
+    issue_columns = {"dataset", "generator", "n_generated", "model", "threat", "eps", "clean_acc",
+                     "autoattack_acc", "pgd_acc", "pgd_steps", "teacher_acc", "complementarity_train",
+                     "complementarity_test", "complementarity_self", "coverage_train", "coverage_test",
+                     "epochs", "n_eval", "flags", "git_commit", "params_sha256", "model_sha256",
+                     "generated_sha256"}
+    assert issue_columns <= set(rows[0])
+    assert [(r["run"], r["threat"]) for r in rows] == [("baseline", "linf"), ("gaussian", "linf")]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    for row in rows:
+        evaluation = json.loads(Path(row["evaluation_path"]).read_text())
+        # every number comes from the evaluation file the row names, on the model the row names
+        assert float(row["autoattack_acc"]) == pytest.approx(evaluation["autoattack_acc"], abs=5e-5)
+        assert row["model_sha256"] == file_sha256(Path(row["model_path"]))
+        examples = read_arrays(Path(row["examples_path"]))
+        assert float(row["autoattack_acc"]) == pytest.approx(examples["aa_correct"].mean(), abs=5e-5)
+        assert float(row["clean_acc"]) == pytest.approx(examples["clean_correct"].mean(), abs=5e-5)
+        assert 0 <= float(row["autoattack_acc"]) <= float(row["clean_acc"]) <= 1
+        assert row["eps"] == "32/255" and row["n_eval"] == "8" and row["teacher_acc"] == "0.6100"
+        assert row["params_sha256"] == T.params_sha256(T.params_mod.load(project["params"]))
+        assert row["git_commit"].split("-")[0] == head
+    baseline, gaussian = rows
+    assert baseline["generator"] == "none" and baseline["generated_sha256"] == ""
+    assert baseline["complementarity_test"] == "" and baseline["coverage_test"] == ""
+    sums = sorted(read_attrs(path)["sha256"] for path in project["shards"])
+    assert gaussian["generated_sha256"] == hashlib.sha256("\n".join(sums).encode()).hexdigest()
+    assert gaussian["complementarity_test"] == "0.4500" and gaussian["coverage_train"] == "0.2000"
+    assert gaussian["n_generated"] == "10"
+    md = (root / "cifar10_table.md").read_text()
+    assert "gaussian" in md and "NOT our measurements" in md
+    assert (root / "figures" / "cifar10_robust_vs_generated.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_explicit_file_lists_give_the_same_table(project, tmp_path):
+    T.main(table_args(project))
+    root = project["root"] / "results"
+    by_dirs = read_rows(root / "cifar10_table.csv")
+    listed = table_args(project, **{
+        "--evaluations": sorted((root / "evaluate").glob("*/*.json")),
+        "--train-metrics": sorted((root / "train_robust").glob("*/metrics.json")),
+        "--analysis": [root / "analysis" / "gaussian.json"],
+        "--generated": project["shards"], "--out": [tmp_path / "listed.csv"]})
+    T.main(listed)
+    assert read_rows(tmp_path / "listed.csv") == by_dirs
+
+
+def test_missing_key_names_the_file(project):
+    metrics = project["root"] / "results" / "train_robust" / "gaussian" / "metrics.json"
+    data = json.loads(metrics.read_text())
+    del data["n_generated"]
+    metrics.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match=r"gaussian/metrics.json: required key 'n_generated'"):
+        T.main(table_args(project))
+
+
+def test_stale_evaluation_and_changed_generated_set_are_refused(project):
+    metrics = project["root"] / "results" / "train_robust" / "gaussian" / "metrics.json"
+    data = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps({**data, "model_sha256": "0" * 64}))
+    with pytest.raises(SystemExit, match="stale evaluation"):
+        T.main(table_args(project))
+    metrics.write_text(json.dumps({**data, "generated_sha256": "f" * 64}))
+    with pytest.raises(SystemExit, match="retrain or restore"):
+        T.main(table_args(project))
+    # without --generated the recorded checksum is used as is
+    T.main(table_args(project, **{"--generated": []}))
+    rows = read_rows(project["root"] / "results" / "cifar10_table.csv")
+    assert rows[1]["generated_sha256"] == "f" * 64
+
+
+def test_paper_references_are_labelled_and_sourced():
+    refs = paper_reference.matching("cifar10", "linf", 8)
+    assert refs and all(ref.label.startswith("paper:") and ref.source for ref in refs)
+    assert all(0 < ref.autoattack_acc < (ref.clean_acc or 1) < 1 for ref in refs)
+    assert paper_reference.matching("svhn") == []

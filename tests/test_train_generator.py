@@ -1,0 +1,144 @@
+"""train_generator: DDPM resume equals an uninterrupted run, Gaussian fit recovers its moments,
+imported sets are validated with errors that name the file."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import checkpoint, params as params_mod, train_generator
+from pipeline.generators import ddpm, gaussian, imported
+
+
+def tiny_ddpm(tiny_params: dict, **overrides) -> ddpm.Config:
+    cfg = params_mod.section(ddpm.Config, tiny_params["train_generator"]["ddpm"])
+    return dataclasses.replace(cfg, **overrides)
+
+
+def test_ddpm_resume_equals_uninterrupted(tiny_params, cifar_sets, tmp_path, monkeypatch):
+    cfg = tiny_ddpm(tiny_params, train_steps=4, checkpoint_every=2, dropout=0.1)
+    device = torch.device("cpu")
+    ddpm.train(cfg, cifar_sets["train"], tmp_path / "work-a", tmp_path / "a.pt", 0, device)
+
+    real_save = checkpoint.save
+
+    def save_then_die(workdir, step, state, keep=2):
+        path = real_save(workdir, step, state, keep)
+        if step == 2:
+            raise KeyboardInterrupt("killed after the step-2 checkpoint")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ddpm.train(cfg, cifar_sets["train"], tmp_path / "work-b", tmp_path / "b.pt", 0, device)
+    assert not (tmp_path / "b.pt").exists()
+    monkeypatch.setattr(checkpoint, "save", real_save)
+
+    steps_run = []
+    real_batch = ddpm.train_step_batch
+    monkeypatch.setattr(ddpm, "train_step_batch",
+                        lambda images, seed, step, *a: steps_run.append(step) or real_batch(images, seed, step, *a))
+    ddpm.train(cfg, cifar_sets["train"], tmp_path / "work-b", tmp_path / "b.pt", 0, device)
+    assert steps_run == [2, 3]  # resumed, did not start over
+    a = torch.load(tmp_path / "a.pt", weights_only=False)
+    b = torch.load(tmp_path / "b.pt", weights_only=False)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    init = ddpm.build_unet(cfg).state_dict()  # and training changed the weights
+    assert any(not torch.equal(init[k], a["state_dict"][k]) for k in init)
+
+
+def test_ddpm_refuses_to_resume_other_params(tiny_params, cifar_sets, tmp_path):
+    cfg = tiny_ddpm(tiny_params, train_steps=2, checkpoint_every=2)
+    ddpm.train(cfg, cifar_sets["train"], tmp_path / "work", tmp_path / "a.pt", 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="work"):
+        ddpm.train(dataclasses.replace(cfg, lr=1e-3), cifar_sets["train"], tmp_path / "work",
+                   tmp_path / "b.pt", 0, torch.device("cpu"))
+
+
+def test_ho_unet_has_attention_at_16x16_only():
+    cfg = ddpm.Config(block_out_channels=[32, 64, 64], layers_per_block=1, attention=True, dropout=0.1,
+                      num_train_timesteps=1000, lr=2e-4, batch_size=2, train_steps=1, ema_decay=0.9999,
+                      checkpoint_every=1)
+    unet = ddpm.build_unet(cfg)
+    assert unet.config.down_block_types == ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D")
+    assert unet.config.up_block_types == ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    out = unet(torch.randn(2, 3, 32, 32), torch.tensor([3, 900])).sample
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_ema_warmup_formula():
+    model, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        ema.weight.fill_(0.0)
+    ddpm.ema_update(ema, model, decay=0.999, step=0)  # rate min(0.999, 1/10) = 0.1
+    assert ema.weight.item() == pytest.approx(0.9)
+    ddpm.ema_update(ema, model, decay=0.5, step=1000)  # capped at the decay
+    assert ema.weight.item() == pytest.approx(0.95)
+
+
+def test_gaussian_fit_recovers_mean_and_covariance():
+    rng = np.random.default_rng(0)
+    dim, n = 32 * 32 * 3, 4000
+    # two classes from known low-rank-plus-diagonal Gaussians, kept inside [0, 1] (no clipping)
+    true_means = [np.full(dim, 0.3), np.full(dim, 0.7)]
+    factor = rng.normal(0, 0.02, (dim, 3))
+    images, labels = [], []
+    for k in range(2):
+        x = true_means[k] + rng.normal(0, 1, (n, 3)) @ factor.T + rng.normal(0, 0.01, (n, dim))
+        images.append(np.round(np.clip(x, 0, 1) * 255).astype(np.uint8))
+        labels.append(np.full(n, k))
+    images, labels = np.concatenate(images).reshape(-1, 32, 32, 3), np.concatenate(labels)
+    means, chols = gaussian.fit(images, labels, ridge=1e-6, num_classes=2)
+    true_cov = factor @ factor.T + 0.01**2 * np.eye(dim) + np.eye(dim) / 255**2 / 12  # + quantisation
+    for k in range(2):
+        assert np.abs(means[k].numpy() - true_means[k]).max() < 0.003
+        cov = (chols[k] @ chols[k].T).numpy()
+        assert np.abs(cov - true_cov).max() < 0.2 * np.abs(true_cov).max()
+        assert np.corrcoef(cov[np.triu_indices(dim, 1)][::97], true_cov[np.triu_indices(dim, 1)][::97])[0, 1] > 0.95
+
+
+def test_import_manifest_and_errors_name_the_file(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(20) % 10
+    good = tmp_path / "good.npz"
+    np.savez(good, image=images, label=labels)
+    out = tmp_path / "model.pt"
+    imported.train(imported.Config(str(good)), None, tmp_path / "work", out, 0, torch.device("cpu"))
+    manifest = torch.load(out, weights_only=False)
+    assert manifest["n"] == 20 and manifest["format"] == "npz" and len(manifest["files"][str(good)]["sha256"]) == 64
+
+    bad_dtype = tmp_path / "floats.npz"
+    np.savez(bad_dtype, image=images.astype(np.float32), label=labels)
+    no_label = tmp_path / "nolabel.npz"
+    np.savez(no_label, image=images)
+    bad_range = tmp_path / "range.npz"
+    np.savez(bad_range, image=images, label=labels + 5)
+    lonely = tmp_path / "lonely.npy"
+    np.save(lonely, images)
+    for path, match in [(bad_dtype, "uint8"), (no_label, "label"), (bad_range, "0..9"),
+                        (lonely, "lonely_label.npy"), (tmp_path / "absent.npz", "not found")]:
+        with pytest.raises(imported.SourceError, match=path.name.replace(".", r"\.")) as info:
+            imported.train(imported.Config(str(path)), None, tmp_path / "w", tmp_path / "m.pt", 0, "cpu")
+        assert match in str(info.value)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_cli_writes_gaussian_model(tiny_params, write_params, cifar_sets, tmp_path, monkeypatch):
+    # a fast fit: two classes only, by relabelling the training set the CLI reads
+    out = tmp_path / "models" / "gaussian" / "model.pt"
+    real_fit = gaussian.fit
+    monkeypatch.setattr(gaussian, "fit", lambda images, labels, ridge:
+                        real_fit(images[:400], labels[:400] % 2, ridge, num_classes=2))
+    train_generator.main(["--params", str(write_params(tiny_params)), "--generator", "gaussian",
+                          "--train", str(cifar_sets["train"]), "--workdir", str(tmp_path / "work"),
+                          "--out", str(out)])
+    state = torch.load(out, weights_only=False)
+    assert state["kind"] == "gaussian" and state["mean"].shape == (2, 3072)
+    assert state["chol_packed"].shape == (2, 3072 * 3073 // 2) and state["ridge"] == 0.001
+

@@ -1,0 +1,182 @@
+"""Robust training stage: resume equals uninterrupted, SIGTERM and NaN handling, CLI outputs, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import checkpoint, losses, models
+from pipeline import params as params_mod
+from pipeline import train_robust as tr
+from pipeline.shards import read_imageset, write_imageset
+from tests.test_loader import make_generated
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# 2 epochs x 2 steps of 8 images, 1-step attacks: the smallest run that crosses an epoch boundary.
+TINY = {"epoch_size": 16, "batch_size": 8, "epochs": 2, "attack_steps": 1, "val_pgd_steps": 1}
+
+
+def tiny_cfg(tiny_params: dict, **overrides) -> tr.TrainRobustConfig:
+    return params_mod.section(tr.TrainRobustConfig, {**tiny_params["train_robust"], **TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    return make_generated(tmp_path_factory.mktemp("gen"), n_shards=3, per_shard=40)
+
+
+@pytest.fixture(scope="module")
+def small_sets(cifar_sets, tmp_path_factory):
+    """The first 256 training and 16 validation images of the demo sets (keeps each run to seconds)."""
+    out = tmp_path_factory.mktemp("small")
+    sets = {}
+    for name, n in (("train", 256), ("val", 16)):
+        images, labels = read_imageset(cifar_sets[name])
+        sets[name] = out / f"{name}.h5"
+        write_imageset(sets[name], images[:n], labels[:n])
+    return sets
+
+
+def run(cfg, small_sets, generated, workdir, stop_after=None, name="gaussian"):
+    gen = [generated[0]] if name != "baseline" else []
+    lab = [generated[1]] if name != "baseline" else []
+    return tr.train_robust(cfg, 0, "cpu", name, small_sets["train"], small_sets["val"], gen, lab,
+                           workdir, stop_after=stop_after, progress=False)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resumed_run_equals_uninterrupted(tiny_params, small_sets, generated, tmp_path):
+    cfg = tiny_cfg(tiny_params, checkpoint_every=2)      # 2 epochs x 2 steps; stop mid-epoch at 3
+    whole = run(cfg, small_sets, generated, tmp_path / "whole")
+    with pytest.raises(tr.Preempted) as stopped:
+        run(cfg, small_sets, generated, tmp_path / "cut", stop_after=3)
+    assert stopped.value.code == tr.SIGTERM_EXIT
+    assert checkpoint.latest(tmp_path / "cut")["step"] == 3
+    resumed = run(cfg, small_sets, generated, tmp_path / "cut")
+    assert same_weights(whole.ema_model.state_dict(), resumed.ema_model.state_dict())
+    assert same_weights(whole.best_state, resumed.best_state)
+    assert whole.curve == resumed.curve
+    assert len(whole.curve) == 2 and whole.metrics["steps"] == 4
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_params, small_sets, generated, tmp_path,
+                                                           monkeypatch):
+    cfg = tiny_cfg(tiny_params, checkpoint_every=1)
+    real_loss, calls = losses.adversarial_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, parts = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), parts
+
+    monkeypatch.setattr(tr, "adversarial_loss", poisoned)
+    with pytest.raises(tr.NonFiniteLoss, match="loss is nan at step 2"):
+        run(cfg, small_sets, generated, tmp_path)
+    assert checkpoint.latest(tmp_path)["step"] == 2
+    monkeypatch.setattr(tr, "adversarial_loss", real_loss)
+    assert run(cfg, small_sets, generated, tmp_path).metrics["steps"] == 4
+
+
+def test_sigterm_checkpoints_then_exits_nonzero(tiny_params, small_sets, generated, tmp_path, monkeypatch):
+    cfg = tiny_cfg(tiny_params, checkpoint_every=100)
+    real_loss, calls = losses.adversarial_loss, {"n": 0}
+
+    def preempting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)           # arrives mid-step, like a scheduler's notice
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "adversarial_loss", preempting)
+    with pytest.raises(tr.Preempted) as stopped:
+        run(cfg, small_sets, generated, tmp_path)
+    assert stopped.value.code != 0
+    assert checkpoint.latest(tmp_path)["step"] == 2                # the step in flight finished first
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def cli_args(params: Path, small_sets, out: Path, name: str, generated=None) -> list[str]:
+    args = ["--params", str(params), "--run", name, "--train", str(small_sets["train"]),
+            "--val", str(small_sets["val"]), "--workdir", str(out / "work"),
+            "--out-model", str(out / "model.pt"), "--out-best", str(out / "best.pt"),
+            "--out-metrics", str(out / "metrics.json"), "--out-curve", str(out / "curve.csv")]
+    if generated:
+        args += ["--generated", *map(str, sorted(generated[0].glob("*.h5"))), "--labels", str(generated[1])]
+    return args
+
+
+def test_cli_baseline_and_generator_runs(tiny_params, write_params, small_sets, generated, tmp_path):
+    cfg = dict(tiny_params)
+    cfg["train_robust"] = {**cfg["train_robust"], **TINY}
+    params = write_params(cfg)
+    metrics = {}
+    for name in ("baseline", "gaussian"):
+        out = tmp_path / name
+        tr.main(cli_args(params, small_sets, out, name, generated if name != "baseline" else None)
+                + ["--out-figure", str(out / "curve.png")])
+        metrics[name] = json.loads((out / "metrics.json").read_text())
+        assert (out / "curve.png").stat().st_size > 0
+        lines = (out / "curve.csv").read_text().splitlines()
+        assert lines[0].split(",") == tr.CURVE_FIELDS and len(lines) == 3
+        model = models.load_checkpoint(out / "model.pt", expected="small_cnn")
+        assert not model.training
+        best = torch.load(out / "best.pt", weights_only=False)
+        assert best["val_robust_acc"] == metrics[name]["val_robust_acc_best"]
+        assert 0 <= metrics[name]["val_robust_acc_best"] <= 1
+    assert metrics["baseline"]["steps"] == metrics["gaussian"]["steps"] == 4   # equal training steps
+    assert metrics["baseline"]["n_generated"] == 0 and metrics["gaussian"]["n_generated"] == 120
+    assert metrics["gaussian"]["generated_per_batch"] == 4
+    # Rerunning a finished run resumes at its end: nothing retrained, same weights and metrics.
+    before = torch.load(tmp_path / "gaussian" / "model.pt", weights_only=False)["state_dict"]
+    tr.main(cli_args(params, small_sets, tmp_path / "gaussian", "gaussian", generated))
+    after = torch.load(tmp_path / "gaussian" / "model.pt", weights_only=False)["state_dict"]
+    assert same_weights(before, after)
+    again = json.loads((tmp_path / "gaussian" / "metrics.json").read_text())
+    assert {k: v for k, v in again.items() if not k.endswith("sha256")} == \
+        {k: v for k, v in metrics["gaussian"].items() if not k.endswith("sha256")}
+
+
+def test_baseline_refuses_generated_and_generator_needs_it(tiny_params, small_sets, generated, tmp_path):
+    cfg = tiny_cfg(tiny_params)
+    with pytest.raises(ValueError, match="real data only"):
+        tr.train_robust(cfg, 0, "cpu", "baseline", small_sets["train"], small_sets["val"], [generated[0]],
+                        [generated[1]], tmp_path, progress=False)
+    with pytest.raises(ValueError, match="needs --generated"):
+        tr.train_robust(cfg, 0, "cpu", "gaussian", small_sets["train"], small_sets["val"], [], [],
+                        tmp_path, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes(tiny_params, write_params, small_sets, generated, tmp_path):
+    cfg = dict(tiny_params)
+    cfg["train_robust"] = {**cfg["train_robust"], **TINY, "sync_bn": True}   # ignored on CPU, with a warning
+    params = write_params(cfg)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "pipeline.train_robust", "--",  # "--": torchrun would take --run
+           *cli_args(params, small_sets, out, "gaussian", generated)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4
+    assert "sync_bn: ignored on CPU" in done.stderr
+    models.load_checkpoint(out / "model.pt", expected="small_cnn")
