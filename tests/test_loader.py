@@ -145,7 +145,22 @@ def test_memory_does_not_grow_with_generated_images(tmp_path, cifar_sets):
         real = loader.pool([cifar_sets["train"]])
         pool = loader.pool([gen], [labels])
         ds = loader.MixedBatches(real, pool, loader.BatchSpec(128, 64, 1), augmentation=True)
-        ds[0]  # open files first: handle count is bounded by MAX_OPEN_FILES, not by images
+        ds[0]  # open files first: descriptor count is bounded by MAX_OPEN_FILES, not by images
         sizes[n_shards] = _peak_bytes_reading(ds, 8)
         assert pool.labels.nbytes == 2 * len(pool)   # the only per-image state: a 2-byte label
     assert sizes[20] < 1.1 * sizes[1], sizes
+
+
+def test_raw_reads_match_hdf5_and_compressed_sets_fall_back(tmp_path):
+    import h5py
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (150, 32, 32, 3), dtype=np.uint8)
+    write_imageset(tmp_path / "plain" / "shard-00000.h5", images, np.zeros(150, dtype=np.int64))
+    with h5py.File(tmp_path / "packed.h5", "w") as h5:           # gzip: rows are not at fixed offsets
+        h5.create_dataset("images", data=images, chunks=(10, 32, 32, 3), compression="gzip")
+        h5.create_dataset("labels", data=np.zeros(150, dtype=np.int64))
+    rows = np.array([149, 0, 64, 63, 64, 7])
+    for path in (tmp_path / "plain" / "shard-00000.h5", tmp_path / "packed.h5"):
+        ds = loader.MixedBatches(loader.pool([path]), None, loader.BatchSpec(6, 0, 0), augmentation=False)
+        assert np.array_equal(ds.read(ds.real, rows), images[rows])
+    assert loader._Layout.open(tmp_path / "packed.h5").filtered
