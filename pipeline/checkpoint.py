@@ -38,12 +38,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to `path` atomically, with bytes that depend only on `obj`.
+
+    Saving through a file handle, not the temporary path: torch.save records a path's (random) name in
+    the archive, which would make identical models hash differently between runs.
+    """
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+
+
 def save(workdir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Write `state` as step-{step}.pt atomically and prune older checkpoints."""
     workdir = Path(workdir)
     path = workdir / f"step-{step:08d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_atomic(state, path)
     for old in sorted(_checkpoints(workdir))[:-keep]:
         old[1].unlink(missing_ok=True)
     return path

@@ -118,10 +118,9 @@ def build(name: str, num_classes: int = 10) -> Classifier:
 
 def save_checkpoint(path, model: nn.Module, name: str, num_classes: int, extra: dict | None = None) -> None:
     """Save weights with the architecture name, so loading checks it (atomic)."""
-    from pipeline.shards import atomic_path
-    with atomic_path(path) as tmp:
-        torch.save({"model": name, "num_classes": num_classes, "state_dict": model.state_dict(),
-                    **(extra or {})}, tmp)
+    from pipeline.checkpoint import save_atomic
+    save_atomic({"model": name, "num_classes": num_classes, "state_dict": model.state_dict(),
+                 **(extra or {})}, path)
 
 
 def load_checkpoint(path, device: torch.device | str = "cpu", expected: str | None = None) -> Classifier:

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import yaml
 
 from pipeline import data, shards
 from tests.conftest import DEMO_ARCHIVE

@@ -8,7 +8,6 @@ param (evaluate.n_eval) runs only the stages that depend on it.
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest

@@ -18,7 +18,7 @@ from pipeline import evaluate as E
 from pipeline import models, paper_reference
 from pipeline import params as P
 from pipeline import table as T
-from pipeline.shards import file_sha256, read_arrays, read_attrs, write_imageset
+from pipeline.shards import file_sha256, read_arrays, read_attrs, read_imageset, write_imageset
 
 from tests.conftest import REPO, tiny_overrides
 
@@ -34,6 +34,8 @@ def evaluated(tmp_path_factory, cifar_sets):
     cfg["evaluate"]["eps_255"]["linf"] = 32.0
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(P.validate(cfg)))
+    images, labels = read_imageset(cifar_sets["train"])
+    train_x, train_y = E.to_tensor(images), torch.from_numpy(labels)
     rng = np.random.default_rng(0)
     for i in range(2):
         write_imageset(root / "data" / "generated" / "gaussian" / f"shard-{i:05d}.h5",
@@ -41,7 +43,16 @@ def evaluated(tmp_path_factory, cifar_sets):
     for run, seed in [("baseline", 0), ("gaussian", 1)]:
         torch.manual_seed(seed)
         model = root / "models" / "robust" / run / "model.pt"
-        models.save_checkpoint(model, models.build("small_cnn"), "small_cnn", 10)
+        # a few SGD steps: an untrained CNN predicts one class whatever the input, so its "correct"
+        # points survive every attack (slow, and rightly flagged); trained, every point breaks at once
+        net = models.build("small_cnn")
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        for idx in torch.randperm(len(train_y))[:640].split(64):
+            loss = torch.nn.functional.cross_entropy(net(train_x[idx]), train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        models.save_checkpoint(model, net.eval(), "small_cnn", 10)
         out = root / "results" / "evaluate" / run
         E.main(["--params", str(params), "--model", str(model), "--test", str(cifar_sets["test"]),
                 "--threat", "linf", "--workdir", str(root / "work" / run), "--out", str(out / "linf.json"),

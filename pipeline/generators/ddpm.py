@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, seeding
 from pipeline.generators.base import UNLABELLED, SampleSettings, tiled, to_uint8
-from pipeline.shards import atomic_path, file_sha256, read_imageset
+from pipeline.shards import file_sha256, read_imageset
 
 log = logging.getLogger("pipeline.generators.ddpm")
 NAME = "ddpm"
@@ -146,8 +146,7 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
     model = {"kind": NAME, "unet_config": dict(ema.config), "state_dict": ema.state_dict(),
              "num_train_timesteps": cfg.num_train_timesteps, "beta_start": BETA_START, "beta_end": BETA_END,
              "train_config": asdict(cfg), "seed": seed, "train_sha256": file_sha256(train_h5)}
-    with atomic_path(out) as tmp:
-        torch.save(model, tmp)
+    checkpoint.save_atomic(model, out)
 
 
 def make_scheduler(sampler: str, model: dict[str, Any]) -> Any:

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.checkpoint import save_atomic
+
 from pipeline import seeding
 from pipeline.generators.base import SampleSettings, tiled, to_uint8
-from pipeline.shards import atomic_path, file_sha256, read_imageset
+from pipeline.shards import file_sha256, read_imageset
 
 log = logging.getLogger("pipeline.generators.gaussian")
 NAME = "gaussian"
@@ -67,8 +69,7 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
         "counts": np.bincount(labels, minlength=10).tolist(),
         "train_sha256": file_sha256(train_h5),
     }
-    with atomic_path(out) as tmp:
-        torch.save(state, tmp)
+    save_atomic(state, out)
 
 
 class GaussianSampler:

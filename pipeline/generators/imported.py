@@ -23,8 +23,10 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from pipeline.checkpoint import save_atomic
+
 from pipeline.generators.base import SampleSettings
-from pipeline.shards import atomic_path, file_sha256
+from pipeline.shards import file_sha256
 
 log = logging.getLogger("pipeline.generators.imported")
 NAME = "import"
@@ -194,8 +196,7 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
         raise SourceError("train_generator.import.path: empty; name the .npz/.npy to import")
     manifest = validate(Path(cfg.path))
     log.info("%s: %d images (%s)", cfg.path, manifest["n"], manifest["format"])
-    with atomic_path(out) as tmp:
-        torch.save(manifest, tmp)
+    save_atomic(manifest, out)
 
 
 class ImportSampler:
