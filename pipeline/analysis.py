@@ -294,7 +294,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--out-csv", type=Path, required=True)
         parser.add_argument("--out-figure", type=Path, required=True)
         args = parser.parse_args(argv[1:])
-        rows = summary(args.inputs, args.out_csv, args.out_figure)
+        # Snakemake passes the JSON files, DVC the results/analysis folder: both reach the same list
+        inputs = [f for p in args.inputs for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
+        rows = summary(inputs, args.out_csv, args.out_figure)
         log.info("wrote %s (%d rows) and %s", args.out_csv, len(rows), args.out_figure)
         return
     parser = argparse.ArgumentParser(prog="python -m pipeline.analysis", description=__doc__,

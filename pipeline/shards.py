@@ -207,6 +207,18 @@ def count(path: Path) -> int:
         return int(h5["images"].shape[0])
 
 
+def set_sha256(paths: list[Path]) -> str:
+    """Checksum of a generated set: sha256 of its shards' stored sha256 attributes, sorted, one a line.
+
+    Reads only the HDF5 headers, so it is cheap at a million images; any change of a shard's content
+    changes its attribute and so this value.
+    """
+    if not paths:
+        raise ShardError("generated set has no shard-*.h5 files")
+    sums = sorted(str(read_attrs(path)["sha256"]) for path in paths)
+    return hashlib.sha256("\n".join(sums).encode()).hexdigest()
+
+
 def expand(paths: list[Path] | tuple[Path, ...]) -> list[Path]:
     """Shard files from a mix of files and directories (a directory means its shard-*.h5, sorted).
 

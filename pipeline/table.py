@@ -37,7 +37,7 @@ from typing import Any
 
 from pipeline import paper_reference
 from pipeline import params as params_mod
-from pipeline.shards import atomic_path, expand, read_attrs
+from pipeline.shards import ShardError, atomic_path, expand, set_sha256
 
 log = logging.getLogger("pipeline.table")
 BASELINE = "baseline"
@@ -111,15 +111,11 @@ def git_commit(where: Path = Path(".")) -> str:
 
 
 def generated_set_sha256(shards: list[Path]) -> str:
-    """Checksum of a generated set: sha256 of its shards' stored sha256 attributes, sorted, one a line.
-
-    Reads only the HDF5 headers, so it is cheap at a million images; any change of a shard's content
-    changes its attribute and so this value.
-    """
-    if not shards:
-        raise TableError("generated set has no shard-*.h5 files")
-    sums = sorted(str(read_attrs(path)["sha256"]) for path in shards)
-    return hashlib.sha256("\n".join(sums).encode()).hexdigest()
+    """The generated-set checksum (see shards.set_sha256), as a table error when there are no shards."""
+    try:
+        return set_sha256(shards)
+    except ShardError as error:
+        raise TableError(str(error)) from None
 
 
 def generated_checksums(paths: list[Path]) -> dict[str, str]:

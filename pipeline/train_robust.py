@@ -52,6 +52,7 @@ from pipeline import params as params_mod
 from pipeline.attacks import robust_accuracy
 from pipeline.ema import EMA
 from pipeline.losses import AttackSpec, TwoViews, adversarial_loss
+from pipeline import shards
 from pipeline.shards import atomic_path, file_sha256, read_imageset
 
 log = logging.getLogger("pipeline.train_robust")
@@ -421,8 +422,10 @@ def write_outputs(result: Result, cfg: TrainRobustConfig, args: argparse.Namespa
     write_curve(args.out_curve, result.curve)
     if args.out_figure:
         write_figure(args.out_figure, result.curve, args.run)
+    generated = shards.expand(args.generated) if args.generated else []
     metrics = {**result.metrics, "model_sha256": file_sha256(args.out_model),
-               "best_sha256": file_sha256(args.out_best)}
+               "best_sha256": file_sha256(args.out_best),
+               "generated_sha256": shards.set_sha256(generated) if generated else ""}
     with atomic_path(args.out_metrics) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
