@@ -19,6 +19,10 @@ for f in /run/slurmctld.pid /run/slurmd.pid; do
   [ -f $f ] && kill -0 "$(cat $f)" 2>/dev/null && kill -9 "$(cat $f)"
   rm -f $f
 done
+# job steps and daemons whose pid files are gone (e.g. after a timed-out test) still hold the node
+for name in slurmstepd slurmd slurmctld; do
+  pkill -9 -x "$name" 2>/dev/null || true
+done
 if [ -f /run/munge/munged.pid ]; then
   MPID=$(cat /run/munge/munged.pid)
   kill "$MPID" 2>/dev/null || true

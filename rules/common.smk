@@ -65,6 +65,17 @@ def data_archive():
     return [] if "://" in archive else [archive]
 
 
+def launcher(resources):
+    """`python -m pipeline.train_robust`, or torchrun over the job's GPUs when it has more than one.
+
+    The `--` stops torchrun's parser from reading --run as its own --run-path.
+    """
+    gpus = int(resources.get("gpu", 0) or 0)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node {gpus} -m pipeline.train_robust --"
+    return "python -m pipeline.train_robust"
+
+
 def table_path():
     return f"results/{DATASET}_table.csv"
 

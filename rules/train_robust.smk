@@ -17,6 +17,7 @@ rule train_robust:
         generated=lambda wildcards, input: flag_list("--generated", input.generated),
         labels=lambda wildcards, input: flag_list("--labels", input.labels),
         workdir="work/train_robust/{run}",  # resumable checkpoints: not an output
+        launcher=lambda wildcards, resources: launcher(resources),
     log:
         "logs/train_robust/{run}.log",
     benchmark:
@@ -27,7 +28,7 @@ rule train_robust:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.train_robust"
+        "{params.launcher}"
         " --params {params.params_file}"
         " --run {wildcards.run}"
         " --train {input.train}"

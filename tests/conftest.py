@@ -56,3 +56,40 @@ def cifar_sets(tmp_path_factory) -> dict[str, Path]:
         paths[name] = out / f"{name}.h5"
         write_imageset(paths[name], images, labels)
     return paths
+
+
+# --- whole-DAG runs, shared by the workflow, DVC-remote and SLURM tests (each costs minutes) ---
+
+
+@pytest.fixture(scope="session")
+def snakemake_run(tmp_path_factory) -> Path:
+    """A test-scale copy of the workflow after `snakemake --cores 2 results/cifar10_table.csv`."""
+    from tests.test_workflow import BIN, make_workdir, run
+
+    workdir = make_workdir(tmp_path_factory.mktemp("snakemake"))
+    run([str(BIN / "snakemake"), "--cores", "2", "results/cifar10_table.csv"], workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def dvc_remote(tmp_path_factory) -> Path:
+    """An empty directory used as the DVC remote of `dvc_repo`."""
+    return tmp_path_factory.mktemp("dvc-remote")
+
+
+@pytest.fixture(scope="session")
+def dvc_repo(tmp_path_factory, dvc_remote) -> Path:
+    """A git repo holding a test-scale copy of the workflow after `dvc repro`, committed."""
+    from tests.test_workflow import BIN, make_workdir, run
+
+    repo = make_workdir(tmp_path_factory.mktemp("dvc") / "origin")
+    run(["git", "init", "-q", "-b", "main"], repo)
+    run(["git", "config", "user.email", "ci@example.com"], repo)
+    run(["git", "config", "user.name", "ci"], repo)
+    run([str(BIN / "dvc"), "init", "-q"], repo)
+    run([str(BIN / "dvc"), "remote", "add", "-d", "shared", str(dvc_remote)], repo)
+    (repo / ".gitignore").write_text(".snakemake/\n/work/*\n!/work/params.ok\n/logs/\n/benchmarks/\n")
+    run([str(BIN / "dvc"), "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "test-scale run"], repo)
+    return repo

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_workflow import BIN, make_workdir, run
+from tests.test_workflow import BIN, run
 
 pytestmark = pytest.mark.slow
 
@@ -39,20 +39,10 @@ def dvc_outputs(repo: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def pushed(tmp_path_factory) -> tuple[Path, Path]:
-    """(origin repo after a full `dvc repro` + commit + `dvc push`, remote directory)."""
-    base = tmp_path_factory.mktemp("dvcremote")
-    origin, remote = make_workdir(base / "origin"), base / "remote"
-    git("init", "-q", "-b", "main", cwd=origin)
-    run([DVC, "init", "-q"], origin)
-    run([DVC, "remote", "add", "-d", "shared", str(remote)], origin)
-    (origin / ".gitignore").write_text(".snakemake/\n/work/*\n!/work/params.ok\n/logs/\n/benchmarks/\n")
-    repro = run([DVC, "repro"], origin)
-    assert RAN.search(repro.stdout), repro.stdout[-2000:]
-    git("add", "-A", cwd=origin)
-    git("commit", "-qm", "test-scale run", cwd=origin)
-    run([DVC, "push"], origin)
-    return origin, remote
+def pushed(dvc_repo, dvc_remote) -> tuple[Path, Path]:
+    """(origin repo after a full `dvc repro` + commit (conftest's dvc_repo), then `dvc push`, remote)."""
+    run([DVC, "push"], dvc_repo)
+    return dvc_repo, dvc_remote
 
 
 @pytest.fixture(scope="module")

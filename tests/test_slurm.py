@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_workflow import BIN, REPO, env, make_workdir, read_table, run
+from tests.test_workflow import BIN, REPO, env, make_workdir, read_table
 
 CLUSTER = REPO / "cluster"
 TABLE = "results/cifar10_table.csv"
@@ -151,10 +151,9 @@ def test_scancelled_sampling_job_is_retried(slurm_run):
     assert len({job.split("_")[0] for job in generate}) >= 2, f"sampling not resubmitted: {generate}"
 
 
-def test_result_equals_a_local_run(slurm_run, tmp_path):
+def test_result_equals_a_local_run(slurm_run, snakemake_run):
     workdir, _, _ = slurm_run
-    local = make_workdir(tmp_path / "local")
-    run([str(BIN / "snakemake"), "--cores", "2", TABLE], local)
+    local = snakemake_run
     key = lambda row: (row["generator"], row["threat"])
     ours = sorted(read_table(workdir / TABLE), key=key)
     theirs = sorted(read_table(local / TABLE), key=key)
