@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                 text = (f"# Written by `python -m pipeline.params use {args.name}`: configs/default.yaml"
                         f" with configs/{args.name}.yaml laid over it.\n# Return to the small default"
                         " with `python -m pipeline.params use default`.\n")
-                text += yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+                text += yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
             args.out.write_text(text)
             print(f"{args.out}: now the {args.name!r} configuration")
     except ParamsError as error:
