@@ -12,6 +12,7 @@ racing for the same name each produce one complete file (the last rename wins, n
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -118,20 +119,23 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any
 def _write_h5(path: Path, fill, checksum: str, attrs: dict[str, Any] | None) -> None:
     """Atomically write an HDF5 file: `fill` adds the datasets, then checksum and provenance attrs.
 
-    Any failure (disk full, quota) leaves the previous file under `path` untouched and no temporary
-    behind, and is reported as one OSError naming the file (h5py reports a full disk on flush as a
-    RuntimeError otherwise).
+    The file is built in memory and written with plain file I/O, so a full disk or a quota is one
+    OSError naming the file, the previous file under `path` stays untouched and no temporary is left.
+    (Letting HDF5 hit the full disk itself leaves its file handle half-closed, which crashes the
+    interpreter at exit.)
     """
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        fill(h5)
+        h5.attrs["sha256"] = checksum
+        h5.attrs["format_version"] = FORMAT_VERSION
+        for key, value in (attrs or {}).items():
+            h5.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
     try:
-        with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as h5:
-                fill(h5)
-                h5.attrs["sha256"] = checksum
-                h5.attrs["format_version"] = FORMAT_VERSION
-                for key, value in (attrs or {}).items():
-                    h5.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
-    except (OSError, RuntimeError) as error:
-        raise OSError(f"{path}: could not write ({str(error).splitlines()[0]}); "
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            handle.write(buffer.getbuffer())
+    except OSError as error:
+        raise OSError(error.errno, f"{path}: could not write ({error.strerror or error}); "
                       "the previous file, if any, is untouched") from error
 
 
