@@ -337,7 +337,10 @@ def main(argv: list[str] | None = None) -> None:
     seed, device = cfg_all["base"]["seed"], models.resolve_device(cfg_all["base"]["device"])
     run = args.run or args.model.parent.name
     model_sha256 = file_sha256(args.model)
-    model = models.load_checkpoint(args.model, device)
+    try:  # the robust model must be the architecture train_robust.model names (a stale file is not)
+        model = models.load_checkpoint(args.model, device, expected=cfg_all["train_robust"]["model"])
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     model_name = torch.load(args.model, map_location="cpu", mmap=True, weights_only=False)["model"]
     images, labels = read_imageset(args.test, verify=True)
     test_sha256 = read_attrs(args.test)["sha256"]

@@ -53,7 +53,7 @@ from pipeline.attacks import robust_accuracy
 from pipeline.ema import EMA
 from pipeline.losses import AttackSpec, TwoViews, adversarial_loss
 from pipeline import shards
-from pipeline.shards import atomic_path, file_sha256, read_imageset
+from pipeline.shards import ShardError, atomic_path, file_sha256, read_imageset
 
 log = logging.getLogger("pipeline.train_robust")
 NUM_CLASSES = {"cifar10": 10}
@@ -167,6 +167,17 @@ def load_eval_set(path: Path, device: torch.device) -> tuple[torch.Tensor, torch
     return x.to(device), torch.from_numpy(labels).to(device)
 
 
+def check_provenance(generated: list[Path], run: str, seed: int) -> None:
+    """Refuse corrupt shards (sha256 over the pixels: one read, less than one epoch of I/O) and shards
+    sampled by another generator or seed than this run says, before any training step."""
+    for path in shards.expand(generated):
+        attrs = shards.verify_imageset(path)
+        if "generator" in attrs and attrs["generator"] != run:
+            raise ShardError(f"{path}: sampled by generator {attrs['generator']!r}, but this is run {run!r}")
+        if "seed" in attrs and int(attrs["seed"]) != seed:
+            raise ShardError(f"{path}: sampled with seed {attrs['seed']}, but base.seed is {seed}")
+
+
 def make_dataset(cfg: TrainRobustConfig, seed: int, train: Path, generated: list[Path],
                  labels: list[Path], selection: Path | None, ctx: Dist) -> loader_mod.MixedBatches:
     """Real pool plus, when `generated` is given, the generated pool at the configured fraction."""
@@ -242,6 +253,7 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
         raise ValueError("run baseline trains on real data only; do not pass --generated")
     if run != "baseline" and not generated:
         raise ValueError(f"run {run!r} needs --generated shards")
+    check_provenance(generated, run, seed)
     dataset = make_dataset(cfg, seed, train, generated, labels, selection, ctx)
     n_generated = len(dataset.generated) if dataset.generated is not None else 0
     val_set = load_eval_set(val, device)
@@ -265,6 +277,10 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
     acc = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, kl, correct, count this epoch
     state = checkpoint.latest(workdir, map_location="cpu")
     if state is not None:
+        saved_model = state.get("config", {}).get("model")
+        if saved_model != cfg.model:
+            raise ValueError(f"{workdir}: checkpoint holds a {saved_model} model, train_robust.model is "
+                             f"{cfg.model}; use a fresh --workdir")
         if state["world_size"] != ctx.world_size or state["total_steps"] != cfg.total_steps:
             raise ValueError(f"{workdir}: checkpoint from another setting (world size {state['world_size']}, "
                              f"{state['total_steps']} steps); use a fresh --workdir")
@@ -458,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         result = train_robust(cfg, cfg_all["base"]["seed"], cfg_all["base"]["device"], args.run, args.train,
                               args.val, list(args.generated), list(args.labels), args.workdir,
                               args.selection, args.stop_after)
-    except NonFiniteLoss as error:
+    except (NonFiniteLoss, ShardError, ValueError) as error:  # bad input or divergence: one clear line
         sys.exit(f"error: {error}")
     if int(os.environ.get("RANK", "0")) == 0:
         metrics = write_outputs(result, cfg, args)
