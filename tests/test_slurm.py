@@ -22,7 +22,7 @@ from tests.test_workflow import BIN, REPO, env, make_workdir, read_table
 
 CLUSTER = REPO / "cluster"
 TABLE = "results/cifar10_table.csv"
-HARD_TIMEOUT_S = 900  # a hung SLURM-executor run ignores SIGTERM: always wrap in timeout -k
+HARD_TIMEOUT_S = 1500  # a hung SLURM-executor run ignores SIGTERM: always wrap in timeout -k
 MEASURED = ["clean_acc", "autoattack_acc", "teacher_acc", "n_generated", "model", "eps"]
 
 
@@ -105,7 +105,7 @@ def slurm_run(cluster, tmp_path_factory):
 
 
 def slurm_jobs_by_rule() -> dict[str, set[str]]:
-    """SLURM's own record (squeue keeps finished jobs for MinJobAge=600 s): rule -> job ids."""
+    """SLURM's own record (squeue keeps finished jobs for MinJobAge=3600 s, longer than a test run): rule -> job ids."""
     jobs: dict[str, set[str]] = {}
     for job_id, _, comment in squeue():
         rule = re.match(r"rule_(.+?)(?:_wildcards_.*)?$", comment)
