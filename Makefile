@@ -21,7 +21,6 @@ install: $(VENV)/.installed
 # torch is pinned first (the pair this project is tested with); pyproject allows a range around it.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e '.[test]'
 	touch $@
