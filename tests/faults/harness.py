@@ -51,9 +51,12 @@ def interrupt(args: list[str], ready: Callable[[], bool], sig: signal.Signals,
             process.kill()
             pytest.fail("stage made no progress before the timeout")
         time.sleep(0.05)
+    signalled_at = time.time()
     process.send_signal(sig)
     out, err = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(args, process.returncode, out, err)
+    result = subprocess.CompletedProcess(args, process.returncode, out, err)
+    result.signalled_at = signalled_at  # wall time the signal was sent, to date files written after it
+    return result
 
 
 def files_matching(directory: Path, pattern: str) -> Callable[[], bool]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import signal
-import time
 import sys
 from pathlib import Path
 
@@ -70,15 +69,7 @@ def test_train_robust_killed_then_rerun_equals_uninterrupted(setup, reference, s
     _, params, sets = setup
     out = tmp_path / "cut"
     args = command(params, sets, out)
-    has_checkpoint, signalled = files_matching(out / "work", "step-*.pt"), []
-
-    def ready() -> bool:
-        if has_checkpoint():
-            signalled.append(time.time())
-            return True
-        return False
-
-    killed = interrupt(args, ready, sig)
+    killed = interrupt(args, files_matching(out / "work", "step-*.pt"), sig)
     assert killed.returncode != 0
     assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()  # nothing finished-looking
     periodic = 2                                          # the checkpoint the signal waited for
@@ -87,7 +78,7 @@ def test_train_robust_killed_then_rerun_equals_uninterrupted(setup, reference, s
         assert "SIGTERM: checkpoint" in killed.stderr
         # Saved on the signal, after the step in flight: a checkpoint written after the signal was sent.
         assert checkpoint.latest(out / "work")["step"] >= periodic
-        assert max(p.stat().st_mtime for p in (out / "work").glob("step-*.pt")) >= signalled[0]
+        assert max(p.stat().st_mtime for p in (out / "work").glob("step-*.pt")) >= killed.signalled_at
     resumed = run(args)
     assert "resumed at step" in resumed.stderr
     state = torch.load(out / "model.pt", weights_only=False)["state_dict"]
@@ -124,19 +115,11 @@ def test_teacher_killed_then_rerun_equals_uninterrupted(teacher_setup, sig, tmp_
     params, sets, reference = teacher_setup
     out = tmp_path / "cut"
     args = teacher_command(params, sets, out)
-    has_checkpoint, signalled = files_matching(out / "work", "step-*.pt"), []
-
-    def ready() -> bool:
-        if has_checkpoint():
-            signalled.append(time.time())
-            return True
-        return False
-
-    killed = interrupt(args, ready, sig)
+    killed = interrupt(args, files_matching(out / "work", "step-*.pt"), sig)
     assert killed.returncode != 0
     assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
     if sig == signal.SIGTERM:   # a checkpoint written on the signal, newer than the one it waited for
-        assert max(p.stat().st_mtime for p in (out / "work").glob("step-*.pt")) >= signalled[0]
+        assert max(p.stat().st_mtime for p in (out / "work").glob("step-*.pt")) >= killed.signalled_at
         assert "SIGTERM" in killed.stderr
     resumed = run(args)
     assert "resum" in resumed.stderr
