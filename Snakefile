@@ -1,4 +1,4 @@
-# robustgen: CIFAR-10 -> generated data -> robust training -> results/{dataset}_table.csv
+# robustgen: CIFAR-10 / CIFAR-100 / SVHN -> generated data -> robust training -> results/{dataset}_table.csv
 # Table of contents only: rules live in rules/*.smk, logic in pipeline/ (python -m pipeline.<stage>).
 # The one configuration is params.yaml (switch scale with `python -m pipeline.params use paper`).
 from snakemake.utils import min_version

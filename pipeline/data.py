@@ -1,10 +1,11 @@
-"""Stage `data`: the official CIFAR-10 python archive -> HDF5 image sets train / val / test.
+"""Stage `data`: the official archive of `base.dataset` -> HDF5 image sets train / val / test.
 
     python -m pipeline.data --params params.yaml --out-dir data/cifar10
 
-The archive is a URL (downloaded to data/raw/ atomically) or a local path; its md5 must equal
-`data.md5` (the official value by default; state your own for a local copy). The batches are read
-straight from the tar file. `val_size` training images, drawn with the base seed, are held out as
+The archive (CIFAR-10/100: the python tar; SVHN: the folder or URL prefix of its two .mat files, see
+pipeline/datasets.py) is a URL (downloaded to data/raw/ atomically) or a local path; each file's md5
+must equal `data.md5` (the official value by default; state your own for a local copy). The batches
+are read straight from the tar file. `val_size` training images, drawn with the base seed, are held out as
 val.h5 for checkpoint selection; train.h5 holds the rest, so generators never see them.
 """
 
@@ -12,35 +13,30 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
-import pickle
-import tarfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import datasets
 from pipeline import params as params_mod
+from pipeline.datasets import ArchiveError
 from pipeline.shards import atomic_path, write_imageset
 
 log = logging.getLogger("pipeline.data")
-TRAIN_MEMBERS = [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
-TEST_MEMBER = "cifar-10-batches-py/test_batch"
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Mirror of params.yaml `data:`."""
-    archive: str       # URL or local path of cifar-10-python.tar.gz
-    md5: str           # expected md5 of the archive
+    archive: str                 # URL or local path of the archive (SVHN: folder or URL prefix)
+    md5: str | dict[str, str]    # expected md5 of the archive (SVHN: per file name)
     val_size: int      # training images held out for validation
     n_train: int       # first n training images (0 = all)
     n_test: int        # first n test images (0 = all)
-
-
-class ArchiveError(RuntimeError):
-    """The archive is missing, has the wrong checksum, or is not the CIFAR-10 python layout."""
 
 
 def md5sum(path: Path) -> str:
@@ -56,7 +52,7 @@ def fetch(archive: str, raw_dir: Path) -> Path:
     if "://" not in archive:
         path = Path(archive)
         if not path.exists():
-            raise ArchiveError(f"{path}: CIFAR-10 archive not found")
+            raise ArchiveError(f"{path}: data archive not found (data.archive)")
         return path
     target = raw_dir / Path(archive).name
     if not target.exists():
@@ -77,24 +73,20 @@ def verify_md5(path: Path, expected: str) -> None:
         )
 
 
-def read_batches(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train images, train labels, test images, test labels) from the archive, uint8 NHWC."""
-    def load(tar: tarfile.TarFile, member: str) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            handle = tar.extractfile(member)
-        except KeyError:
-            raise ArchiveError(f"{path}: no {member} in archive (not the CIFAR-10 python layout)") from None
-        batch = pickle.load(handle, encoding="latin1")
-        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        return np.ascontiguousarray(images), np.asarray(batch["labels"], dtype=np.int64)
+def read_batches(path: Path, dataset: str = "cifar10") -> datasets.Arrays:
+    """(train images, train labels, test images, test labels) of a local archive, uint8 NHWC."""
+    return datasets.get(dataset).read([Path(path)])
 
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            train = [load(tar, member) for member in TRAIN_MEMBERS]
-            test = load(tar, TEST_MEMBER)
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise ArchiveError(f"{path}: unreadable archive ({error})") from None
-    return (np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train]), *test)
+
+def fetch_all(spec: datasets.DatasetSpec, cfg: DataConfig, raw_dir: Path) -> list[Path]:
+    """Fetch and md5-check every file of the data set, before anything is decoded."""
+    datasets.check_md5_shape(spec, cfg.md5)
+    paths = []
+    for source in datasets.sources(spec, cfg.archive):
+        path = fetch(source, raw_dir)
+        verify_md5(path, datasets.expected_md5(spec, cfg.md5, source))
+        paths.append(path)
+    return paths
 
 
 def split(cfg: DataConfig, seed: int, train_x: np.ndarray, train_y: np.ndarray,
@@ -123,12 +115,17 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg_all = params_mod.load(args.params)
     cfg = params_mod.section(DataConfig, cfg_all["data"])
-    archive = fetch(cfg.archive, args.raw_dir)
-    verify_md5(archive, cfg.md5)
-    sets = split(cfg, cfg_all["base"]["seed"], *read_batches(archive))
+    spec = datasets.get(cfg_all["base"]["dataset"])
+    try:
+        paths = fetch_all(spec, cfg, args.raw_dir)
+        sets = split(cfg, cfg_all["base"]["seed"], *spec.read(paths))
+    except (ArchiveError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    md5_text = cfg.md5 if isinstance(cfg.md5, str) else json.dumps(cfg.md5, sort_keys=True)
     for name, (images, labels) in sets.items():
         checksum = write_imageset(args.out_dir / f"{name}.h5", images, labels,
-                                  {"source": str(cfg.archive), "archive_md5": cfg.md5, "split": name})
+                                  {"source": str(cfg.archive), "archive_md5": md5_text, "split": name,
+                                   "dataset": spec.name, "num_classes": spec.num_classes})
         log.info("%s: %d images, sha256 %s", name, len(images), checksum[:12])
 
 

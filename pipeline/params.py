@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import jsonschema
 import yaml
 
+from pipeline import datasets
+
 SCHEMA_PATH = Path(__file__).with_name("params.schema.yaml")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 T = TypeVar("T")
@@ -80,6 +82,10 @@ def _check_cross_keys(cfg: dict[str, Any]) -> None:
         raise ParamsError("train_robust.step_255: larger than train_robust.eps_255")
     if cfg["data"]["n_train"] and cfg["data"]["val_size"] >= cfg["data"]["n_train"]:
         raise ParamsError("data.val_size: must be smaller than data.n_train")
+    try:  # one md5 string for an archive, a {file: md5} mapping for a multi-file data set (SVHN)
+        datasets.check_md5_shape(datasets.get(cfg["base"]["dataset"]), cfg["data"]["md5"])
+    except ValueError as error:
+        raise ParamsError(str(error)) from None
 
 
 def load(path: Path | str) -> dict[str, Any]:
@@ -105,16 +111,20 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def preset(name: str, configs_dir: Path = CONFIGS_DIR) -> dict[str, Any]:
-    """configs/default.yaml with configs/<name>.yaml laid over it, validated."""
-    default = yaml.safe_load((configs_dir / "default.yaml").read_text())
-    if name == "default":
-        return validate(default)
-    overlay_path = configs_dir / f"{name}.yaml"
-    if not overlay_path.exists():
-        known = sorted(p.stem for p in configs_dir.glob("*.yaml"))
-        raise ParamsError(f"unknown preset {name!r}; known: {', '.join(known)}")
-    return validate(deep_merge(default, yaml.safe_load(overlay_path.read_text()) or {}))
+def preset(name: str, configs_dir: Path = CONFIGS_DIR, dataset: str | None = None) -> dict[str, Any]:
+    """configs/default.yaml with configs/<name>.yaml laid over it, then configs/datasets/<dataset>.yaml
+    (official archive and md5 of that data set) when `dataset` is given; validated."""
+    cfg = yaml.safe_load((configs_dir / "default.yaml").read_text())
+    overlays = [] if name == "default" else [(configs_dir / f"{name}.yaml", "preset", configs_dir.glob("*.yaml"))]
+    if dataset is not None:
+        overlays.append((configs_dir / "datasets" / f"{dataset}.yaml", "dataset",
+                         (configs_dir / "datasets").glob("*.yaml")))
+    for path, kind, candidates in overlays:
+        if not path.exists():
+            known = sorted(p.stem for p in candidates)
+            raise ParamsError(f"unknown {kind} {path.stem!r}; known: {', '.join(known)}")
+        cfg = deep_merge(cfg, yaml.safe_load(path.read_text()) or {})
+    return validate(cfg)
 
 
 def section(cfg_type: type[T], values: dict[str, Any]) -> T:
@@ -159,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--stamp", type=Path, help="write this file when valid (DVC dependency)")
     use = commands.add_parser("use", help="write params.yaml from a preset in configs/")
     use.add_argument("name")
+    use.add_argument("--dataset", help="also lay configs/datasets/<dataset>.yaml over it (cifar10, cifar100, svhn)")
     use.add_argument("--out", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     try:
@@ -169,16 +180,20 @@ def main(argv: list[str] | None = None) -> None:
                 args.stamp.write_text("valid\n")  # constant: params changes must not cascade
             print(f"{args.path}: valid")
         else:
-            cfg = preset(args.name)
-            if args.name == "default":
+            cfg = preset(args.name, dataset=args.dataset)
+            if args.name == "default" and args.dataset is None:
                 text = (CONFIGS_DIR / "default.yaml").read_text()
             else:
-                text = (f"# Written by `python -m pipeline.params use {args.name}`: configs/default.yaml"
-                        f" with configs/{args.name}.yaml laid over it.\n# Return to the small default"
-                        " with `python -m pipeline.params use default`.\n")
+                command = f"python -m pipeline.params use {args.name}" + (
+                    f" --dataset {args.dataset}" if args.dataset else "")
+                layers = (f" with configs/{args.name}.yaml" if args.name != "default" else "") + (
+                    f" and configs/datasets/{args.dataset}.yaml" if args.dataset else "")
+                text = (f"# Written by `{command}`: configs/default.yaml{layers} laid over it.\n"
+                        "# Return to the small default with `python -m pipeline.params use default`.\n")
                 text += yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
             args.out.write_text(text)
-            print(f"{args.out}: now the {args.name!r} configuration")
+            print(f"{args.out}: now the {args.name!r} configuration"
+                  + (f" on {args.dataset}" if args.dataset else ""))
     except ParamsError as error:
         sys.exit(f"error: {error}")
 

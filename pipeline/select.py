@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import datasets
 from pipeline import params as params_mod
 from pipeline.shards import ShardError, atomic_path, expand, read_arrays, read_attrs
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg_all = params_mod.load(args.params)
     cfg = params_mod.section(SelectConfig, cfg_all["select"])
     try:
-        index, stats = select_dir(cfg, args.labels_dir)
+        index, stats = select_dir(cfg, args.labels_dir, datasets.num_classes(cfg_all["base"]["dataset"]))
     except ShardError as error:
         raise SystemExit(f"error: {error}") from None
     with atomic_path(args.out) as tmp:

@@ -7,9 +7,11 @@
 Crop (pad 4) + flip augmentation, SGD with cosine decay (pipeline/optim.py), as for the paper's
 WRN-28-10 teacher (about 96% test accuracy at full scale). The test accuracy it writes is the paper's
 first sufficient condition (accurate pseudo-labels). Checkpoints go to --workdir every
-`checkpoint_every` epochs; running the same command again resumes from the newest one and gives the
+`checkpoint_every` epochs and, on SIGTERM (a scheduler's time limit), after the step in flight (exit
+status 143). Running the same command again resumes from the newest one and gives the
 same model as an uninterrupted run (every epoch's order and augmentation come from its own seeded
-generator, and model, optimiser and schedule state are saved).
+generator, whose state is saved mid-epoch, with model, optimiser and schedule state). A NaN/inf loss
+stops the run with the last good checkpoint kept.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import checkpoint, models, optim, seeding
+from pipeline import checkpoint, datasets, models, optim, seeding
 from pipeline import params as params_mod
 from pipeline.classifier_training import accuracy, crop_flip, to_float
+from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag
 from pipeline.shards import atomic_path, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.teacher")
-NUM_CLASSES = {"cifar10": 10}
 
 
 @dataclass(frozen=True)
@@ -76,10 +79,11 @@ def train_teacher(cfg: TeacherConfig, seed: int, train: tuple[np.ndarray, np.nda
     train_loss: list[float] = []
     start_epoch = 0
 
+    resume_step, resume_totals, resume_generator = 0, (0.0, 0), None
     state = checkpoint.latest(workdir, map_location=device)
     if state is not None:
         if state.get("identity") != identity:
-            raise RuntimeError(
+            raise ValueError(
                 f"{workdir}: holds checkpoints of another teacher run (config, seed or data differ); "
                 "delete the work directory or point --workdir elsewhere")
         model.load_state_dict(state["model"])
@@ -88,40 +92,67 @@ def train_teacher(cfg: TeacherConfig, seed: int, train: tuple[np.ndarray, np.nda
         checkpoint.set_rng_state(state["rng"])
         train_loss = list(state["train_loss"])
         start_epoch = state["epoch"]
-        log.info("resumed after epoch %d of %d", start_epoch, cfg.epochs)
+        if state.get("step_in_epoch"):  # saved on SIGTERM in the middle of an epoch
+            resume_step, resume_totals = state["step_in_epoch"], tuple(state["epoch_totals"])
+            resume_generator = state["generator"]
+        log.info("resumed at epoch %d step %d of %d epochs", start_epoch, resume_step, cfg.epochs)
+
+    def save(epoch: int, step_in_epoch: int = 0, generator: torch.Generator | None = None,
+             totals: tuple[float, int] = (0.0, 0)) -> None:
+        """`epoch` epochs finished plus `step_in_epoch` steps of the next (SIGTERM checkpoints only)."""
+        extra = {"generator": generator.get_state(), "epoch_totals": totals} if step_in_epoch else {}
+        checkpoint.save(workdir, epoch * steps_per_epoch + step_in_epoch, {
+            "identity": identity, "epoch": epoch, "step_in_epoch": step_in_epoch, "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": checkpoint.rng_state(), "train_loss": train_loss, **extra})
 
     labels = torch.as_tensor(train_y, dtype=torch.long)
-    for epoch in range(start_epoch, cfg.epochs):
-        # One generator per epoch: order and augmentation of epoch e never depend on earlier epochs.
-        generator = seeding.torch_generator(seed, "teacher", "epoch", epoch)
-        order = torch.randperm(n, generator=generator)
-        model.train()
-        total, seen = 0.0, 0
-        bar = tqdm(total=steps_per_epoch * batch, desc=f"teacher epoch {epoch + 1}/{cfg.epochs}",
-                   unit="img", leave=False)
-        for step in range(steps_per_epoch):
-            idx = order[step * batch:(step + 1) * batch]
-            idx_np = idx.numpy()
-            x = crop_flip(to_float(train_x[idx_np], device), generator)
-            y = labels[idx].to(device)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-            bar.update(len(idx))
-            bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
-        bar.close()
-        train_loss.append(total / seen)
-        log.info("epoch %d/%d: train loss %.4f", epoch + 1, cfg.epochs, train_loss[-1])
-        done = epoch + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
-            checkpoint.save(workdir, done * steps_per_epoch, {
-                "identity": identity, "epoch": done, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": checkpoint.rng_state(), "train_loss": train_loss})
+    with SigtermFlag() as sigterm:
+        for epoch in range(start_epoch, cfg.epochs):
+            # One generator per epoch: order and augmentation of epoch e never depend on earlier epochs.
+            generator = seeding.torch_generator(seed, "teacher", "epoch", epoch)
+            order = torch.randperm(n, generator=generator)
+            first, (total, seen) = 0, (0.0, 0)
+            if resume_generator is not None:  # continue the interrupted epoch where it stopped
+                generator.set_state(resume_generator)
+                first, (total, seen), resume_generator = resume_step, resume_totals, None
+            model.train()
+            bar = tqdm(total=steps_per_epoch * batch, initial=first * batch, leave=False, unit="img",
+                       desc=f"teacher epoch {epoch + 1}/{cfg.epochs}")
+            for step in range(first, steps_per_epoch):
+                idx = order[step * batch:(step + 1) * batch]
+                x = crop_flip(to_float(train_x[idx.numpy()], device), generator)
+                y = labels[idx].to(device)
+                loss = F.cross_entropy(model(x), y)
+                if not torch.isfinite(loss).item():
+                    raise NonFiniteLoss(
+                        f"teacher: loss is {loss.item()} at epoch {epoch + 1} step {step} (lr "
+                        f"{sched.get_last_lr()[0]:.4g}); stopped without saving, the last good checkpoint in "
+                        f"{workdir} is kept. Lower teacher.lr or check the data.")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(idx)
+                seen += len(idx)
+                bar.update(len(idx))
+                bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
+                if sigterm.received and step + 1 < steps_per_epoch:
+                    save(epoch, step + 1, generator, (total, seen))
+                    bar.close()
+                    log.warning("SIGTERM: checkpoint at epoch %d step %d in %s; rerun the same command to "
+                                "resume", epoch + 1, step + 1, workdir)
+                    raise Preempted(SIGTERM_EXIT)
+            bar.close()
+            train_loss.append(total / seen)
+            log.info("epoch %d/%d: train loss %.4f", epoch + 1, cfg.epochs, train_loss[-1])
+            done = epoch + 1
+            if done % cfg.checkpoint_every == 0 or done == cfg.epochs or sigterm.received:
+                save(done)
+            if sigterm.received and done < cfg.epochs:
+                log.warning("SIGTERM: checkpoint after epoch %d in %s; rerun the same command to resume",
+                            done, workdir)
+                raise Preempted(SIGTERM_EXIT)
 
     test_x, test_y = test
     test_acc = accuracy(model, test_x, test_y, 500, device)
@@ -149,9 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     device = models.resolve_device(base["device"])
     train, test = read_imageset(args.train), read_imageset(args.test)
     data_ids = {"train_sha256": read_attrs(args.train)["sha256"], "test_sha256": read_attrs(args.test)["sha256"]}
-    model, metrics = train_teacher(cfg, base["seed"], train, test, args.workdir, device,
-                                   NUM_CLASSES[base["dataset"]], data_ids)
-    models.save_checkpoint(args.out_model, model, cfg.model, NUM_CLASSES[base["dataset"]],
+    try:
+        model, metrics = train_teacher(cfg, base["seed"], train, test, args.workdir, device,
+                                       datasets.num_classes(base["dataset"]), data_ids)
+    except (NonFiniteLoss, ValueError) as error:  # divergence or a foreign work dir: one clear line
+        sys.exit(f"error: {error}")
+    models.save_checkpoint(args.out_model, model, cfg.model, datasets.num_classes(base["dataset"]),
                            {"stage": "teacher", "config": dataclasses.asdict(cfg), "seed": base["seed"],
                             "test_acc": metrics["test_acc"], "data": data_ids})
     with atomic_path(args.out_metrics) as tmp:

@@ -6,7 +6,7 @@
 
 Reads `base:` and `train_generator.<generator>:`. Generators see the training split only (never val
 or test). The DDPM resumes from the newest checkpoint in --workdir (not an output: rerunning the same
-command continues a killed run); gaussian and import finish in one pass and leave the work dir empty.
+command continues a killed run; on SIGTERM it checkpoints first, then exits 143); gaussian and import finish in one pass and leave the work dir empty.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline import generators
 from pipeline import params as params_mod
 from pipeline.models import resolve_device
+from pipeline.preemption import NonFiniteLoss
 
 log = logging.getLogger("pipeline.train_generator")
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = params_mod.load(args.params)
         train_generator(args.generator, cfg["train_generator"], args.train, args.workdir, args.out,
                         cfg["base"]["seed"], cfg["base"]["device"])
-    except (params_mod.ParamsError, generators.imported.SourceError) as error:
+    except (params_mod.ParamsError, generators.imported.SourceError, NonFiniteLoss) as error:
         raise SystemExit(f"error: {error}") from None
     log.info("wrote %s", args.out)
 

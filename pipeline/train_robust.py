@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import os
-import signal
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -46,20 +45,18 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import checkpoint, models, optim, seeding
+from pipeline import checkpoint, datasets, models, optim, seeding, shards
 from pipeline import loader as loader_mod
 from pipeline import params as params_mod
 from pipeline.attacks import robust_accuracy
 from pipeline.ema import EMA
 from pipeline.losses import AttackSpec, TwoViews, adversarial_loss
-from pipeline import shards
+from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag
 from pipeline.shards import ShardError, atomic_path, file_sha256, read_imageset
 
 log = logging.getLogger("pipeline.train_robust")
-NUM_CLASSES = {"cifar10": 10}
 CURVE_FIELDS = ["epoch", "step", "lr", "train_loss", "train_ce", "train_kl", "train_acc",
                 "val_clean_acc", "val_robust_acc"]
-SIGTERM_EXIT = 143   # 128 + SIGTERM, what a scheduler expects from a preempted job
 
 
 @dataclass(frozen=True)
@@ -119,14 +116,6 @@ class Result:
     best_state: dict[str, torch.Tensor]
     curve: list[dict[str, Any]]
     metrics: dict[str, Any]
-
-
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
-class Preempted(SystemExit):
-    """SIGTERM arrived; a checkpoint was written."""
 
 
 # --- distributed setup (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK) ---
@@ -198,31 +187,6 @@ def make_dataset(cfg: TrainRobustConfig, seed: int, train: Path, generated: list
 # --- training ---
 
 
-class _Sigterm:
-    """Remembers a SIGTERM so the loop can checkpoint after the current step, then exit."""
-
-    def __init__(self) -> None:
-        self.received = False
-        self._previous = None
-
-    def __enter__(self) -> "_Sigterm":
-        if threading_main():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
 def validate(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], cfg: TrainRobustConfig,
              seed: int) -> tuple[float, float]:
     """(clean accuracy, PGD-val_pgd_steps robust accuracy) of `model` on the validation split."""
@@ -242,7 +206,7 @@ def _state_to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, train: Path, val: Path,
                  generated: list[Path], labels: list[Path], workdir: Path,
                  selection: Path | None = None, stop_after: int | None = None,
-                 progress: bool = True) -> Result:
+                 progress: bool = True, num_classes: int = 10) -> Result:
     """Train (or resume) one run and return the EMA model, best EMA weights, curve and metrics.
 
     `stop_after` ends the call after that many global steps as if preempted (tests use it).
@@ -257,7 +221,6 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
     dataset = make_dataset(cfg, seed, train, generated, labels, selection, ctx)
     n_generated = len(dataset.generated) if dataset.generated is not None else 0
     val_set = load_eval_set(val, device)
-    num_classes = NUM_CLASSES["cifar10"]
 
     torch.manual_seed(seeding.derive(seed, "train_robust", "init"))  # same init for every run
     model = models.build(cfg.model, num_classes)
@@ -316,7 +279,7 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     bar = tqdm(total=cfg.total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="img",
                unit_scale=True, disable=not (progress and ctx.main), desc=f"train_robust {run}")
-    with _Sigterm() as sigterm:
+    with SigtermFlag() as sigterm:
         for images, y, is_generated in batches:
             x = images.to(device, non_blocking=True).float().div_(255)
             x = x.contiguous(memory_format=memory_format)
@@ -386,7 +349,7 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
         "run": run, "generator": None if run == "baseline" else run, "n_generated": n_generated,
         "generated_per_batch": dataset.spec.n_generated, "model": cfg.model, "loss": cfg.loss,
         "threat": cfg.threat, "eps_255": cfg.eps_255, "epochs": cfg.epochs, "steps": cfg.total_steps,
-        "seed": seed, "world_size": ctx.world_size,
+        "seed": seed, "world_size": ctx.world_size, "num_classes": num_classes,
         "val_robust_acc_best": best["acc"], "best_epoch": best["epoch"],
         "val_robust_acc_last": last.get("val_robust_acc"), "val_clean_acc_last": last.get("val_clean_acc"),
         "train_loss": last.get("train_loss"), "config": dataclasses.asdict(cfg),
@@ -426,7 +389,7 @@ def write_figure(path: Path, curve: list[dict[str, Any]], run: str) -> None:
 
 def write_outputs(result: Result, cfg: TrainRobustConfig, args: argparse.Namespace) -> dict[str, Any]:
     """model.pt (last EMA), best.pt, curve.csv, metrics.json (last, so it marks completion)."""
-    name, classes = cfg.model, NUM_CLASSES["cifar10"]
+    name, classes = cfg.model, result.metrics["num_classes"]
     extra = {"config": dataclasses.asdict(cfg), "run": args.run}
     models.save_checkpoint(args.out_model, result.ema_model, name, classes,
                            {**extra, "val_robust_acc": result.metrics["val_robust_acc_last"]})
@@ -473,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = train_robust(cfg, cfg_all["base"]["seed"], cfg_all["base"]["device"], args.run, args.train,
                               args.val, list(args.generated), list(args.labels), args.workdir,
-                              args.selection, args.stop_after)
+                              args.selection, args.stop_after,
+                              num_classes=datasets.num_classes(cfg_all["base"]["dataset"]))
     except (NonFiniteLoss, ShardError, ValueError) as error:  # bad input or divergence: one clear line
         sys.exit(f"error: {error}")
     if int(os.environ.get("RANK", "0")) == 0:

@@ -2,6 +2,7 @@
 # Real logic lives in pipeline/ (pipeline.params), where it is tested.
 import yaml
 
+from pipeline import datasets
 from pipeline import params as P
 
 PARAMS_FILE = "params.yaml"
@@ -61,8 +62,9 @@ def import_source(wildcards):
 
 
 def data_archive():
-    archive = config["data"]["archive"]
-    return [] if "://" in archive else [archive]
+    """The local file(s) the data stage reads (SVHN: both .mat files in the folder); none for a URL."""
+    sources = datasets.sources(datasets.get(DATASET), config["data"]["archive"])
+    return [source for source in sources if "://" not in source]
 
 
 def launcher(resources):

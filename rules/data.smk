@@ -1,6 +1,6 @@
 rule data:
     message:
-        "CIFAR-10 archive (md5 checked) -> HDF5 train / val / test"
+        f"{DATASET} archive (md5 checked) -> HDF5 train / val / test"
     input:
         archive=data_archive(),
     output:

@@ -59,5 +59,64 @@ def test_workdir_of_another_run_is_refused(tiny_params, cifar_sets, tmp_path):
     x, y = read_imageset(cifar_sets["train"])
     small = (x[:64], y[:64])
     checkpoint.save(tmp_path, 1, {"identity": {"config": "something else"}})
-    with pytest.raises(RuntimeError, match="another teacher run"):
+    with pytest.raises(ValueError, match="another teacher run"):
         teacher.train_teacher(cfg, 0, small, small, tmp_path, torch.device("cpu"))
+
+
+def small_teacher(tiny_params, cifar_sets, **overrides):
+    from pipeline import params as P
+    from pipeline.shards import read_imageset
+
+    cfg = P.section(teacher.TeacherConfig, {**tiny_params["teacher"], "epochs": 2, "checkpoint_every": 5,
+                                            "batch_size": 32, **overrides})
+    x, y = read_imageset(cifar_sets["train"])
+    return cfg, (x[:128], y[:128]), (x[128:160], y[128:160])
+
+
+def test_sigterm_mid_epoch_checkpoints_and_resume_equals_uninterrupted(tiny_params, cifar_sets, tmp_path,
+                                                                       monkeypatch):
+    import os
+    import signal
+
+    import pytest
+    import torch.nn.functional as F
+
+    from pipeline.preemption import SIGTERM_EXIT, Preempted
+
+    cfg, train, test = small_teacher(tiny_params, cifar_sets)   # 2 epochs x 4 steps, no periodic checkpoint
+    cpu = torch.device("cpu")
+    whole, metrics = teacher.train_teacher(cfg, 0, train, test, tmp_path / "whole", cpu)
+    real_ce, calls = F.cross_entropy, {"n": 0}
+
+    def preempting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:                      # epoch 2, step 2: a scheduler's notice arrives mid-step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_ce(*args, **kwargs)
+
+    monkeypatch.setattr(teacher.F, "cross_entropy", preempting)
+    with pytest.raises(Preempted) as stopped:
+        teacher.train_teacher(cfg, 0, train, test, tmp_path / "cut", cpu)
+    assert stopped.value.code == SIGTERM_EXIT
+    saved = checkpoint.latest(tmp_path / "cut")
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2)    # the step in flight finished first
+    monkeypatch.setattr(teacher.F, "cross_entropy", real_ce)
+    resumed, metrics_resumed = teacher.train_teacher(cfg, 0, train, test, tmp_path / "cut", cpu)
+    assert metrics_resumed["train_loss"] == metrics["train_loss"]
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_absurd_learning_rate_stops_with_the_last_good_checkpoint(tiny_params, write_params, cifar_sets,
+                                                                  tmp_path):
+    import pytest
+
+    tiny_params["teacher"].update(epochs=3, checkpoint_every=1, lr=1e12, batch_size=32)
+    tiny_params["data"]["n_train"] = 0
+    params = write_params(tiny_params)
+    with pytest.raises(SystemExit, match=r"error: teacher: loss is (nan|inf).*teacher\.lr"):
+        run_cli(params, cifar_sets, tmp_path / "work", tmp_path / "out")
+    assert not (tmp_path / "out" / "model.pt").exists()
+    for path in (tmp_path / "work").glob("step-*.pt"):   # whatever was kept holds finite weights
+        state = torch.load(path, weights_only=False)["model"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -133,7 +133,7 @@ def test_cli_writes_gaussian_model(tiny_params, write_params, cifar_sets, tmp_pa
     # a fast fit: two classes only, by relabelling the training set the CLI reads
     out = tmp_path / "models" / "gaussian" / "model.pt"
     real_fit = gaussian.fit
-    monkeypatch.setattr(gaussian, "fit", lambda images, labels, ridge:
+    monkeypatch.setattr(gaussian, "fit", lambda images, labels, ridge, num_classes:
                         real_fit(images[:400], labels[:400] % 2, ridge, num_classes=2))
     train_generator.main(["--params", str(write_params(tiny_params)), "--generator", "gaussian",
                           "--train", str(cifar_sets["train"]), "--workdir", str(tmp_path / "work"),

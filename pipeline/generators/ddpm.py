@@ -3,7 +3,8 @@
 Training: UNet2DModel predicting the noise (epsilon), linear betas 1e-4..0.02 over
 `num_train_timesteps`, Adam, gradient clipping at 1 (Ho et al.), random horizontal flips, an EMA of the
 weights. Every step's batch, flips, timesteps, noise and dropout come from generators seeded by
-(seed, step), so a run resumed from a checkpoint draws exactly what the uninterrupted run drew.
+(seed, step), so a run resumed from a checkpoint draws exactly what the uninterrupted run drew. Checkpoints every
+`checkpoint_every` steps and on SIGTERM (after the step in flight, then exit status 143).
 Unconditional, as in the paper: the teacher labels the samples later.
 
 Sampling: `ddpm` (ancestral), `ddim` (eta 0) or `dpmsolver` (DPM-Solver++ 2M) schedulers from
@@ -28,6 +29,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from tqdm import tqdm
 
 from pipeline import checkpoint, seeding
+from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag
 from pipeline.generators.base import UNLABELLED, SampleSettings, tiled, to_uint8
 from pipeline.shards import file_sha256, read_imageset
 
@@ -123,25 +125,38 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
     bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="ddpm train",
                unit="step", mininterval=5)
     loss_value = float("nan")
-    for step in bar:
-        x, t, noise = (v.to(device) for v in train_step_batch(images, seed, step, cfg.batch_size,
-                                                               cfg.num_train_timesteps))
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x + (1 - a).sqrt() * noise
-        torch.manual_seed(seeding.derive(seed, "train_generator/ddpm/dropout", step))
-        loss = torch.nn.functional.mse_loss(unet(noisy, t).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), GRAD_CLIP)
-        optimizer.step()
-        ema_update(ema, unet, cfg.ema_decay, step)
-        loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-        done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.train_steps:
-            checkpoint.save(workdir, done, {"step": done, "seed": seed, "config": asdict(cfg),
-                                            "unet": unet.state_dict(), "ema": ema.state_dict(),
-                                            "optimizer": optimizer.state_dict(), "loss": loss_value})
+
+    def save(done: int) -> None:
+        checkpoint.save(workdir, done, {"step": done, "seed": seed, "config": asdict(cfg),
+                                        "unet": unet.state_dict(), "ema": ema.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "loss": loss_value})
+
+    with SigtermFlag() as sigterm:
+        for step in bar:
+            x, t, noise = (v.to(device) for v in train_step_batch(images, seed, step, cfg.batch_size,
+                                                                   cfg.num_train_timesteps))
+            a = alphas[t].view(-1, 1, 1, 1)
+            noisy = a.sqrt() * x + (1 - a).sqrt() * noise
+            torch.manual_seed(seeding.derive(seed, "train_generator/ddpm/dropout", step))
+            loss = torch.nn.functional.mse_loss(unet(noisy, t).sample, noise)
+            if not torch.isfinite(loss).item():
+                raise NonFiniteLoss(f"ddpm: loss is {loss.item()} at step {step}; stopped without saving, the "
+                                    f"last good checkpoint in {workdir} is kept. Lower train_generator.ddpm.lr.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), GRAD_CLIP)
+            optimizer.step()
+            ema_update(ema, unet, cfg.ema_decay, step)
+            loss_value = loss.item()
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == cfg.train_steps or sigterm.received:
+                save(done)
+            if sigterm.received and done < cfg.train_steps:
+                bar.close()
+                log.warning("SIGTERM: checkpoint at step %d in %s; rerun the same command to resume", done,
+                            workdir)
+                raise Preempted(SIGTERM_EXIT)
     log.info("trained %d steps, last loss %.4f", cfg.train_steps, loss_value)
     model = {"kind": NAME, "unet_config": dict(ema.config), "state_dict": ema.state_dict(),
              "num_train_timesteps": cfg.num_train_timesteps, "beta_start": BETA_START, "beta_end": BETA_END,

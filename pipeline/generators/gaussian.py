@@ -2,8 +2,8 @@
 
 Fit: per class, the mean and full 3072 x 3072 covariance of the training images (pixels in [0, 1], HWC
 order) plus `ridge` on the diagonal, stored as the mean and the Cholesky factor L (packed lower
-triangle, float32: 190 MB for CIFAR-10's ten classes). Sample: image i has class i % 10 (balanced, no
-RNG needed) and pixels clip(mean + L z, 0, 1) with z drawn from its own generator seeded by
+triangle, float32: 190 MB for CIFAR-10's ten classes, 1.9 GB for CIFAR-100; the fit holds K float64
+factors, 7.5 GB for CIFAR-100). Sample: image i has class i % K (balanced, no RNG needed) and pixels clip(mean + L z, 0, 1) with z drawn from its own generator seeded by
 (seed, "gaussian", i).
 """
 
@@ -21,7 +21,7 @@ from pipeline.checkpoint import save_atomic
 
 from pipeline import seeding
 from pipeline.generators.base import SampleSettings, tiled, to_uint8
-from pipeline.shards import file_sha256, read_imageset
+from pipeline.shards import file_sha256, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.generators.gaussian")
 NAME = "gaussian"
@@ -57,7 +57,9 @@ def fit(images: np.ndarray, labels: np.ndarray, ridge: float, num_classes: int =
 def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, device: torch.device) -> None:
     """Fit on the training set and write model.pt (no iterations, so nothing to resume in workdir)."""
     images, labels = read_imageset(train_h5)
-    means, chols = fit(images, labels, cfg.ridge)
+    # the data stage records the class count (CIFAR-100: 100); older sets without it are CIFAR-10
+    num_classes = int(read_attrs(train_h5).get("num_classes", 10))
+    means, chols = fit(images, labels, cfg.ridge, num_classes)
     dim = means.shape[1]
     rows, cols = torch.tril_indices(dim, dim)
     state = {
@@ -66,7 +68,7 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
         "mean": means.to(torch.float32),
         "chol_packed": chols[:, rows, cols].to(torch.float32),  # half the bytes of the full factor
         "ridge": cfg.ridge,
-        "counts": np.bincount(labels, minlength=10).tolist(),
+        "counts": np.bincount(labels, minlength=num_classes).tolist(),
         "train_sha256": file_sha256(train_h5),
     }
     save_atomic(state, out)

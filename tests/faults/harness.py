@@ -7,6 +7,7 @@ all a user (or Snakemake's retry, or SLURM's requeue) does.
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -16,6 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import yaml
+
+from pipeline import params as params_mod
+from tests.conftest import DEMO_ARCHIVE, REPO, tiny_overrides
 
 BIN = Path(sys.executable).parent
 
@@ -61,3 +66,11 @@ def interrupt(args: list[str], ready: Callable[[], bool], sig: signal.Signals,
 
 def files_matching(directory: Path, pattern: str) -> Callable[[], bool]:
     return lambda: Path(directory).is_dir() and any(Path(directory).glob(pattern))
+
+
+def tiny_config() -> dict:
+    """tests/conftest.py's tiny params (a function-scoped fixture there), for module-scoped fixtures."""
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    cfg = params_mod.deep_merge(default, tiny_overrides())
+    cfg["data"]["archive"] = str(DEMO_ARCHIVE)
+    return params_mod.validate(copy.deepcopy(cfg))
