@@ -338,7 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     run = args.run or args.model.parent.name
     model_sha256 = file_sha256(args.model)
     try:  # the robust model must be the architecture train_robust.model names (a stale file is not)
-        model = models.load_checkpoint(args.model, device, expected=cfg_all["train_robust"]["model"])
+        variant = params_mod.split_run(run)[1]   # a variant may train another architecture
+        section = params_mod.train_robust_for(cfg_all, run) if variant in cfg_all["variants"]["names"] \
+            else cfg_all["train_robust"]
+        model = models.load_checkpoint(args.model, device, expected=section["model"])
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     model_name = torch.load(args.model, map_location="cpu", mmap=True, weights_only=False)["model"]

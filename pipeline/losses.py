@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.attacks import Threat, eval_mode, pgd, pgd_ce
+from pipeline.aux_bn import Route, routed
+from pipeline.cutmix import Mix
 
 LossName = Literal["trades", "pgd"]
 # Train-mode forward of one or more inputs, returning their logits. Under DDP it is one call of the
@@ -23,23 +25,35 @@ LossName = Literal["trades", "pgd"]
 Forward = Callable[..., tuple[torch.Tensor, ...]]
 
 
+def _views(model: nn.Module, inputs: tuple[torch.Tensor, ...], routes: tuple[Route, ...] | None
+           ) -> tuple[torch.Tensor, ...]:
+    if routes is None:
+        return tuple(model(x) for x in inputs)
+    outputs = []
+    for x, route in zip(inputs, routes, strict=True):
+        with routed(model, route):  # auxiliary batch norm (pipeline/aux_bn.py)
+            outputs.append(model(x))
+    return tuple(outputs)
+
+
 class TwoViews(nn.Module):
     """Runs the wrapped model on each input in one forward call (TRADES' clean + adversarial passes).
 
     Each input goes through the model separately, so batch-norm sees the clean and the adversarial
-    batch apart, as in the original TRADES, yet DistributedDataParallel sees one forward.
+    batch apart, as in the original TRADES, yet DistributedDataParallel sees one forward. `routes`
+    sends each input through main or auxiliary batch norms (pipeline/aux_bn.py).
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.model(x) for x in inputs)
+    def forward(self, *inputs: torch.Tensor, routes: tuple[Route, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        return _views(self.model, inputs, routes)
 
 
 def _plain(model: nn.Module) -> Forward:
-    return lambda *inputs: tuple(model(x) for x in inputs)
+    return lambda *inputs, routes=None: _views(model, inputs, routes)
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,16 @@ def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: tor
     return loss.mean() if reduction == "mean" else loss
 
 
+def mixed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: torch.Tensor | float = 0.0,
+                        mix: Mix | None = None) -> torch.Tensor:
+    """Mean of lam * CE(y) + (1 - lam) * CE(y_partner) per row (CutMix); plain smoothed CE without a mix."""
+    if mix is None:
+        return smoothed_cross_entropy(logits, y, smoothing)
+    own = smoothed_cross_entropy(logits, y, smoothing, reduction="none")
+    other = smoothed_cross_entropy(logits, mix.y_partner, mix.smoothing_partner, reduction="none")
+    return (mix.lam * own + (1 - mix.lam) * other).mean()
+
+
 def trades_kl(logits_nat: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
     """sum_i KL(p_nat_i || p_adv_i) over the batch (TRADES' KLDivLoss(size_average=False))."""
     logp_nat = F.log_softmax(logits_nat.float(), dim=1)
@@ -70,19 +94,22 @@ def trades_kl(logits_nat: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tenso
 
 
 def trades_objective(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float,
-                     smoothing: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TRADES outer loss CE(f(x), y) + beta * KL(f(x) || f(x')) / batch; returns (total, ce, kl)."""
-    ce = smoothed_cross_entropy(logits_nat, y, smoothing)
+                     smoothing: torch.Tensor | float = 0.0, mix: Mix | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TRADES outer loss CE(f(x), y) + beta * KL(f(x) || f(x')) / batch; returns (total, ce, kl).
+    With CutMix the clean term takes the mixed soft labels; the KL term needs no labels."""
+    ce = mixed_cross_entropy(logits_nat, y, smoothing, mix)
     kl = trades_kl(logits_nat, logits_adv) / len(y)
     return ce + beta * kl, ce, kl
 
 
 def trades_attack(model: nn.Module, x: torch.Tensor, attack: AttackSpec,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """TRADES inner maximisation: maximise KL(f(x) || f(x')) from x + 0.001 * N(0, 1), in eval mode."""
+                  generator: torch.Generator | None = None, route: Route = None) -> torch.Tensor:
+    """TRADES inner maximisation: maximise KL(f(x) || f(x')) from x + 0.001 * N(0, 1), in eval mode
+    (through the batch norms `route` names, when the model has auxiliary ones)."""
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None \
         else torch.randn_like(x)
-    with eval_mode(model):
+    with eval_mode(model), routed(model, route):
         with torch.no_grad():
             p_nat = F.softmax(model(x).float(), dim=1)
 
@@ -95,31 +122,40 @@ def trades_attack(model: nn.Module, x: torch.Tensor, attack: AttackSpec,
 
 def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, beta: float, attack: AttackSpec,
                 smoothing: torch.Tensor | float = 0.0, generator: torch.Generator | None = None,
-                forward: Forward | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Full TRADES step loss (attack on `model`, then train-mode forwards); returns (loss, parts)."""
-    x_adv = trades_attack(model, x, attack, generator)
-    logits_nat, logits_adv = (forward or _plain(model))(x, x_adv)
-    total, ce, kl = trades_objective(logits_nat, logits_adv, y, beta, smoothing)
+                forward: Forward | None = None, mix: Mix | None = None,
+                routes: tuple[Route, Route] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Full TRADES step loss (attack on `model`, then train-mode forwards); returns (loss, parts).
+    `routes` = (clean, adversarial) batch-norm routes (pipeline/aux_bn.py); the attack uses the second."""
+    x_adv = trades_attack(model, x, attack, generator, routes[1] if routes else None)
+    views = forward or _plain(model)
+    logits_nat, logits_adv = views(x, x_adv, routes=routes) if routes else views(x, x_adv)
+    total, ce, kl = trades_objective(logits_nat, logits_adv, y, beta, smoothing, mix)
     return total, {"ce": ce.detach(), "kl": kl.detach(), "logits": logits_nat.detach()}
 
 
 def pgd_at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackSpec,
                 smoothing: torch.Tensor | float = 0.0, generator: torch.Generator | None = None,
-                forward: Forward | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PGD adversarial training: cross-entropy at the PGD-CE point (random start, eval-mode attack)."""
-    x_adv = pgd_ce(model, x, y, attack.threat, attack.eps, attack.step_size, attack.steps, generator)
-    (logits_adv,) = (forward or _plain(model))(x_adv)
-    ce = smoothed_cross_entropy(logits_adv, y, smoothing)
+                forward: Forward | None = None, mix: Mix | None = None,
+                routes: tuple[Route, Route] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PGD adversarial training: cross-entropy at the PGD-CE point (random start, eval-mode attack).
+    With CutMix the attack maximises CE of the image's own label, the loss takes the mixed labels."""
+    route = routes[1] if routes else None
+    with routed(model, route):
+        x_adv = pgd_ce(model, x, y, attack.threat, attack.eps, attack.step_size, attack.steps, generator)
+    views = forward or _plain(model)
+    (logits_adv,) = views(x_adv, routes=(route,)) if routes else views(x_adv)
+    ce = mixed_cross_entropy(logits_adv, y, smoothing, mix)
     return ce, {"ce": ce.detach(), "kl": torch.zeros((), device=x.device), "logits": logits_adv.detach()}
 
 
 def adversarial_loss(name: LossName, model: nn.Module, x: torch.Tensor, y: torch.Tensor, beta: float,
                      attack: AttackSpec, smoothing: torch.Tensor | float = 0.0,
                      generator: torch.Generator | None = None, forward: Forward | None = None,
+                     mix: Mix | None = None, routes: tuple[Route, Route] | None = None,
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dispatch on the params name (`trades` or `pgd`); `model` is the plain module the attack uses."""
     if name == "trades":
-        return trades_loss(model, x, y, beta, attack, smoothing, generator, forward)
+        return trades_loss(model, x, y, beta, attack, smoothing, generator, forward, mix, routes)
     if name == "pgd":
-        return pgd_at_loss(model, x, y, attack, smoothing, generator, forward)
+        return pgd_at_loss(model, x, y, attack, smoothing, generator, forward, mix, routes)
     raise ValueError(f"unknown loss {name!r}; known: trades, pgd")

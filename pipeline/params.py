@@ -82,10 +82,31 @@ def _check_cross_keys(cfg: dict[str, Any]) -> None:
         raise ParamsError("train_robust.step_255: larger than train_robust.eps_255")
     if cfg["data"]["n_train"] and cfg["data"]["val_size"] >= cfg["data"]["n_train"]:
         raise ParamsError("data.val_size: must be smaller than data.n_train")
+    _check_variants(cfg)
     try:  # one md5 string for an archive, a {file: md5} mapping for a multi-file data set (SVHN)
         datasets.check_md5_shape(datasets.get(cfg["base"]["dataset"]), cfg["data"]["md5"])
     except ValueError as error:
         raise ParamsError(str(error)) from None
+
+
+def _check_variants(cfg: dict[str, Any]) -> None:
+    """Each listed variant has settings, and its train_robust section passes the schema and cross-checks."""
+    names, settings = cfg["variants"]["names"], cfg["variants"]["settings"]
+    for name in names:
+        if name not in settings:
+            raise ParamsError(f"variants.settings: no entry for listed variant {name!r}")
+    for name, overrides in settings.items():
+        unknown = set(overrides) - set(cfg["train_robust"])
+        if unknown:
+            raise ParamsError(f"variants.settings.{name}: unknown train_robust keys {sorted(unknown)}")
+        merged = copy.deepcopy(cfg)
+        merged["train_robust"].update(overrides)
+        merged["variants"] = {"names": [], "settings": {}}
+        try:
+            validate(merged)
+        except ParamsError as error:  # name the variant's own key: variants.settings.<name>.<key>
+            message = str(error).replace("train_robust.", f"variants.settings.{name}.")
+            raise ParamsError(f"variants.settings.{name}: {message}") from None
 
 
 def load(path: Path | str) -> dict[str, Any]:
@@ -144,8 +165,27 @@ def generators(cfg: dict[str, Any]) -> list[str]:
 
 
 def runs(cfg: dict[str, Any]) -> list[str]:
-    """Robust-training runs: the real-data baseline and one run per generator."""
-    return ["baseline", *generators(cfg)]
+    """Robust-training runs: the real-data baseline and one run per generator, then the same again for
+    every variant in `variants.names` (named <run>-<variant>, e.g. gaussian-cutmix)."""
+    plain = ["baseline", *generators(cfg)]
+    return plain + [f"{run}-{variant}" for variant in cfg["variants"]["names"] for run in plain]
+
+
+def split_run(run: str) -> tuple[str, str | None]:
+    """'gaussian-cutmix' -> ('gaussian', 'cutmix'); 'baseline' -> ('baseline', None)."""
+    source, _, variant = run.partition("-")
+    return source, variant or None
+
+
+def train_robust_for(cfg: dict[str, Any], run: str) -> dict[str, Any]:
+    """The `train_robust` section a run trains with: its variant's settings laid over the shared one."""
+    _, variant = split_run(run)
+    if variant is None:
+        return dict(cfg["train_robust"])
+    if variant not in cfg["variants"]["names"]:
+        raise ParamsError(f"variants.names: run {run!r} names variant {variant!r}, which is not listed "
+                          f"({cfg['variants']['names']})")
+    return {**cfg["train_robust"], **cfg["variants"]["settings"][variant]}
 
 
 def shard_count(cfg: dict[str, Any]) -> int:

@@ -42,7 +42,7 @@ from pipeline.shards import ShardError, atomic_path, expand, set_sha256
 log = logging.getLogger("pipeline.table")
 BASELINE = "baseline"
 COLUMNS = [
-    "dataset", "run", "generator", "n_generated", "model", "threat", "eps", "eps_255",
+    "dataset", "run", "generator", "variant", "n_generated", "model", "threat", "eps", "eps_255",
     "clean_acc", "autoattack_acc", "pgd_acc", "pgd_steps", "teacher_acc",
     "complementarity_train", "complementarity_test", "complementarity_self", "coverage_train", "coverage_test",
     "epochs", "n_eval", "flags", "gradient_masking_suspected",
@@ -172,8 +172,9 @@ def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list
             raise TableError(f"{path}: run {run!r} has no training metrics among --train-metrics "
                              f"({', '.join(sorted(trains)) or 'none given'})")
         train_path, train = trains[run]
-        generator = train.get("generator") or (None if run == BASELINE else run)
-        is_baseline = run == BASELINE or generator in (None, "", "none")
+        source, variant = params_mod.split_run(run)   # variant runs (e.g. gaussian-cutmix) reuse a generator
+        generator = train.get("generator") or (None if source == BASELINE else source)
+        is_baseline = source == BASELINE or generator in (None, "", "none")
         n_generated = 0 if is_baseline else int(need(train, "n_generated", train_path))
         model_sha = str(need(ev, "model_sha256", path))
         trained_sha = train.get("model_sha256")
@@ -182,6 +183,7 @@ def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list
                              f"{train_path} describes ({str(trained_sha)[:12]}): stale evaluation")
         row: dict[str, Any] = {
             "dataset": cfg["base"]["dataset"], "run": run, "generator": "none" if is_baseline else generator,
+            "variant": train.get("variant") or variant or "none",
             "n_generated": n_generated, "model": need(train, "model", train_path),
             "threat": threat, "eps": f"{float(need(ev, 'eps_255', path)):g}/255",
             "eps_255": f"{float(ev['eps_255']):g}",
@@ -206,7 +208,8 @@ def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list
             row.update(analysis_values(analysis[generator][1], analysis[generator][0]))
             row["generated_sha256"] = generated_checksum(generator, train, train_path, generated)
         rows.append(row)
-    rows.sort(key=lambda r: (r["generator"] != "none", r["generator"], r["n_generated"], r["model"], r["threat"]))
+    rows.sort(key=lambda r: (r["generator"] != "none", r["generator"], r["n_generated"], r["model"],
+                             r["variant"] != "none", r["variant"], r["threat"]))
     seen = set()
     for row in rows:
         key = (row["run"], row["threat"])
@@ -259,11 +262,12 @@ def markdown(rows: list[dict[str, Any]], dataset: str) -> str:
              "Accuracies in % of the first `n_eval` test images; AutoAttack = standard version "
              "(APGD-CE, APGD-T, FAB-T, Square); PGD with `pgd_steps` steps. Provenance (git commit, params "
              f"hash, model and generated-set checksums) is in results/{dataset}_table.csv.", "",
-             "| generator | n generated | model | threat | eps | clean | AutoAttack | PGD (steps) | teacher "
-             "| compl. test | coverage test | epochs | n eval | flags |",
-             "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| generator | variant | n generated | model | threat | eps | clean | AutoAttack | PGD (steps) "
+             "| teacher | compl. test | coverage test | epochs | n eval | flags |",
+             "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['generator']} | {r['n_generated']:,} | {r['model']} | {r['threat']} | {r['eps']} "
+        lines.append(f"| {r['generator']} | {r['variant']} | {r['n_generated']:,} | {r['model']} | {r['threat']} "
+                     f"| {r['eps']} "
                      f"| {_pct(r['clean_acc'])} | {_pct(r['autoattack_acc'])} | {_pct(r['pgd_acc'])} "
                      f"({r['pgd_steps']}) | {_pct(r['teacher_acc'])} | "
                      f"{'' if r['complementarity_test'] == '' else format(r['complementarity_test'], '.4f')} | "

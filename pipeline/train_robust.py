@@ -45,7 +45,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import checkpoint, datasets, models, optim, seeding, shards
+from pipeline import aux_bn, checkpoint, datasets, models, optim, seeding, shards
+from pipeline import cutmix as cutmix_mod
 from pipeline import loader as loader_mod
 from pipeline import params as params_mod
 from pipeline.attacks import robust_accuracy
@@ -84,6 +85,9 @@ class TrainRobustConfig:
     checkpoint_every: int       # steps between resumable checkpoints
     num_workers: int            # DataLoader worker processes
     sync_bn: bool               # SyncBatchNorm across ranks
+    aux_bn: str                 # none, adversarial (AdvProp) or source (real vs generated); pipeline/aux_bn.py
+    cutmix_alpha: float         # CutMix Beta(alpha, alpha) box areas; 0 = off (pipeline/cutmix.py)
+    cutmix_apply_to: str        # real, generated or both rows of each batch
 
     def __post_init__(self) -> None:
         if self.model not in models.MODELS:
@@ -96,6 +100,10 @@ class TrainRobustConfig:
             raise ValueError("train_robust.epoch_size: smaller than one batch")
         if self.warmup_epochs >= self.epochs:
             raise ValueError("train_robust.warmup_epochs: must be smaller than epochs")
+        if self.aux_bn not in aux_bn.MODES:
+            raise ValueError(f"train_robust.aux_bn: {self.aux_bn!r} not in {aux_bn.MODES}")
+        if self.cutmix_apply_to not in cutmix_mod.APPLY_TO or self.cutmix_alpha < 0:
+            raise ValueError(f"train_robust.cutmix_apply_to in {cutmix_mod.APPLY_TO}, cutmix_alpha >= 0")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -203,6 +211,12 @@ def _state_to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
+def inference_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights of the network evaluation sees: with auxiliary batch norms, only the main ones."""
+    plain = aux_bn.main_only(model) if aux_bn.duals(model) else model
+    return _state_to_cpu(plain.state_dict())
+
+
 def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, train: Path, val: Path,
                  generated: list[Path], labels: list[Path], workdir: Path,
                  selection: Path | None = None, stop_after: int | None = None,
@@ -213,18 +227,22 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
     """
     ctx, device = init_distributed(device_name)
     cuda = device.type == "cuda"
-    if run == "baseline" and generated:
-        raise ValueError("run baseline trains on real data only; do not pass --generated")
-    if run != "baseline" and not generated:
+    source, variant = params_mod.split_run(run)   # e.g. gaussian-cutmix: gaussian's data, variant cutmix
+    if source == "baseline" and generated:
+        raise ValueError(f"run {run} trains on real data only; do not pass --generated")
+    if source != "baseline" and not generated:
         raise ValueError(f"run {run!r} needs --generated shards")
-    check_provenance(generated, run, seed)
+    check_provenance(generated, source, seed)
     dataset = make_dataset(cfg, seed, train, generated, labels, selection, ctx)
     n_generated = len(dataset.generated) if dataset.generated is not None else 0
     val_set = load_eval_set(val, device)
 
     torch.manual_seed(seeding.derive(seed, "train_robust", "init"))  # same init for every run
     model = models.build(cfg.model, num_classes)
-    ema = EMA(model, cfg.ema_decay, shadow=models.build(cfg.model, num_classes))
+    shadow = models.build(cfg.model, num_classes)
+    if cfg.aux_bn != "none":  # main + auxiliary batch norms; the EMA averages both
+        model, shadow = aux_bn.convert(model), aux_bn.convert(shadow)
+    ema = EMA(model, cfg.ema_decay, shadow=shadow)
     if ctx.world_size > 1 and cfg.sync_bn:
         if cuda:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -236,7 +254,7 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
     optimizer = optim.sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     schedule = optim.scheduler(optimizer, cfg.total_steps, cfg.warmup_epochs * cfg.steps_per_epoch)
 
-    step, curve, best = 0, [], {"acc": -1.0, "epoch": 0, "state": _state_to_cpu(ema.model.state_dict())}
+    step, curve, best = 0, [], {"acc": -1.0, "epoch": 0, "state": inference_state(ema.model)}
     acc = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, kl, correct, count this epoch
     state = checkpoint.latest(workdir, map_location="cpu")
     if state is not None:
@@ -260,7 +278,9 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
     # go through one call of `forward`, DDP-wrapped when distributed.
     forward: nn.Module = TwoViews(model)
     if ctx.world_size > 1:
-        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if cuda else None)
+        # with auxiliary batch norms a step may leave one set unused (source mode, a batch without one source)
+        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if cuda else None,
+                                                      find_unused_parameters=cfg.aux_bn != "none")
     model.train()
 
     def save() -> None:
@@ -287,9 +307,15 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
             smoothing = is_generated.to(device).float() * cfg.label_smoothing
             attack_rng = seeding.torch_generator(seed, "train_robust", run, "attack", step, ctx.rank,
                                                  device=device)
+            mix = None
+            if cfg.cutmix_alpha > 0:
+                x, mix = cutmix_mod.cutmix(x, y, smoothing, cutmix_mod.selection(cfg.cutmix_apply_to, is_generated),
+                                           cfg.cutmix_alpha, seeding.numpy_rng(seed, "train_robust", run, "cutmix",
+                                                                               step, ctx.rank))
+            routes = aux_bn.routes_for(cfg.aux_bn, is_generated.to(device))
             with autocast:
                 loss, parts = adversarial_loss(cfg.loss, model, x, y, cfg.beta, attack,  # type: ignore[arg-type]
-                                               smoothing, attack_rng, forward)
+                                               smoothing, attack_rng, forward, mix, routes)
             if not torch.isfinite(loss).item():
                 raise NonFiniteLoss(f"run {run}: loss is {loss.item()} at step {step} (lr "
                                     f"{schedule.get_last_lr()[0]:.4g}); stopped without saving, the last good "
@@ -323,7 +349,7 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
                         ema.model, val_set, cfg, seeding.derive(seed, "train_robust", "val"))
                     if row["val_robust_acc"] > best["acc"]:
                         best = {"acc": row["val_robust_acc"], "epoch": epoch,
-                                "state": _state_to_cpu(ema.model.state_dict())}
+                                "state": inference_state(ema.model)}
                     log.info("epoch %d/%d: train loss %.4f, val clean %.3f, val PGD-%d %.3f",
                              epoch, cfg.epochs, row["train_loss"], row["val_clean_acc"], cfg.val_pgd_steps,
                              row["val_robust_acc"])
@@ -346,15 +372,17 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
         raise Preempted(SIGTERM_EXIT)
     last = curve[-1] if curve else {}
     metrics = {
-        "run": run, "generator": None if run == "baseline" else run, "n_generated": n_generated,
+        "run": run, "generator": None if source == "baseline" else source, "n_generated": n_generated,
         "generated_per_batch": dataset.spec.n_generated, "model": cfg.model, "loss": cfg.loss,
         "threat": cfg.threat, "eps_255": cfg.eps_255, "epochs": cfg.epochs, "steps": cfg.total_steps,
-        "seed": seed, "world_size": ctx.world_size, "num_classes": num_classes,
+        "seed": seed, "world_size": ctx.world_size, "num_classes": num_classes, "variant": variant,
+        "source_run": source, "aux_bn": cfg.aux_bn, "cutmix_alpha": cfg.cutmix_alpha,
         "val_robust_acc_best": best["acc"], "best_epoch": best["epoch"],
         "val_robust_acc_last": last.get("val_robust_acc"), "val_clean_acc_last": last.get("val_clean_acc"),
         "train_loss": last.get("train_loss"), "config": dataclasses.asdict(cfg),
     }
-    return Result(ema.model, best["state"], curve, metrics)
+    return Result(aux_bn.main_only(ema.model) if cfg.aux_bn != "none" else ema.model, best["state"], curve,
+                  metrics)
 
 
 # --- outputs ---
@@ -414,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.train_robust", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--run", required=True, help="baseline or a generator name")
+    parser.add_argument("--run", required=True,
+                        help="baseline or a generator name, optionally -<variant> (params `variants`)")
     parser.add_argument("--train", type=Path, required=True, help="real training set (HDF5)")
     parser.add_argument("--val", type=Path, required=True, help="validation split (HDF5)")
     parser.add_argument("--generated", type=Path, nargs="*", default=[], help="shard files or directories")
@@ -430,7 +459,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg_all = params_mod.load(args.params)
-    cfg = params_mod.section(TrainRobustConfig, cfg_all["train_robust"])
+    try:
+        cfg = params_mod.section(TrainRobustConfig, params_mod.train_robust_for(cfg_all, args.run))
+    except params_mod.ParamsError as error:
+        sys.exit(f"error: {error}")
     if args.generated and not args.labels:
         log.warning("no --labels: using the labels stored in the generated shards")
     try:

@@ -1,5 +1,7 @@
 # Helpers shared by the rules: validation before any job, the DAG's axes, and path templates.
 # Real logic lives in pipeline/ (pipeline.params), where it is tested.
+import re
+
 import yaml
 
 from pipeline import datasets
@@ -24,7 +26,7 @@ SHARDS = [f"{i:05d}" for i in range(P.shard_count(config))]
 
 wildcard_constraints:
     generator="|".join(GENERATORS) or "none",
-    run="|".join(RUNS),
+    run="|".join(re.escape(run) for run in RUNS),
     threat="linf|l2",
     shard=r"\d{5}",
 
@@ -34,20 +36,36 @@ def section(*names):
     return {name: config[name] for name in names}
 
 
+def run_section(*names):
+    """section() for a per-run rule: `train_robust` is the run's own (its variant's settings laid over),
+    so adding or changing one variant reruns only that variant's jobs."""
+    def params(wildcards):
+        cfg = section(*names)
+        if "train_robust" in cfg:
+            cfg["train_robust"] = P.train_robust_for(config, wildcards.run)
+        return cfg
+    return params
+
+
 def generated_shards(wildcards):
     return expand("data/generated/{generator}/shard-{shard}.h5", generator=wildcards.generator, shard=SHARDS)
 
 
+def run_source(wildcards):
+    """The data a run trains on: `baseline` or a generator (a variant run, e.g. gaussian-cutmix, reuses it)."""
+    return P.split_run(wildcards.run)[0]
+
+
 def run_shards(wildcards):
-    if wildcards.run == "baseline":
+    if run_source(wildcards) == "baseline":
         return []
-    return expand("data/generated/{generator}/shard-{shard}.h5", generator=wildcards.run, shard=SHARDS)
+    return expand("data/generated/{generator}/shard-{shard}.h5", generator=run_source(wildcards), shard=SHARDS)
 
 
 def run_labels(wildcards):
-    if wildcards.run == "baseline":
+    if run_source(wildcards) == "baseline":
         return []
-    return expand("data/pseudolabels/{generator}/shard-{shard}.h5", generator=wildcards.run, shard=SHARDS)
+    return expand("data/pseudolabels/{generator}/shard-{shard}.h5", generator=run_source(wildcards), shard=SHARDS)
 
 
 def flag_list(flag, paths):

@@ -12,7 +12,7 @@ rule train_robust:
         metrics="results/train_robust/{run}/metrics.json",
         curve="results/train_robust/{run}/curve.csv",
     params:
-        cfg=section("base", "train_robust"),
+        cfg=run_section("base", "train_robust"),
         params_file=PARAMS_FILE,
         generated=lambda wildcards, input: flag_list("--generated", input.generated),
         labels=lambda wildcards, input: flag_list("--labels", input.labels),

@@ -66,6 +66,11 @@ def test_snakemake_builds_a_sane_table(snakemake_run):
     assert {row["generator"] for row in rows} == {"none", *P.generators(cfg)} or \
         {row["generator"] for row in rows} == {"", *P.generators(cfg)}
     assert len(rows) == len(P.runs(cfg)) * len(cfg["evaluate"]["threats"])
+    # every variant (tests/params.yaml: advprop, cutmix) adds a row for the baseline and each generator
+    assert {row["variant"] for row in rows} == {"none", *cfg["variants"]["names"]}
+    assert {(row["generator"], row["variant"]) for row in rows} == {
+        (generator, variant) for generator in ["none", *P.generators(cfg)]
+        for variant in ["none", *cfg["variants"]["names"]]}
     for row in rows:
         clean, robust, teacher = float(row["clean_acc"]), float(row["autoattack_acc"]), float(row["teacher_acc"])
         assert 0.0 <= robust <= clean <= 1.0
@@ -84,7 +89,7 @@ def test_snakemake_rerun_has_nothing_to_do(snakemake_run):
 def test_dvc_repro_gives_the_same_table(snakemake_run, dvc_repo):
     ours = read_table(dvc_repo / "results" / "cifar10_table.csv")
     theirs = read_table(snakemake_run / "results" / "cifar10_table.csv")
-    key = lambda row: (row["generator"], row["threat"])
+    key = lambda row: (row["run"], row["threat"])
     measured = ["clean_acc", "autoattack_acc", "pgd_acc", "teacher_acc", "n_generated", "model", "eps"]
     assert [[row[c] for c in measured] for row in sorted(ours, key=key)] == \
         [[row[c] for c in measured] for row in sorted(theirs, key=key)]

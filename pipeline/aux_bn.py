@@ -1,0 +1,109 @@
+"""Auxiliary batch norm (AdvProp, Xie et al., CVPR 2020) for robust training.
+
+Every BatchNorm2d of a model becomes a `DualBatchNorm2d` holding two complete batch norms (statistics
+and affine parameters): `main` and `aux`. A route decides which one each input goes through:
+
+- `train_robust.aux_bn: adversarial` (AdvProp): clean images through main, adversarial examples through
+  aux, and the adversary itself attacks the aux-BN network.
+- `train_robust.aux_bn: source`: real images through main, generated images through aux (a per-row
+  mask), since generated images come from another distribution.
+
+Only main is used at inference: the route defaults to main, so validation, the saved model and
+AutoAttack all see a plain classifier. `main_only(model)` turns the trained network back into the
+registry's architecture (the main batch norms in place of the dual ones) for saving.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Union
+
+import torch
+from torch import nn
+
+MODES = ("none", "adversarial", "source")
+Route = Union[str, torch.Tensor, None]   # "main", "aux", a bool mask (True rows -> aux), or None (= main)
+
+
+class DualBatchNorm2d(nn.Module):
+    """Two batch norms with one switch; `route` is set by `routed`, never by the caller directly."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.main = bn
+        self.aux = copy.deepcopy(bn)
+        self.route: Route = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.route
+        if route is None or (isinstance(route, str) and route == "main"):
+            return self.main(x)
+        if isinstance(route, str):
+            if route != "aux":
+                raise ValueError(f"unknown batch-norm route {route!r}")
+            return self.aux(x)
+        mask = route.to(device=x.device, dtype=torch.bool)
+        if mask.all():
+            return self.aux(x)
+        if not mask.any():
+            return self.main(x)
+        out = torch.empty_like(x)
+        out[~mask] = self.main(x[~mask])
+        out[mask] = self.aux(x[mask])
+        return out
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in place by a DualBatchNorm2d (aux starts as a copy of main)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(model, name, DualBatchNorm2d(child))
+        else:
+            convert(child)
+    return model
+
+
+def duals(model: nn.Module) -> list[DualBatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, DualBatchNorm2d)]
+
+
+@contextmanager
+def routed(model: nn.Module, route: Route) -> Iterator[None]:
+    """Send every forward inside the block through `route`; restores the previous routes after."""
+    layers = duals(model)
+    previous = [layer.route for layer in layers]
+    for layer in layers:
+        layer.route = route
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, previous):
+            layer.route = old
+
+
+def main_only(model: nn.Module) -> nn.Module:
+    """A copy of `model` with each DualBatchNorm2d replaced by its main batch norm (the inference net)."""
+    plain = copy.deepcopy(model)
+
+    def strip(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, DualBatchNorm2d):
+                setattr(module, name, child.main)
+            else:
+                strip(child)
+
+    strip(plain)
+    return plain
+
+
+def routes_for(mode: str, is_generated: torch.Tensor) -> tuple[Route, Route] | None:
+    """(clean route, adversarial route) of one batch for `train_robust.aux_bn`; None when off."""
+    if mode == "none":
+        return None
+    if mode == "adversarial":
+        return "main", "aux"
+    if mode == "source":
+        return is_generated, is_generated
+    raise ValueError(f"train_robust.aux_bn: unknown {mode!r}; known: {', '.join(MODES)}")
