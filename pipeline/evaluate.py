@@ -61,6 +61,7 @@ MASKING_FLAGS = {"autoattack_above_pgd", "robust_above_clean", "pgd_far_above_au
 class EvaluateConfig:
     """Mirror of params.yaml `evaluate:`; every field is required (no second defaults)."""
     threats: list[str]            # threat models evaluated by the DAG (one job each)
+    learned_threats: list[str]    # learned perturbation sets, evaluated by pipeline.evaluate_latent
     eps_255: dict[str, float]     # radius per threat, in 1/255 pixel units (paper: linf 8, l2 128)
     n_eval: int                   # first n test images attacked (paper: 10000)
     batch_size: int               # images per attack batch (memory only)

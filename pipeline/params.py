@@ -72,6 +72,10 @@ def _check_cross_keys(cfg: dict[str, Any]) -> None:
         )
     if robust["generated_fraction"] == 1:
         raise ParamsError("train_robust.generated_fraction: 1 leaves no real images for the baseline")
+    for threat in cfg["evaluate"]["learned_threats"]:
+        if threat not in generate["generators"]:
+            raise ParamsError(f"evaluate.learned_threats: {threat} is learned by the {threat} generator; add it "
+                              "to generate.generators")
     if "import" in generate["generators"] and not cfg["train_generator"]["import"]["path"]:
         raise ParamsError("train_generator.import.path: required when generate.generators has import")
     if cfg["analysis"]["feature_space"] == "lpips" and not cfg["analysis"]["lpips_weights"]:

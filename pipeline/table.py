@@ -43,7 +43,7 @@ log = logging.getLogger("pipeline.table")
 BASELINE = "baseline"
 COLUMNS = [
     "dataset", "run", "generator", "variant", "n_generated", "model", "threat", "eps", "eps_255",
-    "clean_acc", "autoattack_acc", "pgd_acc", "pgd_steps", "teacher_acc",
+    "clean_acc", "autoattack_acc", "pgd_acc", "pgd_steps", "corrupted_acc", "teacher_acc",
     "complementarity_train", "complementarity_test", "complementarity_self", "coverage_train", "coverage_test",
     "epochs", "n_eval", "flags", "gradient_masking_suspected",
     "git_commit", "params_sha256", "model_sha256", "generated_sha256",
@@ -185,10 +185,13 @@ def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list
             "dataset": cfg["base"]["dataset"], "run": run, "generator": "none" if is_baseline else generator,
             "variant": train.get("variant") or variant or "none",
             "n_generated": n_generated, "model": need(train, "model", train_path),
-            "threat": threat, "eps": f"{float(need(ev, 'eps_255', path)):g}/255",
-            "eps_255": f"{float(ev['eps_255']):g}",
+            # learned threat models (pipeline/evaluate_latent.py) have a latent radius, no pixel eps and no
+            # AutoAttack value; their pgd_acc is the latent attack's accuracy
+            "threat": threat, "eps": ev.get("eps_label") or f"{float(need(ev, 'eps_255', path)):g}/255",
+            "eps_255": "" if ev.get("eps_255") is None else f"{float(ev['eps_255']):g}",
             "clean_acc": float(need(ev, "clean_acc", path)),
-            "autoattack_acc": float(need(ev, "autoattack_acc", path)),
+            "autoattack_acc": "" if "eps_label" in ev else float(need(ev, "autoattack_acc", path)),
+            "corrupted_acc": float(ev["corrupted_acc"]) if "corrupted_acc" in ev else "",
             "pgd_acc": float(need(ev, "pgd_acc", path)), "pgd_steps": int(need(ev, "pgd_steps", path)),
             "teacher_acc": teacher_acc,
             "epochs": need(train, "epochs", train_path), "n_eval": int(need(ev, "n_eval", path)),
@@ -296,6 +299,7 @@ def markdown(rows: list[dict[str, Any]], dataset: str) -> str:
 
 def figure(path: Path, rows: list[dict[str, Any]], dataset: str) -> None:
     """Left: AutoAttack accuracy vs generated images per generator; right: clean vs robust accuracy."""
+    rows = [r for r in rows if r["autoattack_acc"] != ""]   # pixel-norm threats only (AutoAttack rows)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

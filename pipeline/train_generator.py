@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = params_mod.load(args.params)
         train_generator(args.generator, cfg["train_generator"], args.train, args.workdir, args.out,
                         cfg["base"]["seed"], cfg["base"]["device"])
-    except (params_mod.ParamsError, generators.imported.SourceError, NonFiniteLoss) as error:
+    except (ValueError, generators.imported.SourceError, NonFiniteLoss) as error:  # ParamsError is a ValueError
         raise SystemExit(f"error: {error}") from None
     log.info("wrote %s", args.out)
 

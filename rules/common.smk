@@ -21,6 +21,7 @@ DATA = f"data/{DATASET}"
 GENERATORS = P.generators(config)
 RUNS = P.runs(config)
 THREATS = config["evaluate"]["threats"]
+LEARNED_THREATS = config["evaluate"]["learned_threats"]
 SHARDS = [f"{i:05d}" for i in range(P.shard_count(config))]
 
 
@@ -28,6 +29,7 @@ wildcard_constraints:
     generator="|".join(GENERATORS) or "none",
     run="|".join(re.escape(run) for run in RUNS),
     threat="linf|l2",
+    learned="cvae",
     shard=r"\d{5}",
 
 

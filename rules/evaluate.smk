@@ -30,3 +30,36 @@ rule evaluate:
         " --out {output.result}"
         " --out-examples {output.examples}"
         " 2> {log}"
+
+
+rule evaluate_latent:
+    message:
+        "clean, corrupted and latent-attack accuracy of run {wildcards.run} under the learned {wildcards.learned} set"
+    input:
+        model="models/robust/{run}/model.pt",
+        cvae="models/generators/{learned}/model.pt",
+        test=f"{DATA}/test.h5",
+    output:
+        result="results/evaluate/{run}/{learned}.json",
+        examples="results/evaluate/{run}/{learned}.h5",
+    params:
+        cfg=section("base", "evaluate"),
+        params_file=PARAMS_FILE,
+    log:
+        "logs/evaluate/{run}/{learned}.log",
+    benchmark:
+        "benchmarks/evaluate/{run}/{learned}.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.evaluate_latent"
+        " --params {params.params_file}"
+        " --model {input.model}"
+        " --cvae {input.cvae}"
+        " --test {input.test}"
+        " --out {output.result}"
+        " --out-examples {output.examples}"
+        " 2> {log}"

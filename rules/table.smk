@@ -2,7 +2,7 @@ rule table:
     message:
         "collect every run into results/{DATASET}_table.csv (+ markdown and figure)"
     input:
-        evaluations=expand("results/evaluate/{run}/{threat}.json", run=RUNS, threat=THREATS),
+        evaluations=expand("results/evaluate/{run}/{threat}.json", run=RUNS, threat=THREATS + LEARNED_THREATS),
         train_metrics=expand("results/train_robust/{run}/metrics.json", run=RUNS),
         teacher="results/teacher/metrics.json",
         analysis=expand("results/analysis/{generator}.json", generator=GENERATORS),

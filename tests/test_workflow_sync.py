@@ -11,6 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
+
+from pipeline import params as P
 
 from tests.test_workflow import BIN, env, make_workdir
 
@@ -19,7 +22,13 @@ MODULE = re.compile(r"python -m (pipeline\.\w+(?: grid| summary)?)")
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
+    """The test-scale params with every optional part of the DAG switched on: every generator (but
+    import, which needs a file), the learned cvae threat and the variants of tests/params.yaml."""
     path = make_workdir(tmp_path_factory.mktemp("sync"))
+    cfg = yaml.safe_load((path / "params.yaml").read_text())
+    cfg["generate"]["generators"] = ["gaussian", "ddpm", "cvae"]
+    cfg["evaluate"]["learned_threats"] = ["cvae"]
+    (path / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
     subprocess.run(["git", "init", "-q"], cwd=path, check=True)
     subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=path, check=True, env=env())
     return path

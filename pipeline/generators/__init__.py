@@ -12,10 +12,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pipeline.generators import ddpm, gaussian, imported
+from pipeline.generators import cvae, ddpm, gaussian, imported
 from pipeline.generators.base import UNLABELLED, SampleSettings, Sampler
 
-GENERATORS: dict[str, ModuleType] = {"gaussian": gaussian, "ddpm": ddpm, "import": imported}
+GENERATORS: dict[str, ModuleType] = {"gaussian": gaussian, "ddpm": ddpm, "import": imported, "cvae": cvae}
 
 __all__ = ["GENERATORS", "UNLABELLED", "SampleSettings", "Sampler", "get", "load"]
 
