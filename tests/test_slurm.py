@@ -154,7 +154,7 @@ def test_scancelled_sampling_job_is_retried(slurm_run):
 def test_result_equals_a_local_run(slurm_run, snakemake_run):
     workdir, _, _ = slurm_run
     local = snakemake_run
-    key = lambda row: (row["generator"], row["threat"])
+    key = lambda row: (row["run"], row["threat"])
     ours = sorted(read_table(workdir / TABLE), key=key)
     theirs = sorted(read_table(local / TABLE), key=key)
     assert [[row[c] for c in MEASURED] for row in ours] == [[row[c] for c in MEASURED] for row in theirs]
