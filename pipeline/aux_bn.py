@@ -49,6 +49,9 @@ class DualBatchNorm2d(nn.Module):
             return self.aux(x)
         if not mask.any():
             return self.main(x)
+        real = int((~mask).sum())
+        if not mask[:real].any():  # real rows first, then generated (the loader's order): two slices
+            return torch.cat([self.main(x[:real]), self.aux(x[real:])])
         out = torch.empty_like(x)
         out[~mask] = self.main(x[~mask])
         out[mask] = self.aux(x[mask])

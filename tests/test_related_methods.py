@@ -19,17 +19,20 @@ from tests.test_train_robust import generated, small_sets, tiny_cfg  # noqa: F40
 # --- auxiliary batch norm ---
 
 
-def test_mask_route_sends_each_row_through_its_own_batch_norm():
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4, 5, 6, 7], [4, 0, 5, 1, 6, 2, 7, 3]],
+                         ids=["real-then-generated", "interleaved"])
+def test_mask_route_sends_each_row_through_its_own_batch_norm(order):
     torch.manual_seed(0)
     dual = aux_bn.DualBatchNorm2d(nn.BatchNorm2d(3))
     reference_main, reference_aux = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
     x = torch.randn(8, 3, 4, 4)
     x[4:] = x[4:] * 3 + 5                                   # the "generated" rows: another distribution
     mask = torch.tensor([False] * 4 + [True] * 4)
+    x, mask = x[order], mask[order]
     with aux_bn.routed(dual, mask):
         out = dual(x)
-    torch.testing.assert_close(out[:4], reference_main(x[:4]))
-    torch.testing.assert_close(out[4:], reference_aux(x[4:]))
+    torch.testing.assert_close(out[~mask], reference_main(x[~mask]))
+    torch.testing.assert_close(out[mask], reference_aux(x[mask]))
     # each set of running statistics saw only its own rows
     torch.testing.assert_close(dual.main.running_mean, reference_main.running_mean)
     torch.testing.assert_close(dual.aux.running_mean, reference_aux.running_mean)
