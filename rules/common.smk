@@ -49,6 +49,30 @@ def run_section(*names):
     return params
 
 
+def generator_section(*names):
+    """section() for a per-generator rule: only this generator's `train_generator` entry, so changing
+    the DDPM settings (or adding a generator) does not refit the Gaussian."""
+    def params(wildcards):
+        cfg = section(*names)
+        if "train_generator" in cfg:
+            cfg["train_generator"] = {wildcards.generator: config["train_generator"][wildcards.generator]}
+        return cfg
+    return params
+
+
+# The DAG's axes: which threats are evaluated never changes how one (run, threat) job computes.
+EVALUATE_AXES = ("threats", "learned_threats")
+
+
+def evaluation_section(*names):
+    """section() for an evaluation job, without the lists of threats: adding l2 or the cvae threat
+    must not rerun the finished linf AutoAttack jobs (days of GPU time at paper scale)."""
+    cfg = section(*names)
+    if "evaluate" in cfg:
+        cfg["evaluate"] = {k: v for k, v in cfg["evaluate"].items() if k not in EVALUATE_AXES}
+    return cfg
+
+
 def generated_shards(wildcards):
     return expand("data/generated/{generator}/shard-{shard}.h5", generator=wildcards.generator, shard=SHARDS)
 

@@ -7,7 +7,7 @@ rule train_generator:
     output:
         model="models/generators/{generator}/model.pt",
     params:
-        cfg=section("base", "train_generator"),
+        cfg=generator_section("base", "train_generator"),
         params_file=PARAMS_FILE,
         workdir="work/train_generator/{generator}",  # resumable checkpoints: not an output
     log:

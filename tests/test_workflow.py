@@ -6,6 +6,7 @@ The DAG runs in a copy of the workflow files with params.yaml = configs/default.
 from __future__ import annotations
 
 import csv
+import re
 import os
 import shutil
 import subprocess
@@ -95,3 +96,20 @@ def test_dvc_repro_gives_the_same_table(snakemake_run, dvc_repo):
         [[row[c] for c in measured] for row in sorted(theirs, key=key)]
     status = run([str(BIN / "dvc"), "status"], dvc_repo)
     assert "up to date" in status.stdout.lower()
+
+
+def test_adding_a_threat_or_variant_reruns_only_the_new_jobs(snakemake_run, tmp_path):
+    """Axes of the DAG (threats, variants) are not settings of the jobs already done: adding l2 plans
+    only the l2 evaluations (and the table), never the finished linf AutoAttack or training jobs."""
+    copy = tmp_path / "copy"
+    shutil.copytree(snakemake_run, copy, symlinks=True)   # copy2 keeps mtimes; .snakemake keeps params
+    cfg = yaml.safe_load((copy / "params.yaml").read_text())
+    cfg["evaluate"]["threats"] = ["linf", "l2"]
+    cfg["variants"]["names"] = [*cfg["variants"]["names"], "source_bn"]
+    (copy / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
+    plan = run([str(BIN / "snakemake"), "-n", "results/cifar10_table.csv"], copy).stdout
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.split("Job stats:")[1].split("Reasons")[0], flags=re.M))
+    runs = len(P.runs(cfg))
+    # l2 for every run, linf only for the new variant's runs (baseline-source_bn, gaussian-source_bn)
+    assert int(jobs["evaluate"]) == runs + 2, plan[-3000:]
+    assert int(jobs["train_robust"]) == 2 and jobs.get("teacher") is None and jobs.get("generate") is None, jobs

@@ -54,7 +54,9 @@ def dvc_stages(workdir: Path) -> tuple[set[str], set[str], dict[str, set[str]]]:
         for stage in repo.index.stages:
             if stage.cmd and (match := MODULE.search(stage.cmd)):
                 modules.add(match.group(1))
-                sections = {key for dep in stage.deps if hasattr(dep, "params") for key in (dep.params or [])}
+                # a stage may track part of a section (evaluate.n_eval, train_generator.gaussian)
+                sections = {key.split(".")[0] for dep in stage.deps if hasattr(dep, "params")
+                            for key in (dep.params or [])}
                 params.setdefault(match.group(1), set()).update(sections)
             for out in stage.outs:
                 outputs.add(str(Path(out.fs_path).relative_to(workdir)))
