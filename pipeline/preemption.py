@@ -8,9 +8,14 @@ a scheduler expects from a preempted job). Rerunning the same command resumes fr
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("pipeline.preemption")
 
 SIGTERM_EXIT = 143   # 128 + SIGTERM
 
@@ -45,3 +50,16 @@ class SigtermFlag:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def checkpoint_after_step(sigterm: SigtermFlag, done: int, total: int, every: int, save: Callable[[int], None],
+                          workdir: Path, bar: Any = None) -> None:
+    """The checkpoint rule of a step loop: save every `every` steps, at the last step, and when SIGTERM
+    arrived; after a SIGTERM save (before the last step) close the progress bar and leave with Preempted."""
+    if done % every == 0 or done == total or sigterm.received:
+        save(done)
+    if sigterm.received and done < total:
+        if bar is not None:
+            bar.close()
+        log.warning("SIGTERM: checkpoint at step %d in %s; rerun the same command to resume", done, workdir)
+        raise Preempted(SIGTERM_EXIT)

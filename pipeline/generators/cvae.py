@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, corruptions, seeding
 from pipeline.generators.base import SampleSettings, tiled, to_uint8
-from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag
+from pipeline.preemption import NonFiniteLoss, SigtermFlag, checkpoint_after_step
 from pipeline.shards import ShardError, file_sha256, read_imageset
 
 log = logging.getLogger("pipeline.generators.cvae")
@@ -243,13 +243,7 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
             optimizer.step()
             curve.append({"step": step + 1, "loss": loss.item(), "recon": recon.item(), "kl": kl.item()})
             bar.set_postfix(loss=f"{loss.item():.2f}", refresh=False)
-            done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.train_steps or sigterm.received:
-                save(done)
-            if sigterm.received and done < cfg.train_steps:
-                bar.close()
-                log.warning("SIGTERM: checkpoint at step %d in %s; rerun the same command to resume", done, workdir)
-                raise Preempted(SIGTERM_EXIT)
+            checkpoint_after_step(sigterm, step + 1, cfg.train_steps, cfg.checkpoint_every, save, workdir, bar)
     model.eval()
     held_clean, held_perturbed = to_tensor(clean_all[held_rows], device), to_tensor(perturbed_all[held_rows], device)
     radius = estimate_radius(model, held_clean, held_perturbed)

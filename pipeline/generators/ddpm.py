@@ -29,7 +29,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from tqdm import tqdm
 
 from pipeline import checkpoint, seeding
-from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag
+from pipeline.preemption import NonFiniteLoss, SigtermFlag, checkpoint_after_step
 from pipeline.generators.base import UNLABELLED, SampleSettings, tiled, to_uint8
 from pipeline.shards import file_sha256, read_imageset
 
@@ -149,14 +149,7 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
             ema_update(ema, unet, cfg.ema_decay, step)
             loss_value = loss.item()
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-            done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.train_steps or sigterm.received:
-                save(done)
-            if sigterm.received and done < cfg.train_steps:
-                bar.close()
-                log.warning("SIGTERM: checkpoint at step %d in %s; rerun the same command to resume", done,
-                            workdir)
-                raise Preempted(SIGTERM_EXIT)
+            checkpoint_after_step(sigterm, step + 1, cfg.train_steps, cfg.checkpoint_every, save, workdir, bar)
     log.info("trained %d steps, last loss %.4f", cfg.train_steps, loss_value)
     model = {"kind": NAME, "unet_config": dict(ema.config), "state_dict": ema.state_dict(),
              "num_train_timesteps": cfg.num_train_timesteps, "beta_start": BETA_START, "beta_end": BETA_END,
