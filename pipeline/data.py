@@ -84,7 +84,7 @@ def fetch_all(spec: datasets.DatasetSpec, cfg: DataConfig, raw_dir: Path) -> lis
     paths = []
     for source in datasets.sources(spec, cfg.archive):
         path = fetch(source, raw_dir)
-        verify_md5(path, datasets.expected_md5(spec, cfg.md5, source))
+        verify_md5(path, datasets.expected_md5(cfg.md5, source))
         paths.append(path)
     return paths
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from pipeline import corruptions, models, seeding
 from pipeline import params as params_mod
+from pipeline.classifier_training import to_float
 from pipeline.generators import cvae
 from pipeline.shards import atomic_path, file_sha256, read_attrs, read_imageset, write_arrays
 
@@ -62,9 +63,9 @@ def evaluate(model: torch.nn.Module, generator: cvae.CVAE, cvae_state: dict[str,
     out: dict[str, list[np.ndarray]] = {"clean_correct": [], "corrupted_correct": [], "latent_correct": []}
     for start in tqdm(range(0, len(images), batch_size), desc="evaluate cvae", unit="batch", leave=False):
         part = slice(start, start + batch_size)
-        x, y = cvae.to_tensor(images[part], device), torch.from_numpy(labels[part]).to(device)
+        x, y = to_float(images[part], device), torch.from_numpy(labels[part]).to(device)
         out["clean_correct"].append((_predict(model, x) == y).cpu().numpy())
-        out["corrupted_correct"].append((_predict(model, cvae.to_tensor(corrupted[part], device)) == y).cpu().numpy())
+        out["corrupted_correct"].append((_predict(model, to_float(corrupted[part], device)) == y).cpu().numpy())
         x_adv = latent_attack(model, generator, x, y, float(cvae_state["radius"]), steps)
         out["latent_correct"].append((_predict(model, x_adv) == y).cpu().numpy())
     return {"index": np.arange(len(images)), "label": labels, "corruption": kinds,

@@ -11,6 +11,7 @@ import torch
 
 from pipeline import checkpoint, corruptions, generate, shards
 from pipeline import params as P
+from pipeline.classifier_training import to_float
 from pipeline.generators import cvae
 from pipeline.shards import read_imageset, write_imageset
 
@@ -136,7 +137,7 @@ def test_latent_threat_evaluation_and_its_table_row(tiny_params, write_params, s
     torch.manual_seed(0)
     net = models.build("small_cnn")
     images, labels = read_imageset(small_train)
-    x, y = cvae.to_tensor(images), torch.from_numpy(labels)
+    x, y = to_float(images), torch.from_numpy(labels)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     for idx in torch.randperm(len(y)).repeat(4).split(32):     # a little real training: accuracy to lose
         loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])

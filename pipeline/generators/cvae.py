@@ -32,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import checkpoint, corruptions, seeding
+from pipeline.classifier_training import to_float
 from pipeline.generators.base import SampleSettings, tiled, to_uint8
 from pipeline.preemption import NonFiniteLoss, SigtermFlag, checkpoint_after_step
 from pipeline.shards import ShardError, file_sha256, read_imageset
@@ -157,10 +158,6 @@ def truncated_prior(latent_dim: int, eps: float, generators: list[torch.Generato
 # --- training ---
 
 
-def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div(255)
-
-
 def make_pairs(cfg: Config, train_images: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     if cfg.pairs_path:
         return corruptions.load_pairs(Path(cfg.pairs_path))
@@ -233,7 +230,7 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
             gen = seeding.torch_generator(seed, NAME, "step", step)
             idx = torch.randint(len(clean), (cfg.batch_size,), generator=gen)
             noise = torch.randn(cfg.batch_size, cfg.latent_dim, generator=gen)
-            loss, recon, kl = model.loss(to_tensor(clean[idx].numpy(), device), to_tensor(perturbed[idx].numpy(), device),
+            loss, recon, kl = model.loss(to_float(clean[idx], device), to_float(perturbed[idx], device),
                                          noise.to(device), cfg.beta)
             if not torch.isfinite(loss).item():
                 raise NonFiniteLoss(f"cvae: loss is {loss.item()} at step {step}; stopped without saving, the "
@@ -245,7 +242,7 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
             bar.set_postfix(loss=f"{loss.item():.2f}", refresh=False)
             checkpoint_after_step(sigterm, step + 1, cfg.train_steps, cfg.checkpoint_every, save, workdir, bar)
     model.eval()
-    held_clean, held_perturbed = to_tensor(clean_all[held_rows], device), to_tensor(perturbed_all[held_rows], device)
+    held_clean, held_perturbed = to_float(clean_all[held_rows], device), to_float(perturbed_all[held_rows], device)
     radius = estimate_radius(model, held_clean, held_perturbed)
     errors = held_out_errors(model, held_clean, held_perturbed, radius, cfg.latent_steps, seed)
     log.info("radius %.3f; held-out MSE per pixel: approximation %.5f, sufficient %.5f, identity %.5f",
@@ -284,7 +281,7 @@ class CVAESampler:
         generators = [seeding.torch_generator(self.seed, NAME, i) for i in range(lo, hi)]
         u = truncated_prior(self.model.latent_dim, self.radius, generators).to(self.device)
         with torch.inference_mode():
-            out = self.model.at(to_tensor(self.images[rows], self.device), u)
+            out = self.model.at(to_float(self.images[rows], self.device), u)
         return to_uint8(out), self.labels[rows].astype(np.int64)
 
     def sample(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
