@@ -24,6 +24,7 @@ localrules:
     all,
     sample_grid,
     analysis_summary,
+    threat_model,
     table,
 
 

@@ -32,6 +32,7 @@ from pipeline import params as params_mod
 from pipeline.classifier_training import to_float
 from pipeline.generators import cvae
 from pipeline.shards import atomic_path, file_sha256, read_attrs, read_imageset, write_arrays
+from pipeline.threat_model import LatentSet
 
 log = logging.getLogger("pipeline.evaluate_latent")
 THREAT = "cvae"
@@ -45,12 +46,8 @@ def _predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def latent_attack(model: torch.nn.Module, generator: cvae.CVAE, x: torch.Tensor, y: torch.Tensor, radius: float,
                   steps: int) -> torch.Tensor:
     """The member of each image's learned perturbation set that maximises the model's cross-entropy."""
-    def loss(u: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(generator.at(x, u).clamp(0, 1)), y, reduction="none")
-
-    u = cvae.latent_pgd(loss, generator.latent_dim, len(x), radius, steps, x.device)
-    with torch.no_grad():
-        return generator.at(x, u).clamp(0, 1)
+    return LatentSet(generator, radius).attack(
+        model, x, lambda logits: F.cross_entropy(logits, y, reduction="none"), steps)
 
 
 def evaluate(model: torch.nn.Module, generator: cvae.CVAE, cvae_state: dict[str, Any], images: np.ndarray,

@@ -9,7 +9,7 @@ tensors and leaves the optimiser alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from torch import nn
 from pipeline.attacks import Threat, eval_mode, pgd, pgd_ce
 from pipeline.aux_bn import Route, routed
 from pipeline.cutmix import Mix
+
+if TYPE_CHECKING:
+    from pipeline.threat_model import LatentSet
 
 LossName = Literal["trades", "pgd"]
 # Train-mode forward of one or more inputs, returning their logits. Under DDP it is one call of the
@@ -58,11 +61,14 @@ def _plain(model: nn.Module) -> Forward:
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """Inner maximisation of the training loss; radii in [0, 1] pixel units."""
-    threat: Threat
+    """Inner maximisation of the training loss; radii in [0, 1] pixel units. With `latent` (a learned
+    perturbation set, threat `cvae`) the search runs in its latent ball instead and eps/step_size are
+    unused: the radius is the set's own and the step 2.5 radius / steps."""
+    threat: Threat | Literal["cvae"]
     eps: float
     step_size: float
     steps: int
+    latent: LatentSet | None = None
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: torch.Tensor | float = 0.0,
@@ -106,9 +112,10 @@ def trades_objective(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torc
 def trades_attack(model: nn.Module, x: torch.Tensor, attack: AttackSpec,
                   generator: torch.Generator | None = None, route: Route = None) -> torch.Tensor:
     """TRADES inner maximisation: maximise KL(f(x) || f(x')) from x + 0.001 * N(0, 1), in eval mode
-    (through the batch norms `route` names, when the model has auxiliary ones)."""
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None \
-        else torch.randn_like(x)
+    (through the batch norms `route` names, when the model has auxiliary ones). In a learned set the
+    start is u = 0.001 * N(0, I) in its latent space."""
+    shape = (len(x), attack.latent.latent_dim) if attack.latent is not None else x.shape
+    noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
     with eval_mode(model), routed(model, route):
         with torch.no_grad():
             p_nat = F.softmax(model(x).float(), dim=1)
@@ -116,7 +123,9 @@ def trades_attack(model: nn.Module, x: torch.Tensor, attack: AttackSpec,
         def kl(logits: torch.Tensor) -> torch.Tensor:
             return F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
 
-        return pgd(model, x, kl, attack.threat, attack.eps, attack.step_size, attack.steps,
+        if attack.latent is not None:
+            return attack.latent.attack(model, x, kl, attack.steps, start=0.001 * noise)
+        return pgd(model, x, kl, attack.threat, attack.eps, attack.step_size, attack.steps,  # type: ignore[arg-type]
                    start=x + 0.001 * noise)
 
 
@@ -141,7 +150,13 @@ def pgd_at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Atta
     With CutMix the attack maximises CE of the image's own label, the loss takes the mixed labels."""
     route = routes[1] if routes else None
     with routed(model, route):
-        x_adv = pgd_ce(model, x, y, attack.threat, attack.eps, attack.step_size, attack.steps, generator)
+        if attack.latent is not None:
+            with eval_mode(model):
+                x_adv = attack.latent.attack(model, x, lambda logits: F.cross_entropy(logits, y, reduction="sum"),
+                                             attack.steps, attack.latent.random_start(len(x), generator, x.device))
+        else:
+            x_adv = pgd_ce(model, x, y, attack.threat, attack.eps, attack.step_size, attack.steps,  # type: ignore[arg-type]
+                           generator)
     views = forward or _plain(model)
     (logits_adv,) = views(x_adv, routes=(route,)) if routes else views(x_adv)
     ce = mixed_cross_entropy(logits_adv, y, smoothing, mix)

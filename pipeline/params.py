@@ -25,6 +25,7 @@ from pipeline import datasets
 SCHEMA_PATH = Path(__file__).with_name("params.schema.yaml")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 T = TypeVar("T")
+LEARNED_THREATS = ("cvae",)   # threats learned by the generator of the same name (pipeline/threat_model.py)
 
 
 class ParamsError(ValueError):
@@ -49,6 +50,12 @@ def _key_path(error: jsonschema.ValidationError) -> str:
 
 def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     """Check `cfg` against the schema and cross-key rules; raise ParamsError naming the key."""
+    _check_schema_and_keys(cfg)
+    _check_runs(cfg)
+    return cfg
+
+
+def _check_schema_and_keys(cfg: dict[str, Any]) -> None:
     if not isinstance(cfg, dict):
         raise ParamsError("<root>: params must be a mapping of sections")
     validator = jsonschema.Draft202012Validator(load_schema())
@@ -60,7 +67,17 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             lines.append(where if where.endswith("unknown key") else f"{where}: {error.message}")
         raise ParamsError("invalid params:\n  " + "\n  ".join(lines))
     _check_cross_keys(cfg)
-    return cfg
+
+
+def _check_runs(cfg: dict[str, Any]) -> None:
+    """A run trained in a learned perturbation set (threat cvae) needs that set's generator."""
+    for run in runs(cfg):
+        threat = train_robust_for(cfg, run)["threat"]
+        if threat in LEARNED_THREATS and threat not in cfg["generate"]["generators"]:
+            where = "train_robust.threat" if split_run(run)[1] is None else \
+                f"variants.settings.{split_run(run)[1]}.threat"
+            raise ParamsError(f"{where}: run {run!r} trains in the learned {threat} set, which the {threat} "
+                              "generator learns; add it to generate.generators")
 
 
 def _check_cross_keys(cfg: dict[str, Any]) -> None:
@@ -106,8 +123,8 @@ def _check_variants(cfg: dict[str, Any]) -> None:
         merged = copy.deepcopy(cfg)
         merged["train_robust"].update(overrides)
         merged["variants"] = {"names": [], "settings": {}}
-        try:
-            validate(merged)
+        try:  # settings of unlisted variants are checked too, but not whether their runs could train
+            _check_schema_and_keys(merged)
         except ParamsError as error:  # name the variant's own key: variants.settings.<name>.<key>
             message = str(error).replace("train_robust.", f"variants.settings.{name}.")
             raise ParamsError(f"variants.settings.{name}: {message}") from None
@@ -211,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     check = commands.add_parser("check", help="validate a params file")
     check.add_argument("path", type=Path)
     check.add_argument("--stamp", type=Path, help="write this file when valid (DVC dependency)")
+    check.add_argument("--ensure-dir", type=Path, action="append", default=[],
+                       help="create this folder when valid (a DVC stage depends on it even when empty)")
     use = commands.add_parser("use", help="write params.yaml from a preset in configs/")
     use.add_argument("name")
     use.add_argument("--dataset", help="also lay configs/datasets/<dataset>.yaml over it (cifar10, cifar100, svhn)")
@@ -222,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.stamp:
                 args.stamp.parent.mkdir(parents=True, exist_ok=True)
                 args.stamp.write_text("valid\n")  # constant: params changes must not cascade
+            for folder in args.ensure_dir:
+                folder.mkdir(parents=True, exist_ok=True)
             print(f"{args.path}: valid")
         else:
             cfg = preset(args.name, dataset=args.dataset)

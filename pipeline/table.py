@@ -42,7 +42,7 @@ from pipeline.shards import ShardError, atomic_path, expand, set_sha256
 log = logging.getLogger("pipeline.table")
 BASELINE = "baseline"
 COLUMNS = [
-    "dataset", "run", "generator", "variant", "n_generated", "model", "threat", "eps", "eps_255",
+    "dataset", "run", "generator", "variant", "train_threat", "n_generated", "model", "threat", "eps", "eps_255",
     "clean_acc", "autoattack_acc", "pgd_acc", "pgd_steps", "corrupted_acc", "teacher_acc",
     "complementarity_train", "complementarity_test", "complementarity_self", "coverage_train", "coverage_test",
     "epochs", "n_eval", "flags", "gradient_masking_suspected",
@@ -184,6 +184,7 @@ def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list
         row: dict[str, Any] = {
             "dataset": cfg["base"]["dataset"], "run": run, "generator": "none" if is_baseline else generator,
             "variant": train.get("variant") or variant or "none",
+            "train_threat": train.get("threat") or "",   # linf, l2 or cvae (trained in the learned set)
             "n_generated": n_generated, "model": need(train, "model", train_path),
             # learned threat models (pipeline/evaluate_latent.py) have a latent radius, no pixel eps and no
             # AutoAttack value; their pgd_acc is the latent attack's accuracy
@@ -265,11 +266,11 @@ def markdown(rows: list[dict[str, Any]], dataset: str) -> str:
              "Accuracies in % of the first `n_eval` test images; AutoAttack = standard version "
              "(APGD-CE, APGD-T, FAB-T, Square); PGD with `pgd_steps` steps. Provenance (git commit, params "
              f"hash, model and generated-set checksums) is in results/{dataset}_table.csv.", "",
-             "| generator | variant | n generated | model | threat | eps | clean | AutoAttack | PGD (steps) "
-             "| teacher | compl. test | coverage test | epochs | n eval | flags |",
-             "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| generator | variant | trained under | n generated | model | threat | eps | clean | AutoAttack "
+             "| PGD (steps) | teacher | compl. test | coverage test | epochs | n eval | flags |",
+             "|---|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['generator']} | {r['variant']} | {r['n_generated']:,} | {r['model']} | {r['threat']} "
+        lines.append(f"| {r['generator']} | {r['variant']} | {r['train_threat']} | {r['n_generated']:,} | {r['model']} | {r['threat']} "
                      f"| {r['eps']} "
                      f"| {_pct(r['clean_acc'])} | {_pct(r['autoattack_acc'])} | {_pct(r['pgd_acc'])} "
                      f"({r['pgd_steps']}) | {_pct(r['teacher_acc'])} | "

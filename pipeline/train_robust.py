@@ -1,7 +1,7 @@
 """Stage `train_robust`: adversarial training (TRADES or PGD-AT) on real + generated batches.
 
     python -m pipeline.train_robust --params params.yaml --run {run} \
-        --train data/cifar10/train.h5 --val data/cifar10/val.h5 \
+        --train data/cifar10/train.h5 --val data/cifar10/val.h5 --threat-model models/threat/{run}.json \
         [--generated data/generated/{g} --labels data/pseudolabels/{g} [--selection data/selection/{g}/index.npy]] \
         --workdir work/train_robust/{run} \
         --out-model models/robust/{run}/model.pt --out-best models/robust/{run}/best.pt \
@@ -16,6 +16,10 @@ real-only `baseline` run and every generator run take the same number of steps. 
 weight decay off batch-norm/bias, linear warm-up then cosine per step, an EMA of the weights (warm-up
 form), and PGD-`val_pgd_steps` robust accuracy of the EMA model on the validation split each epoch
 choosing best.pt; model.pt is the last EMA model.
+
+`threat: cvae` trains inside a learned perturbation set (Wong and Kolter, 2021): the inner maximisation
+of TRADES or PGD-AT searches the CVAE's latent ball at its estimated radius (pipeline/threat_model.py,
+which --threat-model names), and validation uses the same latent attack.
 
 Resumable: a checkpoint (model, EMA, optimiser, scheduler, RNG states, step = loader position, curve so
 far) goes to --workdir every `checkpoint_every` steps and on SIGTERM (then the process exits with 143);
@@ -42,14 +46,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import aux_bn, checkpoint, datasets, models, optim, seeding, shards
+from pipeline import aux_bn, checkpoint, datasets, models, optim, seeding, shards, threat_model
 from pipeline import cutmix as cutmix_mod
 from pipeline import loader as loader_mod
 from pipeline import params as params_mod
-from pipeline.attacks import robust_accuracy
+from pipeline.attacks import eval_mode, robust_accuracy
 from pipeline.ema import EMA
 from pipeline.losses import AttackSpec, TwoViews, adversarial_loss
 from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag
@@ -65,7 +70,7 @@ class TrainRobustConfig:
     """Mirror of params.yaml `train_robust:`; every field is required (no second defaults)."""
     model: str                  # models.MODELS name
     loss: str                   # trades or pgd
-    threat: str                 # linf or l2
+    threat: str                 # linf, l2 or cvae (the learned perturbation set; eps/step unused)
     beta: float                 # TRADES weight of the KL term (paper: 6)
     eps_255: float              # attack radius in 1/255 units
     step_255: float             # attack step in 1/255 units
@@ -92,8 +97,8 @@ class TrainRobustConfig:
     def __post_init__(self) -> None:
         if self.model not in models.MODELS:
             raise ValueError(f"train_robust.model: {self.model!r} not in {sorted(models.MODELS)}")
-        if self.loss not in ("trades", "pgd") or self.threat not in ("linf", "l2"):
-            raise ValueError("train_robust.loss must be trades|pgd and threat linf|l2")
+        if self.loss not in ("trades", "pgd") or self.threat not in ("linf", "l2", *threat_model.LEARNED):
+            raise ValueError(f"train_robust.loss must be trades|pgd and threat linf|l2|{'|'.join(threat_model.LEARNED)}")
         if not 0 <= self.generated_fraction < 1:
             raise ValueError("train_robust.generated_fraction: must be in [0, 1)")
         if self.epoch_size < self.batch_size:
@@ -113,8 +118,8 @@ class TrainRobustConfig:
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
 
-    def attack(self) -> AttackSpec:
-        return AttackSpec(self.threat, self.eps_255 / 255, self.step_255 / 255, self.attack_steps)  # type: ignore[arg-type]
+    def attack(self, latent: threat_model.LatentSet | None = None) -> AttackSpec:
+        return AttackSpec(self.threat, self.eps_255 / 255, self.step_255 / 255, self.attack_steps, latent)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -195,13 +200,29 @@ def make_dataset(cfg: TrainRobustConfig, seed: int, train: Path, generated: list
 # --- training ---
 
 
+def latent_robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, latent: threat_model.LatentSet,
+                           steps: int, batch_size: int) -> float:
+    """Accuracy under the latent cross-entropy attack (from u = 0, deterministic), in eval mode."""
+    correct = 0
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            x_adv = latent.attack(model, xb, lambda logits: F.cross_entropy(logits, yb, reduction="sum"), steps)
+            with torch.no_grad():
+                correct += int((model(x_adv).argmax(1) == yb).sum())
+    return correct / max(len(x), 1)
+
+
 def validate(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], cfg: TrainRobustConfig,
-             seed: int) -> tuple[float, float]:
-    """(clean accuracy, PGD-val_pgd_steps robust accuracy) of `model` on the validation split."""
+             seed: int, latent: threat_model.LatentSet | None = None) -> tuple[float, float]:
+    """(clean accuracy, PGD-val_pgd_steps robust accuracy) of `model` on the validation split, under
+    the training threat (the latent attack in a learned set)."""
     x, y = val
     with torch.no_grad():
         clean = torch.cat([model(x[i:i + cfg.batch_size]).argmax(1) == y[i:i + cfg.batch_size]
                            for i in range(0, len(x), cfg.batch_size)]).float().mean().item()
+    if latent is not None:
+        return clean, latent_robust_accuracy(model, x, y, latent, cfg.val_pgd_steps, cfg.batch_size)
     robust, _ = robust_accuracy(model, x, y, cfg.threat, cfg.eps_255 / 255, cfg.val_pgd_steps,  # type: ignore[arg-type]
                                 cfg.batch_size, seed=seed)
     return clean, robust
@@ -220,12 +241,17 @@ def inference_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, train: Path, val: Path,
                  generated: list[Path], labels: list[Path], workdir: Path,
                  selection: Path | None = None, stop_after: int | None = None,
-                 progress: bool = True, num_classes: int = 10) -> Result:
+                 progress: bool = True, num_classes: int = 10, threat_file: Path | None = None) -> Result:
     """Train (or resume) one run and return the EMA model, best EMA weights, curve and metrics.
 
+    `threat_file` is the run's pipeline.threat_model file (required for a learned threat).
     `stop_after` ends the call after that many global steps as if preempted (tests use it).
     """
     ctx, device = init_distributed(device_name)
+    if threat_file is None and cfg.threat in threat_model.LEARNED:
+        raise ValueError(f"train_robust.threat {cfg.threat} is a learned set: pass --threat-model "
+                         f"(python -m pipeline.threat_model writes it)")
+    latent = threat_model.load(threat_file, cfg.threat, device) if threat_file is not None else None
     cuda = device.type == "cuda"
     source, variant = params_mod.split_run(run)   # e.g. gaussian-cutmix: gaussian's data, variant cutmix
     if source == "baseline" and generated:
@@ -295,7 +321,7 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
 
     stop = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
     batches = loader_mod.loader(dataset, step, stop, cfg.num_workers, pin_memory=cuda)
-    attack = cfg.attack()
+    attack = cfg.attack(latent)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     bar = tqdm(total=cfg.total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="img",
                unit_scale=True, disable=not (progress and ctx.main), desc=f"train_robust {run}")
@@ -346,7 +372,7 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
                                        "train_acc": (totals[3] / totals[4]).item()}
                 if ctx.main:
                     row["val_clean_acc"], row["val_robust_acc"] = validate(
-                        ema.model, val_set, cfg, seeding.derive(seed, "train_robust", "val"))
+                        ema.model, val_set, cfg, seeding.derive(seed, "train_robust", "val"), latent)
                     if row["val_robust_acc"] > best["acc"]:
                         best = {"acc": row["val_robust_acc"], "epoch": epoch,
                                 "state": inference_state(ema.model)}
@@ -374,7 +400,8 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
     metrics = {
         "run": run, "generator": None if source == "baseline" else source, "n_generated": n_generated,
         "generated_per_batch": dataset.spec.n_generated, "model": cfg.model, "loss": cfg.loss,
-        "threat": cfg.threat, "eps_255": cfg.eps_255, "epochs": cfg.epochs, "steps": cfg.total_steps,
+        "threat": cfg.threat, "eps_255": None if latent else cfg.eps_255,
+        "latent_radius": latent.radius if latent else None, "epochs": cfg.epochs, "steps": cfg.total_steps,
         "seed": seed, "world_size": ctx.world_size, "num_classes": num_classes, "variant": variant,
         "source_run": source, "aux_bn": cfg.aux_bn, "cutmix_alpha": cfg.cutmix_alpha,
         "val_robust_acc_best": best["acc"], "best_epoch": best["epoch"],
@@ -446,6 +473,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="baseline or a generator name, optionally -<variant> (params `variants`)")
     parser.add_argument("--train", type=Path, required=True, help="real training set (HDF5)")
     parser.add_argument("--val", type=Path, required=True, help="validation split (HDF5)")
+    parser.add_argument("--threat-model", type=Path,
+                        help="the run's pipeline.threat_model file (required for a learned threat such as cvae)")
     parser.add_argument("--generated", type=Path, nargs="*", default=[], help="shard files or directories")
     parser.add_argument("--labels", type=Path, nargs="*", default=[], help="pseudo-label sidecars (files or dirs)")
     parser.add_argument("--selection", type=Path, help="pipeline.select index.npy (optional)")
@@ -469,7 +498,8 @@ def main(argv: list[str] | None = None) -> None:
         result = train_robust(cfg, cfg_all["base"]["seed"], cfg_all["base"]["device"], args.run, args.train,
                               args.val, list(args.generated), list(args.labels), args.workdir,
                               args.selection, args.stop_after,
-                              num_classes=datasets.num_classes(cfg_all["base"]["dataset"]))
+                              num_classes=datasets.num_classes(cfg_all["base"]["dataset"]),
+                              threat_file=args.threat_model)
     except (NonFiniteLoss, ShardError, ValueError) as error:  # bad input or divergence: one clear line
         sys.exit(f"error: {error}")
     if int(os.environ.get("RANK", "0")) == 0:

@@ -49,6 +49,19 @@ def run_section(*names):
     return params
 
 
+def run_threat_section(*names):
+    """A run's threat only: the threat_model job reruns when it changes, not on other train_robust keys."""
+    def params(wildcards):
+        return {name: {"threat": P.train_robust_for(config, wildcards.run)["threat"]} for name in names}
+    return params
+
+
+def run_learned_threat_model(wildcards):
+    """The generator model a run trained in a learned perturbation set depends on (none for norm balls)."""
+    threat = P.train_robust_for(config, wildcards.run)["threat"]
+    return [f"models/generators/{threat}/model.pt"] if threat in P.LEARNED_THREATS else []
+
+
 def generator_section(*names):
     """section() for a per-generator rule: only this generator's `train_generator` entry, so changing
     the DDPM settings (or adding a generator) does not refit the Gaussian."""

@@ -1,9 +1,33 @@
+rule threat_model:
+    message:
+        "which threat run {wildcards.run} trains under (a norm ball, or the learned set's model)"
+    input:
+        learned=run_learned_threat_model,
+    output:
+        "models/threat/{run}.json",
+    params:
+        cfg=run_threat_section("train_robust"),
+        params_file=PARAMS_FILE,
+    log:
+        "logs/threat_model/{run}.log",
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.threat_model"
+        " --params {params.params_file}"
+        " --run {wildcards.run}"
+        " --generators-dir models/generators"
+        " --out-dir models/threat"
+        " 2> {log}"
+
+
 rule train_robust:
     message:
         "adversarial training of run {wildcards.run} on real + generated batches"
     input:
         train=f"{DATA}/train.h5",
         val=f"{DATA}/val.h5",
+        threat="models/threat/{run}.json",
         generated=run_shards,
         labels=run_labels,
     output:
@@ -33,6 +57,7 @@ rule train_robust:
         " --run {wildcards.run}"
         " --train {input.train}"
         " --val {input.val}"
+        " --threat-model {input.threat}"
         " {params.generated}"
         " {params.labels}"
         " --workdir {params.workdir}"

@@ -130,10 +130,11 @@ def project(u: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def latent_pgd(objective: Callable[[torch.Tensor], torch.Tensor], latent_dim: int, n: int, eps: float,
-               steps: int, device: torch.device) -> torch.Tensor:
-    """Maximise objective(u) (one value per row) over ||u||_2 <= eps by normalised gradient ascent from
-    u = 0 with step 2.5 * eps / steps, projecting after every step; returns the final u (in the ball)."""
-    u = torch.zeros(n, latent_dim, device=device)
+               steps: int, device: torch.device, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Maximise objective(u) (one value per row, or their sum) over ||u||_2 <= eps by normalised gradient
+    ascent from `start` (default u = 0) with step 2.5 * eps / steps, projecting after every step; returns
+    the final u (in the ball)."""
+    u = torch.zeros(n, latent_dim, device=device) if start is None else project(start.detach(), eps)
     step = 2.5 * eps / max(steps, 1)
     for _ in range(steps):
         u.requires_grad_(True)
