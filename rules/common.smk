@@ -73,16 +73,18 @@ def generator_section(*names):
     return params
 
 
-# The DAG's axes: which threats are evaluated never changes how one (run, threat) job computes.
-EVALUATE_AXES = ("threats", "learned_threats")
+# The DAG's axes: lists that say which jobs exist, never how one job computes. Adding a generator must
+# not resample the Gaussian's shards, adding l2 or the cvae threat must not rerun the finished linf
+# AutoAttack jobs (days of GPU time at paper scale).
+AXES = {"generate": ("generators",), "evaluate": ("threats", "learned_threats")}
 
 
-def evaluation_section(*names):
-    """section() for an evaluation job, without the lists of threats: adding l2 or the cvae threat
-    must not rerun the finished linf AutoAttack jobs (days of GPU time at paper scale)."""
+def job_section(*names):
+    """section() without the DAG's axes (AXES): what one sampling or evaluation job computes with."""
     cfg = section(*names)
-    if "evaluate" in cfg:
-        cfg["evaluate"] = {k: v for k, v in cfg["evaluate"].items() if k not in EVALUATE_AXES}
+    for name, axes in AXES.items():
+        if name in cfg:
+            cfg[name] = {k: v for k, v in cfg[name].items() if k not in axes}
     return cfg
 
 

@@ -37,7 +37,7 @@ rule generate:
     output:
         shard="data/generated/{generator}/shard-{shard}.h5",
     params:
-        cfg=section("base", "generate"),
+        cfg=job_section("base", "generate"),
         params_file=PARAMS_FILE,
         index=lambda wildcards: int(wildcards.shard),
     log:

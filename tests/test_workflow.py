@@ -99,8 +99,9 @@ def test_dvc_repro_gives_the_same_table(snakemake_run, dvc_repo):
 
 
 def test_adding_a_threat_or_variant_reruns_only_the_new_jobs(snakemake_run, tmp_path):
-    """Axes of the DAG (threats, variants) are not settings of the jobs already done: adding l2 plans
-    only the l2 evaluations (and the table), never the finished linf AutoAttack or training jobs."""
+    """Axes of the DAG (threats, variants, generators) are not settings of the jobs already done: adding
+    l2 plans only the l2 evaluations (and the table), never the finished linf AutoAttack or training
+    jobs; adding a generator samples only its own shards."""
     copy = tmp_path / "copy"
     shutil.copytree(snakemake_run, copy, symlinks=True)   # copy2 keeps mtimes; .snakemake keeps params
     cfg = yaml.safe_load((copy / "params.yaml").read_text())
@@ -113,3 +114,53 @@ def test_adding_a_threat_or_variant_reruns_only_the_new_jobs(snakemake_run, tmp_
     # l2 for every run, linf only for the new variant's runs (baseline-source_bn, gaussian-source_bn)
     assert int(jobs["evaluate"]) == runs + 2, plan[-3000:]
     assert int(jobs["train_robust"]) == 2 and jobs.get("teacher") is None and jobs.get("generate") is None, jobs
+
+    cfg["generate"]["generators"] = [*cfg["generate"]["generators"], "ddpm"]   # a new generator: its shards only
+    (copy / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
+    plan = run([str(BIN / "snakemake"), "-n", "results/cifar10_table.csv"], copy).stdout
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.split("Job stats:")[1].split("Reasons")[0], flags=re.M))
+    assert int(jobs["generate"]) == P.shard_count(cfg) and jobs.get("teacher") is None, jobs
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_retraining_the_cvae_reruns_only_runs_trained_in_its_set(tmp_path):
+    """threat cvae through both tools: the threat_model files carry the CVAE dependency, so retraining
+    the CVAE reruns the latent_at run (and its latent evaluation) but never the norm-ball baseline."""
+    workdir = make_workdir(tmp_path / "latent")
+    cfg = yaml.safe_load((workdir / "params.yaml").read_text())
+    cfg["generate"]["generators"] = ["cvae"]
+    cfg["train_generator"]["cvae"].update(train_steps=10, checkpoint_every=10, holdout=50, latent_steps=2)
+    cfg["variants"]["names"] = ["latent_at"]
+    cfg["evaluate"]["learned_threats"] = ["cvae"]
+    (workdir / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
+    targets = ["models/robust/baseline/model.pt", "results/evaluate/baseline-latent_at/cvae.json"]
+    run([str(BIN / "snakemake"), "--cores", "2", *targets], workdir)
+    metrics = yaml.safe_load((workdir / "results/train_robust/baseline-latent_at/metrics.json").read_text())
+    assert metrics["threat"] == "cvae" and metrics["latent_radius"] > 0
+    assert yaml.safe_load((workdir / "models/threat/baseline.json").read_text()) == \
+        {"run": "baseline", "threat": "linf"}
+
+    cfg["train_generator"]["cvae"]["train_steps"] = 12
+    (workdir / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
+    dry = run([str(BIN / "snakemake"), "-n", *targets], workdir)
+    plan = dry.stdout + dry.stderr
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.split("Job stats:")[1].split("Reasons")[0], flags=re.M))
+    assert jobs.get("train_robust") == "1" and jobs.get("threat_model") == "1", plan[-3000:]
+    assert "models/robust/baseline-latent_at/model.pt" in plan   # the one training job; the linf baseline is not
+
+    run(["git", "init", "-q"], workdir)
+    run([str(BIN / "dvc"), "init", "-q"], workdir)
+    cfg["train_generator"]["cvae"]["train_steps"] = 10
+    (workdir / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
+    first = run([str(BIN / "dvc"), "repro", "train_robust_baseline", "train_robust_baseline_variant@latent_at"],
+                workdir).stdout
+    assert {"threat_model", "train_robust_baseline", "train_robust_baseline_variant@latent_at"} <= ran_stages(first)
+    cfg["train_generator"]["cvae"]["train_steps"] = 12
+    (workdir / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
+    second = run([str(BIN / "dvc"), "repro", "train_robust_baseline", "train_robust_baseline_variant@latent_at"],
+                 workdir).stdout
+    assert ran_stages(second) - {"check_params"} == {
+        "train_generator@cvae", "threat_model", "train_robust_baseline_variant@latent_at"}, second[-3000:]
