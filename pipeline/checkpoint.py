@@ -3,10 +3,18 @@
 Checkpoints are step-numbered (`step-00001200.pt`), written atomically; `latest` loads the newest one
 that reads back completely, so a file cut short by a kill is skipped rather than fatal. Older ones are
 pruned, keeping `keep` of them.
+
+Each checkpoint carries the `identity` of its run (config, seed, checksums of the inputs). A job rerun
+because its params or inputs changed must not resume the old run (a finished checkpoint would be
+returned as the new result); `latest(..., identity=)` moves such checkpoints aside into
+`superseded-<hash>/` (kept, never deleted: going back to the old setting can reuse them by hand) and
+starts afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import re
@@ -65,14 +73,34 @@ def _checkpoints(workdir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest(workdir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-    """The newest readable checkpoint's state, or None when there is none."""
+def fingerprint(identity: Any) -> str:
+    """sha256 of an identity (JSON, keys sorted)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def latest(workdir: Path, map_location: str | torch.device = "cpu", identity: dict[str, Any] | None = None,
+           move_aside: bool = True) -> dict[str, Any] | None:
+    """The newest readable checkpoint's state, or None when there is none.
+
+    With `identity`, checkpoints of another run identity are not resumed: they are moved to
+    superseded-<hash>/ (by the caller with `move_aside`, e.g. rank 0 only) and None is returned.
+    """
+    workdir = Path(workdir)
     for step, path in reversed(_checkpoints(workdir)):
         try:
             state = torch.load(path, map_location=map_location, weights_only=False)
         except Exception as error:  # cut short by a kill or a full disk: fall back to the previous one
             log.warning("%s: unreadable checkpoint skipped (%s)", path, error)
             continue
+        if identity is not None and state.get("identity") != identity:
+            aside = workdir / f"superseded-{fingerprint(state.get('identity'))[:12]}"
+            if move_aside:
+                aside.mkdir(exist_ok=True)
+                for _, old in _checkpoints(workdir):
+                    old.rename(aside / old.name)
+            log.warning("%s: checkpoints of another setting (config, seed or inputs differ) moved to %s; "
+                        "starting afresh", workdir, aside)
+            return None
         log.info("resuming from %s", path)
         return state
     return None

@@ -80,12 +80,8 @@ def train_teacher(cfg: TeacherConfig, seed: int, train: tuple[np.ndarray, np.nda
     start_epoch = 0
 
     resume_step, resume_totals, resume_generator = 0, (0.0, 0), None
-    state = checkpoint.latest(workdir, map_location=device)
+    state = checkpoint.latest(workdir, map_location=device, identity=identity)
     if state is not None:
-        if state.get("identity") != identity:
-            raise ValueError(
-                f"{workdir}: holds checkpoints of another teacher run (config, seed or data differ); "
-                "delete the work directory or point --workdir elsewhere")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

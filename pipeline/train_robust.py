@@ -58,7 +58,7 @@ from pipeline.attacks import eval_mode, robust_accuracy
 from pipeline.ema import EMA
 from pipeline.losses import AttackSpec, TwoViews, adversarial_loss
 from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag
-from pipeline.shards import ShardError, atomic_path, file_sha256, read_imageset
+from pipeline.shards import ShardError, atomic_path, file_sha256, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.train_robust")
 CURVE_FIELDS = ["epoch", "step", "lr", "train_loss", "train_ce", "train_kl", "train_acc",
@@ -238,6 +238,20 @@ def inference_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return _state_to_cpu(plain.state_dict())
 
 
+def run_identity(cfg: TrainRobustConfig, seed: int, run: str, train: Path, val: Path, generated: list[Path],
+                 labels: list[Path], selection: Path | None, threat_file: Path | None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: settings, seed and the checksums of every input
+    (stored HDF5 sha256 attributes: header reads only, cheap at 100M images)."""
+    return {
+        "config": dataclasses.asdict(cfg), "seed": seed, "run": run,
+        "train": read_attrs(train).get("sha256"), "val": read_attrs(val).get("sha256"),
+        "generated": shards.set_sha256(shards.expand(generated)) if generated else "",
+        "labels": shards.set_sha256(shards.expand(labels)) if labels else "",
+        "selection": file_sha256(selection) if selection else "",
+        "threat": file_sha256(threat_file) if threat_file else "",
+    }
+
+
 def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, train: Path, val: Path,
                  generated: list[Path], labels: list[Path], workdir: Path,
                  selection: Path | None = None, stop_after: int | None = None,
@@ -282,15 +296,14 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
 
     step, curve, best = 0, [], {"acc": -1.0, "epoch": 0, "state": inference_state(ema.model)}
     acc = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, kl, correct, count this epoch
-    state = checkpoint.latest(workdir, map_location="cpu")
+    # a rerun with other settings or inputs starts afresh (the old checkpoints are moved aside), never
+    # resumes, let alone returns, the old run; another world size is an error (the batch split differs)
+    identity = run_identity(cfg, seed, run, train, val, generated, labels, selection, threat_file)
+    state = checkpoint.latest(workdir, map_location="cpu", identity=identity, move_aside=ctx.main)
     if state is not None:
-        saved_model = state.get("config", {}).get("model")
-        if saved_model != cfg.model:
-            raise ValueError(f"{workdir}: checkpoint holds a {saved_model} model, train_robust.model is "
-                             f"{cfg.model}; use a fresh --workdir")
-        if state["world_size"] != ctx.world_size or state["total_steps"] != cfg.total_steps:
-            raise ValueError(f"{workdir}: checkpoint from another setting (world size {state['world_size']}, "
-                             f"{state['total_steps']} steps); use a fresh --workdir")
+        if state["world_size"] != ctx.world_size:
+            raise ValueError(f"{workdir}: checkpoint from {state['world_size']} ranks, this run has "
+                             f"{ctx.world_size}; rerun on {state['world_size']} or use a fresh --workdir")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -315,7 +328,8 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
                 "step": step, "total_steps": cfg.total_steps, "world_size": ctx.world_size,
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": schedule.state_dict(), "rng": checkpoint.rng_state(), "curve": curve,
-                "best": best, "epoch_accumulators": acc.cpu(), "config": dataclasses.asdict(cfg), "run": run})
+                "best": best, "epoch_accumulators": acc.cpu(), "config": dataclasses.asdict(cfg), "run": run,
+                "identity": identity})
         if ctx.world_size > 1:
             dist.barrier()
 

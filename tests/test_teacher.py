@@ -50,17 +50,19 @@ def test_resumed_run_equals_uninterrupted(tiny_params, cifar_sets, tmp_path):
     assert not torch.equal(other.head.weight, full.head.weight)
 
 
-def test_workdir_of_another_run_is_refused(tiny_params, cifar_sets, tmp_path):
-    import pytest
+def test_workdir_of_another_run_is_set_aside_not_resumed(tiny_params, cifar_sets, tmp_path):
     from pipeline import params as P
     from pipeline.shards import read_imageset
 
     cfg = P.section(teacher.TeacherConfig, {**tiny_params["teacher"], "epochs": 1})
     x, y = read_imageset(cifar_sets["train"])
     small = (x[:64], y[:64])
-    checkpoint.save(tmp_path, 1, {"identity": {"config": "something else"}})
-    with pytest.raises(ValueError, match="another teacher run"):
-        teacher.train_teacher(cfg, 0, small, small, tmp_path, torch.device("cpu"))
+    checkpoint.save(tmp_path / "work", 1, {"identity": {"config": "something else"}})
+    model, _ = teacher.train_teacher(cfg, 0, small, small, tmp_path / "work", torch.device("cpu"))
+    fresh, _ = teacher.train_teacher(cfg, 0, small, small, tmp_path / "fresh", torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    (aside,) = (tmp_path / "work").glob("superseded-*")
+    assert [p.name for p in aside.iterdir()] == ["step-00000001.pt"]   # the other run's work is kept
 
 
 def small_teacher(tiny_params, cifar_sets, **overrides):

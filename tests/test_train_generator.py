@@ -52,12 +52,14 @@ def test_ddpm_resume_equals_uninterrupted(tiny_params, cifar_sets, tmp_path, mon
     assert any(not torch.equal(init[k], a["state_dict"][k]) for k in init)
 
 
-def test_ddpm_refuses_to_resume_other_params(tiny_params, cifar_sets, tmp_path):
+def test_ddpm_with_other_params_starts_afresh_not_resumed(tiny_params, cifar_sets, tmp_path):
     cfg = tiny_ddpm(tiny_params, train_steps=2, checkpoint_every=2)
     ddpm.train(cfg, cifar_sets["train"], tmp_path / "work", tmp_path / "a.pt", 0, torch.device("cpu"))
-    with pytest.raises(ValueError, match="work"):
-        ddpm.train(dataclasses.replace(cfg, lr=1e-3), cifar_sets["train"], tmp_path / "work",
-                   tmp_path / "b.pt", 0, torch.device("cpu"))
+    other = dataclasses.replace(cfg, lr=1e-3)
+    ddpm.train(other, cifar_sets["train"], tmp_path / "work", tmp_path / "b.pt", 0, torch.device("cpu"))
+    ddpm.train(other, cifar_sets["train"], tmp_path / "fresh", tmp_path / "c.pt", 0, torch.device("cpu"))
+    assert (tmp_path / "b.pt").read_bytes() == (tmp_path / "c.pt").read_bytes() != (tmp_path / "a.pt").read_bytes()
+    assert list((tmp_path / "work").glob("superseded-*/step-00000002.pt"))   # the first run's work is kept
 
 
 def test_ho_unet_has_attention_at_16x16_only():

@@ -180,3 +180,18 @@ def test_ddp_two_gloo_processes(tiny_params, write_params, small_sets, generated
     assert metrics["world_size"] == 2 and metrics["steps"] == 4
     assert "sync_bn: ignored on CPU" in done.stderr
     models.load_checkpoint(out / "model.pt", expected="small_cnn")
+
+
+def test_a_rerun_with_other_settings_starts_afresh(tiny_params, small_sets, generated, tmp_path):
+    """A job rerun because its params changed must not resume (or return) the finished old run."""
+    run(tiny_cfg(tiny_params), small_sets, generated, tmp_path / "work")
+    changed = tiny_cfg(tiny_params, beta=1.0)
+    rerun = run(changed, small_sets, generated, tmp_path / "work")
+    fresh = run(changed, small_sets, generated, tmp_path / "fresh")
+    assert same_weights(rerun.ema_model.state_dict(), fresh.ema_model.state_dict())
+    assert len(list((tmp_path / "work").glob("superseded-*/step-*.pt"))) >= 1   # the old run is kept aside
+    # other inputs (another generated set: one shard fewer) count as another setting too
+    again = tr.train_robust(changed, 0, "cpu", "gaussian", small_sets["train"], small_sets["val"],
+                            [generated[0] / "shard-00000.h5"], [generated[1] / "shard-00000.h5"],
+                            tmp_path / "work", progress=False)
+    assert not same_weights(again.ema_model.state_dict(), fresh.ema_model.state_dict())

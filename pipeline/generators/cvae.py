@@ -35,7 +35,7 @@ from pipeline import checkpoint, corruptions, seeding
 from pipeline.classifier_training import to_float
 from pipeline.generators.base import SampleSettings, tiled, to_uint8
 from pipeline.preemption import NonFiniteLoss, SigtermFlag, checkpoint_after_step
-from pipeline.shards import ShardError, file_sha256, read_imageset
+from pipeline.shards import ShardError, file_sha256, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.generators.cvae")
 NAME = "cvae"
@@ -210,17 +210,16 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
     model = CVAE(cfg.latent_dim, cfg.width).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start, curve = 0, []
-    state = checkpoint.latest(workdir, map_location=device)
+    identity = {"config": asdict(cfg), "seed": seed, "train_sha256": read_attrs(train_h5).get("sha256")}
+    state = checkpoint.latest(workdir, map_location=device, identity=identity)
     if state is not None:
-        if state["config"] != asdict(cfg) or state["seed"] != seed:
-            raise ValueError(f"{workdir}: checkpoints were made with other train_generator.cvae params or seed; "
-                             "delete the work dir to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, curve = state["step"], list(state["curve"])
 
     def save(done: int) -> None:
-        checkpoint.save(workdir, done, {"step": done, "seed": seed, "config": asdict(cfg), "curve": curve,
+        checkpoint.save(workdir, done, {"step": done, "seed": seed, "config": asdict(cfg), "identity": identity,
+                                        "curve": curve,
                                         "model": model.state_dict(), "optimizer": optimizer.state_dict()})
 
     bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="cvae train",

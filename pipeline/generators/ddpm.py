@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline import checkpoint, seeding
 from pipeline.preemption import NonFiniteLoss, SigtermFlag, checkpoint_after_step
 from pipeline.generators.base import UNLABELLED, SampleSettings, tiled, to_uint8
-from pipeline.shards import file_sha256, read_imageset
+from pipeline.shards import file_sha256, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.generators.ddpm")
 NAME = "ddpm"
@@ -112,11 +112,9 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
     scheduler = noise_scheduler(cfg.num_train_timesteps)
     alphas = scheduler.alphas_cumprod.to(device)
     start = 0
-    state = checkpoint.latest(workdir, map_location=device)
+    identity = {"config": asdict(cfg), "seed": seed, "train_sha256": read_attrs(train_h5).get("sha256")}
+    state = checkpoint.latest(workdir, map_location=device, identity=identity)
     if state is not None:
-        if state["config"] != asdict(cfg) or state["seed"] != seed:
-            raise ValueError(f"{workdir}: checkpoints were made with other train_generator.ddpm params or "
-                             "seed; delete the work dir to start over")
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -127,7 +125,7 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
     loss_value = float("nan")
 
     def save(done: int) -> None:
-        checkpoint.save(workdir, done, {"step": done, "seed": seed, "config": asdict(cfg),
+        checkpoint.save(workdir, done, {"step": done, "seed": seed, "config": asdict(cfg), "identity": identity,
                                         "unet": unet.state_dict(), "ema": ema.state_dict(),
                                         "optimizer": optimizer.state_dict(), "loss": loss_value})
 

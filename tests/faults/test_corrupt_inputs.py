@@ -148,12 +148,14 @@ def test_checkpoint_of_another_architecture_to_evaluate(tiny_params, write_param
                str(other), "preact_resnet18", "small_cnn")
 
 
-def test_workdir_checkpoint_of_another_architecture(params, small, tmp_path):
+def test_workdir_checkpoint_of_another_setting_is_set_aside(params, small, tmp_path):
+    """A checkpoint of another architecture (any other setting) is neither resumed nor thrown away."""
     out = tmp_path / "out"
     checkpoint.save(out / "work", 1, {"step": 1, "total_steps": 4, "world_size": 1,
                                       "config": {"model": "preact_resnet18"}, "model": {}})
-    fails_fast(tr.main, robust_args(params(), small, out), str(out / "work"), "preact_resnet18")
-    assert (out / "work" / "step-00000001.pt").exists()    # the user's state is not thrown away
+    tr.main(robust_args(params(), small, out))
+    assert (out / "model.pt").exists()
+    assert list((out / "work").glob("superseded-*/step-00000001.pt"))   # the user's state is kept aside
 
 
 def test_absurd_learning_rate_stops_and_keeps_last_good_checkpoint(params, small, tmp_path):
