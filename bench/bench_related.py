@@ -1,5 +1,6 @@
 """Cost of the related-method options: one full TRADES step with auxiliary batch norm (AdvProp or by
-source) or CutMix, against the same step without them, same model and batch, same run.
+source), CutMix, or the inner maximisation in a learned perturbation set (latent_at: a CVAE of the
+default size, latent 32, width 16), against the same step without them, same model and batch, same run.
 
     OMP_NUM_THREADS=2 python bench/bench_related.py [--models small_cnn wrn-16-4] [--batch 64]
 
@@ -22,19 +23,23 @@ import torch
 from pipeline import aux_bn, models, optim
 from pipeline import cutmix as cm
 from pipeline.ema import EMA
+from pipeline.generators import cvae
 from pipeline.losses import AttackSpec, TwoViews, adversarial_loss
+from pipeline.threat_model import LatentSet
 
 EPS, STEP, STEPS, BETA = 8 / 255, 2 / 255, 10, 6.0
-OPTIONS = {"plain": ("none", 0.0), "advprop": ("adversarial", 0.0), "source_bn": ("source", 0.0),
-           "cutmix": ("none", 1.0)}
+OPTIONS = {"plain": ("none", 0.0, False), "advprop": ("adversarial", 0.0, False),
+           "source_bn": ("source", 0.0, False), "cutmix": ("none", 1.0, False), "latent_at": ("none", 0.0, True)}
 
 
-def make_step(model: torch.nn.Module, mode: str, alpha: float):
+def make_step(model: torch.nn.Module, mode: str, alpha: float, latent: bool):
     if mode != "none":
         model = aux_bn.convert(model)
     opt = optim.sgd(model, 0.1, 0.9, 5e-4, True)
     ema = EMA(model, 0.995)
-    forward, attack = TwoViews(model), AttackSpec("linf", EPS, STEP, STEPS)
+    latent_set = LatentSet(cvae.CVAE(32, 16).eval().requires_grad_(False), 1.0) if latent else None
+    forward = TwoViews(model)
+    attack = AttackSpec("cvae", EPS, STEP, STEPS, latent_set) if latent else AttackSpec("linf", EPS, STEP, STEPS)
     gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
     model.train()
 
