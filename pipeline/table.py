@@ -382,10 +382,10 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_path(args.out_md) as tmp:
         tmp.write_text(markdown(rows, dataset))
     figure(args.out_figure, rows, dataset)
-    for row in rows:
-        log.info("%s %s: clean %.4f AutoAttack %.4f PGD-%d %.4f%s", row["run"], row["threat"], row["clean_acc"],
-                 row["autoattack_acc"], row["pgd_steps"], row["pgd_acc"],
-                 f"  FLAGS {row['flags']}" if row["flags"] else "")
+    for row in rows:  # learned threats (cvae) have no AutoAttack value
+        autoattack = "-" if row["autoattack_acc"] == "" else f"{row['autoattack_acc']:.4f}"
+        log.info("%s %s: clean %.4f AutoAttack %s PGD-%d %.4f%s", row["run"], row["threat"], row["clean_acc"],
+                 autoattack, row["pgd_steps"], row["pgd_acc"], f"  FLAGS {row['flags']}" if row["flags"] else "")
     log.info("wrote %s (%d rows), %s, %s", args.out, len(rows), args.out_md, args.out_figure)
 
 
