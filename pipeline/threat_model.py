@@ -30,7 +30,7 @@ from pipeline.generators import cvae
 from pipeline.shards import atomic_path, file_sha256
 
 log = logging.getLogger("pipeline.threat_model")
-LEARNED = ("cvae",)   # threats learned by a generator of the same name; the others are pixel norm balls
+LEARNED = params_mod.LEARNED_THREATS   # threats learned by a generator of the same name; the rest are norm balls
 
 
 @dataclass
