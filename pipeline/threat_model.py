@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline import params as params_mod
+from pipeline.attacks import random_start
 from pipeline.generators import cvae
 from pipeline.shards import atomic_path, file_sha256
 
@@ -45,21 +46,18 @@ class LatentSet:
         return self.generator.latent_dim
 
     def random_start(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-        """Uniform direction, radius uniform in [0, radius] (the latent analogue of PGD's random start)."""
-        direction = torch.randn(n, self.latent_dim, generator=generator, device=device)
-        scale = torch.rand(n, 1, generator=generator, device=device) * self.radius
-        return direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12) * scale
+        """PGD's L2 random start (uniform direction, radius uniform in [0, radius]) in the latent space."""
+        return random_start(torch.zeros(n, self.latent_dim, device=device), "l2", self.radius, generator)
 
     def attack(self, model: torch.nn.Module, x: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor],
                steps: int, start: torch.Tensor | None = None) -> torch.Tensor:
         """The member of each image's set maximising objective(model(member)) after `steps` steps of
         cvae.latent_pgd (step 2.5 radius / steps); the prior network runs once per batch."""
         with torch.no_grad():
-            mu, logvar = self.generator.prior(x)
-            sigma = (0.5 * logvar).exp()
+            decode = self.generator.members(x)
 
         def member(u: torch.Tensor) -> torch.Tensor:
-            return self.generator.decoder(mu + sigma * u, x).clamp(0, 1)
+            return decode(u).clamp(0, 1)
 
         u = cvae.latent_pgd(lambda v: objective(model(member(v))), self.latent_dim, len(x), self.radius, steps,
                             x.device, start=start)

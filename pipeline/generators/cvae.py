@@ -111,8 +111,13 @@ class CVAE(nn.Module):
 
     def at(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """g(mu_p(x) + sigma_p(x) * u, x): the member of x's perturbation set at standardised latent u."""
+        return self.members(x)(u)
+
+    def members(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """u -> at(x, u), with the prior network run once (an attack evaluates many u per batch)."""
         mu_p, logvar_p = self.prior(x)
-        return self.decoder(mu_p + (0.5 * logvar_p).exp() * u, x)
+        sigma_p = (0.5 * logvar_p).exp()
+        return lambda u: self.decoder(mu_p + sigma_p * u, x)
 
     def standardised_posterior_mean(self, x: torch.Tensor, x_tilde: torch.Tensor) -> torch.Tensor:
         mu_p, logvar_p = self.prior(x)
