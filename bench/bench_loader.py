@@ -85,10 +85,10 @@ class InMemory:
 
     def __getitem__(self, step: int):
         import torch
-        from pipeline import loader
+        from pipeline import augment
         rng = np.random.default_rng(step)
         idx = rng.integers(0, len(self.images), self.batch)
-        images = loader.augment(self.images[idx], loader.crop_flip_params(rng, self.batch))
+        images = augment.crop_flip(self.images[idx], augment.crop_flip_params(rng, self.batch))
         return (torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
                 torch.from_numpy(self.labels[idx]))
 

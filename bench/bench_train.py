@@ -1,113 +1,301 @@
-"""Training throughput: our full TRADES step vs a minimal plain TRADES loop, same model, same run.
+"""Training throughput: our TRADES step vs the PyTorch port's TRADES step, same model, batch and run.
 
-    OMP_NUM_THREADS=2 python bench/bench_train.py [--models small_cnn wrn-16-4] [--steps 6] [--batch 64]
+    OMP_NUM_THREADS=2 python bench/bench_train.py [--models small_cnn wrn-16-4] [--attack-steps 10 5]
+        [--batch 128] [--steps 2] [--repeats 5] [--wall-steps 8] [--wall-repeats 2]
 
-"Ours" is one step of pipeline.train_robust's inner loop: pipeline.losses.adversarial_loss (TRADES,
-eval-mode KL attack via pipeline.attacks.pgd, clean + adversarial forwards through TwoViews), SGD
-Nesterov, per-step cosine schedule and the EMA update. "Plain" is the original TRADES code's loop
-(Zhang et al. 2019, trades.py), written straight: the KL attack re-evaluates the clean softmax at each
-attack step, then clean and adversarial forwards, SGD. Same model weights, batch, 10 attack steps.
-Reports images/s (median of `--repeats` timed blocks after one warm-up step, alternating order) and
-the ratio ours / plain.
+"Ours" is one step of pipeline.train_robust's inner loop (pipeline/train_robust.py, the body of the
+`for images, y, is_generated in batches` loop): pipeline.losses.adversarial_loss("trades", ...) with an
+AttackSpec built from params.yaml's `train_robust` section (only batch and attack steps overridden),
+TwoViews for the clean + adversarial forwards, the non-finite check, SGD Nesterov, the per-step cosine
+schedule, the EMA update and the epoch accumulators. Whatever the attack does (batch-norm mode, start),
+it is the pipeline's own code path.
+
+"Port" re-states, operation by operation, the training step of the PyTorch port of Gowal et al.
+(imrahulr/adversarial_robustness_pytorch, commit 6df6a8f0cd49cf6d18507a4b574c004ab6eedf49):
+`gowal21uncovering/utils/trades.py::trades_loss` called from `WATrainer.train` in
+`gowal21uncovering/utils/watrain.py` (what its `train-wa.py` runs). The code is not copied; each
+operation below cites the line it re-states. The only changes: CPU tensors instead of `.cuda()`, and
+the per-step `pandas.DataFrame.append` of the metrics (watrain.py L110) is left out, which can only
+make the port faster here.
+
+Both sides start from the same initial weights (one `models.build`, deep-copied) and train on the same
+random batch. Timed blocks of `--steps` training steps alternate A B / B A across `--repeats` after one
+warm-up step each; reported: steps/s (median, min-max over the blocks) and the ratio ours/port, both
+of the medians and per adjacent pair (min / median / max). `--wall-steps N` adds a whole-process
+comparison: fresh interpreters (import, model build, N steps) of each side, alternating, small_cnn at
+the first --attack-steps value.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import yaml
+from torch import nn
 
-from pipeline import models, optim
-from pipeline.ema import EMA
-from pipeline.losses import AttackSpec, TwoViews, adversarial_loss
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-EPS, STEP, STEPS, BETA = 8 / 255, 2 / 255, 10, 6.0
+from pipeline import models, optim  # noqa: E402
+from pipeline.ema import EMA  # noqa: E402
+from pipeline.losses import AttackSpec, TwoViews, adversarial_loss  # noqa: E402
 
-
-def plain_trades_step(model, opt, x, y):
-    """TRADES as in the reference implementation (no tricks)."""
-    model.eval()
-    x_adv = x.detach() + 0.001 * torch.randn_like(x)
-    for _ in range(STEPS):
-        x_adv.requires_grad_()
-        with torch.enable_grad():
-            loss_kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(model(x), dim=1), reduction="sum")
-        grad = torch.autograd.grad(loss_kl, [x_adv])[0]
-        x_adv = x_adv.detach() + STEP * torch.sign(grad.detach())
-        x_adv = torch.min(torch.max(x_adv, x - EPS), x + EPS).clamp(0.0, 1.0)
-    model.train()
-    opt.zero_grad()
-    logits = model(x)
-    loss = F.cross_entropy(logits, y) + BETA * (1.0 / len(x)) * F.kl_div(
-        F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="sum")
-    loss.backward()
-    opt.step()
+Step = Callable[[], None]
+PORT = "imrahulr/adversarial_robustness_pytorch@6df6a8f"
 
 
-def make_ours(model):
-    opt = optim.sgd(model, 0.1, 0.9, 5e-4, True)
-    sched = optim.scheduler(opt, 10_000, 10)
-    ema = EMA(model, 0.995)
+def our_settings(attack_steps: int, batch: int) -> dict:
+    """params.yaml's `train_robust` section with attack steps and batch overridden. Read as a plain
+    mapping, so the bench follows the section as it grows: keys it does not know are ignored, optional
+    ones (attack_bn, attack_start, bn_momentum, ema_buffers) are passed on only when present, and
+    otherwise the pipeline's own defaults apply."""
+    section = yaml.safe_load((ROOT / "params.yaml").read_text())["train_robust"]
+    return {**section, "attack_steps": attack_steps, "batch_size": batch,
+            "epoch_size": max(section["epoch_size"], batch)}
+
+
+def our_attack(s: dict) -> AttackSpec:
+    """What TrainRobustConfig.attack() builds from the section (pipeline/train_robust.py)."""
+    optional = {field: s[key] for key, field in (("attack_bn", "bn"), ("attack_start", "start")) if key in s}
+    return AttackSpec(threat=s["threat"], eps=s["eps_255"] / 255, step_size=s["step_255"] / 255,
+                      steps=s["attack_steps"], **optional)
+
+
+def make_ours(model: nn.Module, s: dict, x: torch.Tensor, y: torch.Tensor, is_generated: torch.Tensor) -> Step:
+    """One iteration of train_robust's loop (pipeline/train_robust.py, `for images, y, is_generated in
+    batches`, from `smoothing = ...` to the accumulators), CPU path: no autocast, contiguous memory
+    format, no cutmix, no auxiliary batch norm (the params defaults)."""
+    if "bn_momentum" in s:
+        models.set_bn_momentum(model, s["bn_momentum"])
+    optimizer = optim.sgd(model, s["lr"], s["momentum"], s["weight_decay"], s["nesterov"])
+    per_epoch = s["epoch_size"] / s["batch_size"]
+    schedule = optim.scheduler(optimizer, int(s["epochs"] * per_epoch), int(s["warmup_epochs"] * per_epoch))
+    ema = EMA(model, s["ema_decay"], shadow=copy.deepcopy(model),
+              **({"buffers": s["ema_buffers"]} if "ema_buffers" in s else {}))
     forward = TwoViews(model)
-    attack = AttackSpec("linf", EPS, STEP, STEPS)
-    gen = torch.Generator().manual_seed(0)
+    attack = our_attack(s)
+    acc = torch.zeros(5, dtype=torch.float64)
+    state = {"step": 0}
     model.train()
 
-    def step(x, y, smoothing):
-        loss, _ = adversarial_loss("trades", model, x, y, BETA, attack, smoothing, gen, forward)
+    def step() -> None:
+        smoothing = is_generated.float() * s["label_smoothing"]
+        attack_rng = torch.Generator().manual_seed(state["step"])
+        loss, parts = adversarial_loss(s["loss"], model, x, y, s["beta"], attack,
+                                       smoothing, attack_rng, forward)
         if not torch.isfinite(loss).item():
-            raise RuntimeError("non-finite")
-        opt.zero_grad(set_to_none=True)
+            raise RuntimeError(f"non-finite loss at step {state['step']}")
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step()
+        optimizer.step()
+        schedule.step()
         ema.update(model)
+        with torch.no_grad():
+            n = len(y)
+            acc.add_(torch.stack([loss.detach().double() * n, parts["ce"].double() * n, parts["kl"].double() * n,
+                                  (parts["logits"].argmax(1) == y).sum().double(),
+                                  torch.tensor(n, dtype=torch.float64)]))
+        state["step"] += 1
     return step
 
 
-def timed(fn, steps: int) -> float:
+# --- the port's step, re-stated (paths and line numbers in imrahulr/adversarial_robustness_pytorch@6df6a8f) ---
+
+def _port_track_bn_stats(model: nn.Module, track: bool) -> None:
+    """core/utils/utils.py L33-39 `track_bn_stats`: sets track_running_stats on every _BatchNorm. In
+    train mode with it False, batch norm normalises with batch statistics and leaves the running ones."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.track_running_stats = track
+
+
+def _port_set_bn_momentum(model: nn.Module, momentum: float) -> None:
+    """core/utils/utils.py L42-48 `set_bn_momentum`."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+
+
+def _port_smooth_ce(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """core/utils/utils.py L10-30 `SmoothCrossEntropyLoss(reduction='mean')`: (1 - s) * NLL + s * mean(-log p)."""
+    logp = F.log_softmax(logits, dim=-1)
+    per_example = (1.0 - smoothing) * -logp.gather(-1, y[:, None])[:, 0] + smoothing * -logp.mean(dim=-1)
+    return per_example.mean()
+
+
+def _port_accuracy(y: torch.Tensor, logits: torch.Tensor) -> float:
+    """core/metrics.py L12-13 `accuracy`: softmax, argmax, mean, `.item()`."""
+    return ((torch.softmax(logits, dim=1).argmax(dim=1) == y).sum().float() / float(y.size(0))).item()
+
+
+def make_port(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float,
+              attack_steps: int, beta: float) -> Step:
+    """WATrainer with train-wa.py's defaults (core/utils/parser.py L37-46: lr 0.4, weight decay 5e-4,
+    Nesterov, linf-pgd, attack_iter from the caller; train-wa.py L33: tau 0.995; label smoothing 0.1,
+    the default of gowal21uncovering/utils/trades.py L22)."""
+    # watrain.py L51-64 `init_optimizer`: parameters named '*batchnorm*' without weight decay, SGD
+    # momentum 0.9; with the default 'cosinew' scheduler the scheduler steps once per epoch (L112-113),
+    # not in the step.
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if "batchnorm" not in n]},
+              {"params": [p for n, p in named if "batchnorm" in n], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=0.4, weight_decay=5e-4, momentum=0.9, nesterov=True)
+    wa_model = copy.deepcopy(model)                         # watrain.py L38
+    warmup_steps = 0.025 * 400 * (50000 // 1024 + 1)        # watrain.py L43-44, 400 epochs, batch 1024
+    batch = len(x)
+    state = {"update_iter": 0}
+    model.train()                                           # watrain.py L75
+
+    def kl_sum(log_q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        # trades.py L28 nn.KLDivLoss(reduction='sum'): sum of p * (log p - log q) (0 where p == 0)
+        return F.kl_div(log_q, p, reduction="sum")
+
+    def step() -> None:
+        global_step = state["update_iter"]                  # watrain.py L79 (epoch 1)
+        if global_step == 0:                                # watrain.py L80-84
+            _port_set_bn_momentum(model, 1.0)
+        elif global_step == 1:
+            _port_set_bn_momentum(model, 0.01)
+        state["update_iter"] += 1                           # watrain.py L85
+
+        # trades_loss, gowal21uncovering/utils/trades.py L21-92 (called from watrain.py L94, L119-126)
+        model.train()                                       # trades.py L29
+        _port_track_bn_stats(model, False)                  # trades.py L30
+        noise = torch.empty(x.shape).uniform_(-eps, eps)    # trades.py L33: uniform start in the eps-box
+        x_adv = (x.detach() + noise.detach()).clamp(0.0, 1.0)  # trades.py L33-34
+        # trades.py L35: clean softmax once, outside any no_grad (the training loop runs with grad on,
+        # so this forward records a graph through the parameters; batch statistics, as L29-30 set)
+        p_natural = F.softmax(model(x), dim=1)
+        for _ in range(attack_steps):                       # trades.py L37-45 ('linf-pgd')
+            x_adv.requires_grad_()
+            with torch.enable_grad():
+                loss_kl = kl_sum(F.log_softmax(model(x_adv), dim=1), p_natural)
+            (grad,) = torch.autograd.grad(loss_kl, [x_adv])
+            x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+            x_adv = torch.clamp(torch.min(torch.max(x_adv, x - eps), x + eps), 0.0, 1.0)
+        model.train()                                       # trades.py L77
+        _port_track_bn_stats(model, True)                   # trades.py L78
+        x_adv = torch.clamp(x_adv, 0.0, 1.0).detach()       # trades.py L80
+        optimizer.zero_grad()                               # trades.py L82 (set_to_none: torch's default)
+        logits_natural = model(x)                           # trades.py L84
+        logits_adv = model(x_adv)                           # trades.py L85
+        loss_natural = _port_smooth_ce(logits_natural, y, 0.1)  # trades.py L27, L86
+        loss_robust = (1.0 / batch) * kl_sum(F.log_softmax(logits_adv, dim=1),  # trades.py L87-88
+                                             F.softmax(logits_natural, dim=1))
+        loss = loss_natural + beta * loss_robust            # trades.py L89
+        _metrics = {"loss": loss.item(), "clean_acc": _port_accuracy(y, logits_natural.detach()),  # L91-92
+                    "adversarial_acc": _port_accuracy(y, logits_adv.detach())}
+
+        # back in WATrainer.train, watrain.py L100-109 (clip_grad None by default, L101-102)
+        loss.backward()                                     # watrain.py L100
+        optimizer.step()                                    # watrain.py L103
+        global_step = state["update_iter"]                  # watrain.py L107
+        # watrain.py L108-109 -> ema_update L169-183 (dynamic decay, parameters only)
+        factor = int(global_step >= warmup_steps)
+        delta = global_step - warmup_steps
+        decay = (min(0.995, (1.0 + delta) / (10.0 + delta)) if 10.0 + delta != 0 else 0.995) * factor
+        for p_wa, p_model in zip(wa_model.parameters(), model.parameters()):
+            p_wa.data *= decay
+            p_wa.data += p_model.data * (1 - decay)
+        # watrain.py L110 (pandas DataFrame.append of the metrics): left out
+    return step
+
+
+def build(name: str, attack_steps: int, batch: int) -> tuple[Step, Step]:
+    """(ours, port) from the same initial weights and the same batch."""
+    s = our_settings(attack_steps, batch)
+    torch.manual_seed(0)
+    base = models.build(name)
+    x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    is_generated = torch.zeros(batch, dtype=torch.bool)
+    is_generated[batch - round(batch * s["generated_fraction"]):] = True  # the loader puts real rows first
+    ours = make_ours(copy.deepcopy(base), s, x, y, is_generated)
+    port = make_port(copy.deepcopy(base), x, y, s["eps_255"] / 255, s["step_255"] / 255, attack_steps, s["beta"])
+    return ours, port
+
+
+def timed(fn: Step, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         fn()
     return time.perf_counter() - start
 
 
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def side_by_side(args: argparse.Namespace) -> None:
+    print("| model | attack steps | ours steps/s | port steps/s | ratio ours/port (medians) "
+          "| pair ratio min / median / max |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        for k in args.attack_steps:
+            ours, port = build(name, k, args.batch)
+            ours(), port()  # warm-up
+            t_ours, t_port = [], []
+            for r in range(args.repeats):
+                pair = [(t_ours, ours), (t_port, port)]
+                for times, fn in (pair if r % 2 == 0 else pair[::-1]):
+                    times.append(timed(fn, args.steps))
+            s_ours = [args.steps / t for t in t_ours]
+            s_port = [args.steps / t for t in t_port]
+            pairs = sorted(a / b for a, b in zip(s_ours, s_port))
+            print(f"| {name} | {k} | {spread(s_ours)} | {spread(s_port)} | "
+                  f"{statistics.median(s_ours) / statistics.median(s_port):.2f}x | "
+                  f"{pairs[0]:.2f} / {statistics.median(pairs):.2f} / {pairs[-1]:.2f} |", flush=True)
+
+
+def whole_process(args: argparse.Namespace) -> None:
+    k = args.attack_steps[0]
+    walls: dict[str, list[float]] = {"ours": [], "port": []}
+    for r in range(args.wall_repeats):
+        for side in (("ours", "port") if r % 2 == 0 else ("port", "ours")):
+            cmd = [sys.executable, __file__, "--child", side, "--models", "small_cnn", "--attack-steps", str(k),
+                   "--batch", str(args.batch), "--steps", str(args.wall_steps)]
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            walls[side].append(time.perf_counter() - start)
+    ours, port = statistics.median(walls["ours"]), statistics.median(walls["port"])
+    print(f"\nwhole process (python start, imports, model build, {args.wall_steps} steps; small_cnn, "
+          f"{k} attack steps, batch {args.batch}), median of {args.wall_repeats}, alternating:")
+    print(f"| ours s | port s | ratio ours/port (port s / ours s) |\n|---|---|---|\n"
+          f"| {spread(walls['ours'])} | {spread(walls['port'])} | {port / ours:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["small_cnn", "wrn-16-4"])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attack-steps", nargs="+", type=int, default=[10, 5])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2, help="training steps per timed block")
+    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per side")
+    parser.add_argument("--wall-steps", type=int, default=0, help="steps per whole-process run (0: skip)")
+    parser.add_argument("--wall-repeats", type=int, default=2)
+    parser.add_argument("--child", choices=["ours", "port"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print(f"# {platform.machine()} {torch.get_num_threads()} threads, Python {platform.python_version()}, "
-          f"torch {torch.__version__}, batch {args.batch}, TRADES {STEPS} steps")
-    print("| model | ours img/s | plain img/s | ratio ours/plain |")
-    print("|---|---|---|---|")
-    for name in args.models:
-        torch.manual_seed(0)
-        base = models.build(name)
-        ours_model, plain_model = copy.deepcopy(base), copy.deepcopy(base)
-        ours = make_ours(ours_model)
-        plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
-        x, y = torch.rand(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
-        smoothing = torch.zeros(args.batch)
-        smoothing[args.batch // 2:] = 0.1
-        run_ours = lambda: ours(x, y, smoothing)                       # noqa: E731
-        run_plain = lambda: plain_trades_step(plain_model, plain_opt, x, y)  # noqa: E731
-        run_ours(), run_plain()                                        # warm-up
-        t_ours, t_plain = [], []
-        for r in range(args.repeats):
-            pair = [(t_ours, run_ours), (t_plain, run_plain)]
-            for times, fn in (pair if r % 2 == 0 else pair[::-1]):
-                times.append(timed(fn, args.steps))
-        ips_ours = args.batch * args.steps / statistics.median(t_ours)
-        ips_plain = args.batch * args.steps / statistics.median(t_plain)
-        print(f"| {name} | {ips_ours:.1f} | {ips_plain:.1f} | {ips_ours / ips_plain:.2f}x |", flush=True)
+    if args.child:  # one side alone, for the whole-process comparison
+        ours, port = build(args.models[0], args.attack_steps[0], args.batch)
+        fn = ours if args.child == "ours" else port
+        for _ in range(args.steps):
+            fn()
+        return
+    print(f"# {platform.machine()} {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
+          f"torch {torch.__version__}, batch {args.batch}, fp32; port = {PORT} gowal21uncovering TRADES step")
+    side_by_side(args)
+    if args.wall_steps:
+        whole_process(args)
 
 
 if __name__ == "__main__":

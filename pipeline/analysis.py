@@ -17,8 +17,14 @@ features (pipeline/features.py):
 - coverage(train): share of train samples whose nearest neighbour in (train minus itself) U generated
   is generated; coverage(test) likewise with test; ideal is about 1/2.
 Ties go to real data (train, then test, then generated), so a generator never gains from a tie. The
-train and test samples do not depend on the generator, so rows are comparable. Mixup draws pairs of
-training images (from the whole training set) and mixes them with weight lambda ~ Beta(alpha, alpha).
+train and test samples do not depend on the generator, so rows are comparable. The mixup row is
+standard mixup (Zhang et al., 2018) of the train sample itself (the train pool of the search): every
+pool image once, blended with a partner from a random permutation of the pool, with weight
+lambda ~ Beta(alpha, alpha): the row asks whether a blend's nearest neighbour
+is one of its own source images, which it can only be when the sources are in the pool (drawn from
+a whole training set of T images, a source would be in it with probability N / T: 4% in the study
+preset, N = 2,000 of 49,500). How close blends come to the whole training set (memorisation) is a
+question for quality metrics, not for this row.
 The JSON also carries teacher statistics on the generated sample (class histogram, mean confidence,
 agreement with the conditioning label where the generator knows it; for mixup, the dominant image's).
 """
@@ -160,18 +166,28 @@ def generated_sample(shards: list[Path], n: int, seed: int, generator: str) -> t
     return read_rows(files, idx)
 
 
-def mixup_sample(train_x: np.ndarray, train_y: np.ndarray, n: int, alpha: float,
-                 seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """n convex combinations lam * x_i + (1 - lam) * x_j of training pairs, lam ~ Beta(alpha, alpha).
+def train_pool_indices(n_train: int, n_samples: int, seed: int) -> np.ndarray:
+    """The train sample: the train pool of the 1-NN search and the mixup row's source images."""
+    return sample_indices(n_train, n_samples, seeding.numpy_rng(seed, "analysis", "train"))
 
-    Float NHWC in [0, 1] (not re-quantised); the label is the dominant image's (lam >= 1/2 -> y_i).
+
+def mixup_sample(train_x: np.ndarray, train_y: np.ndarray, pool: np.ndarray, alpha: float,
+                 seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Standard mixup of `pool`: blends lam * x_i + (1 - lam) * x_j with i every pool image once and j a
+    random permutation of the pool, lam ~ Beta(alpha, alpha).
+
+    `pool` holds indices into train_x: the search's train pool, so that a blend's sources can be its
+    nearest train neighbours. Returns float NHWC in [0, 1] (not re-quantised), the dominant image's
+    label (lam >= 1/2 -> y_i) and the (n, 2) train indices (i, j) of the sources.
     """
     rng = seeding.numpy_rng(seed, "analysis", MIXUP)
-    i = rng.integers(0, len(train_x), size=n)
-    j = rng.integers(0, len(train_x), size=n)
+    n = len(pool)
+    i = np.asarray(pool)
+    j = i[rng.permutation(n)]
     lam = rng.beta(alpha, alpha, size=n).astype(np.float32).reshape(-1, 1, 1, 1)
     mixed = (lam * train_x[i].astype(np.float32) + (1 - lam) * train_x[j].astype(np.float32)) / 255.0
-    return mixed, np.where(lam.ravel() >= 0.5, train_y[i], train_y[j]).astype(np.int64)
+    labels = np.where(lam.ravel() >= 0.5, train_y[i], train_y[j]).astype(np.int64)
+    return mixed, labels, np.stack([i, j], axis=1)
 
 
 # --- the stage --------------------------------------------------------------------------------------
@@ -193,7 +209,7 @@ def analyse(cfg: AnalysisConfig, seed: int, generator: str, train: tuple[np.ndar
             test: tuple[np.ndarray, np.ndarray], generated: tuple[np.ndarray, np.ndarray],
             teacher: torch.nn.Module | None, device: torch.device) -> dict[str, Any]:
     """Sample train/test, extract features, search; `generated` is already the generated sample."""
-    train_idx = sample_indices(len(train[0]), cfg.n_samples, seeding.numpy_rng(seed, "analysis", "train"))
+    train_idx = train_pool_indices(len(train[0]), cfg.n_samples, seed)
     test_idx = sample_indices(len(test[0]), cfg.n_samples, seeding.numpy_rng(seed, "analysis", "test"))
     sets = {"train": train[0][train_idx], "test": test[0][test_idx], "generated": generated[0]}
     started = time.perf_counter()
@@ -320,8 +336,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train, test = read_imageset(args.train), read_imageset(args.test)
         if args.generator == MIXUP:
-            # As many blends as the other sets have samples, so the three sets weigh the same.
-            generated = mixup_sample(*train, min(cfg.n_samples, len(train[0])), cfg.mixup_alpha, seed)
+            # Blends of the train pool that analyse() searches (same indices), one per pool image,
+            # so the three sets weigh the same.
+            pool = train_pool_indices(len(train[0]), cfg.n_samples, seed)
+            generated = mixup_sample(*train, pool, cfg.mixup_alpha, seed)[:2]
         else:
             generated = generated_sample(args.shards, cfg.n_samples, seed, args.generator)
         teacher = models.load_checkpoint(args.teacher, device) if args.teacher else None

@@ -1,11 +1,13 @@
 """The one PGD implementation (Linf and L2), used by robust training, validation and evaluation.
 
 Attacks work in [0, 1] pixel space (models normalise inside). Randomness comes from an explicit
-torch.Generator where reproducibility matters. `eval_mode` restores the model's previous mode.
+torch.Generator where reproducibility matters. `eval_mode` and `batch_stats_mode` restore the model's
+previous state.
 """
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from typing import Callable, Iterator, Literal
 
@@ -14,6 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 Threat = Literal["linf", "l2"]
+# Batch-norm statistics an attack inside training sees: `batch` = the attacked batch's own statistics,
+# running statistics left untouched (the references); `running` = eval mode (the running statistics).
+BnMode = Literal["batch", "running"]
+BN_MODES: tuple[BnMode, ...] = ("batch", "running")
 
 
 @contextmanager
@@ -25,6 +31,36 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+@contextmanager
+def batch_stats_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Train mode with every batch norm normalising by the batch's statistics but not updating its
+    running statistics, for the block.
+
+    This is how the references attack during training: DeepMind's JAX code calls the model with
+    `is_training=False, test_local_stats=True` (adversarial_robustness/jax/experiment.py L264-L266),
+    the PyTorch port with `model.train()` and `track_bn_stats(model, False)`
+    (gowal21uncovering/utils/trades.py L29-L30; core/utils/utils.py L33-L39).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training, tracked = model.training, [m.track_running_stats for m in norms]
+    model.train()
+    for norm in norms:
+        norm.track_running_stats = False  # train mode + not tracking: batch statistics, no update
+    try:
+        yield model
+    finally:
+        for norm, track in zip(norms, tracked):
+            norm.track_running_stats = track
+        model.train(was_training)
+
+
+def attack_mode(model: nn.Module, bn: BnMode) -> contextlib.AbstractContextManager[nn.Module]:
+    """The model state an attack inside training runs in (BnMode)."""
+    if bn not in BN_MODES:
+        raise ValueError(f"unknown batch-norm mode {bn!r}; known: {', '.join(BN_MODES)}")
+    return batch_stats_mode(model) if bn == "batch" else eval_mode(model)
 
 
 def _l2_norm(x: torch.Tensor) -> torch.Tensor:

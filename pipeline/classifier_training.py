@@ -1,8 +1,8 @@
-"""Pieces shared by every standard (non-robust) classifier loop: augmentation, batched inference.
+"""Pieces shared by every standard (non-robust) classifier loop: uint8 -> float conversion, batched
+inference.
 
-The teacher trains with them; pseudo-labelling and the analysis run the trained model through
-`predict`/`features` in batches. Randomness comes from explicit torch.Generator objects, so a resumed
-epoch draws exactly the same crops, flips and order as an uninterrupted one.
+The teacher trains with them (its augmentation is pipeline/augment.py, as robust training's);
+pseudo-labelling and the analysis run the trained model through `predict`/`features` in batches.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -26,24 +25,6 @@ def to_float(images: np.ndarray | torch.Tensor, device: torch.device | str = "cp
     else:  # already float NHWC in [0, 1] (e.g. mixup blends)
         tensor = tensor.to(device).permute(0, 3, 1, 2).float()
     return tensor.contiguous()
-
-
-def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Standard CIFAR augmentation: random crop from a zero-padded image and horizontal flip.
-
-    Offsets and flips are drawn on the CPU from `generator`, so they do not depend on the device.
-    """
-    n, _, h, w = x.shape
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
-    flips = torch.rand(n, generator=generator) < 0.5
-    padded = F.pad(x, (pad, pad, pad, pad))
-    # Gather every crop at once: index rows/columns per image (no Python loop over the batch).
-    rows = (offsets[:, 0:1] + torch.arange(h)).to(x.device)  # n x h
-    cols = (offsets[:, 1:2] + torch.arange(w)).to(x.device)  # n x w
-    cols = torch.where(flips.to(x.device).unsqueeze(1), cols.flip(1), cols)
-    batch = torch.arange(n, device=x.device).view(n, 1, 1)
-    out = padded.permute(0, 2, 3, 1)[batch, rows.unsqueeze(2), cols.unsqueeze(1)]  # n x h x w x c
-    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def batches(n: int, batch_size: int) -> Iterator[slice]:

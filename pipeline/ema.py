@@ -4,19 +4,27 @@ Gowal et al. (2021) evaluate an EMA of the weights with decay 0.995 and the warm
 `decay_t = min(decay, (1 + t) / (10 + t))` (t = number of updates so far), so the average is not
 dominated by the random initial weights early on.
 
-Batch-norm buffers: floating-point buffers (running_mean, running_var) are averaged with the same
-decay as the weights, as DeepMind's implementation averages the network state along with the
-parameters, so the statistics track the averaged weights rather than the last step's weights; integer
-buffers (num_batches_tracked) are copied, since averaging a counter is meaningless.
+Buffers (batch-norm running statistics), `buffers="copy"` (the default): the averaged weights are used
+with the trained model's own statistics, copied at every update. This is what the references do:
+DeepMind's JAX code averages the parameters only and evaluates them with the trained model's state
+(adversarial_robustness/jax/experiment.py L291-L293, utils.py `ema_update`), and the PyTorch port
+copies the batch-norm statistics into the averaged model (gowal21uncovering/utils/watrain.py L115,
+L187-L196). `buffers="average"` averages floating-point buffers with the same decay as the weights
+instead, so the statistics follow the averaged weights. Integer buffers (num_batches_tracked) are always
+copied, since averaging a counter is meaningless.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+
+
+BufferMode = Literal["copy", "average"]
+BUFFER_MODES: tuple[BufferMode, ...] = ("copy", "average")
 
 
 def ema_decay(decay: float, t: int) -> float:
@@ -32,10 +40,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 class EMA:
     """Holds an averaged copy of a model; `update` after every optimiser step."""
 
-    def __init__(self, model: nn.Module, decay: float, shadow: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, decay: float, shadow: nn.Module | None = None,
+                 buffers: BufferMode = "copy") -> None:
         if not 0 <= decay < 1:
             raise ValueError(f"ema decay {decay} outside [0, 1)")
+        if buffers not in BUFFER_MODES:
+            raise ValueError(f"ema buffers {buffers!r} not in {BUFFER_MODES}")
         self.decay = decay
+        self.buffers = buffers
         self.updates = 0
         # `shadow` lets the caller pass a plain copy (e.g. without SyncBatchNorm) to average into.
         self.model = shadow if shadow is not None else copy.deepcopy(unwrap(model))
@@ -47,9 +59,10 @@ class EMA:
         """Average the current weights in; returns the decay used."""
         d = ema_decay(self.decay, self.updates)
         source = unwrap(model).state_dict()
+        averaged = {name for name, _ in self.model.named_parameters()}
         for name, value in self.model.state_dict().items():
             new = source[name].detach()
-            if value.dtype.is_floating_point:
+            if value.dtype.is_floating_point and (name in averaged or self.buffers == "average"):
                 value.mul_(d).add_(new.to(value.dtype), alpha=1.0 - d)
             else:
                 value.copy_(new)

@@ -1,6 +1,6 @@
 """Stage `evaluate`: clean, PGD and AutoAttack accuracy of one robust model under one threat model.
 
-    python -m pipeline.evaluate --params params.yaml --model models/robust/{run}/model.pt \\
+    python -m pipeline.evaluate --params params.yaml --model models/robust/{run}/best.pt \\
         --test data/cifar10/test.h5 --threat linf --workdir work/evaluate/{run}/linf \\
         --out results/evaluate/{run}/linf.json --out-examples results/evaluate/{run}/linf.h5
 
@@ -72,6 +72,7 @@ class EvaluateConfig:
     n_sweep: int                  # first n test images of the sweep
     tolerance: float              # accuracy slack (fraction) before a check fires
     max_pgd_gap: float            # PGD minus AutoAttack accuracy that flags masking
+    checkpoint: str               # best (validation-selected, the references') or last: which model.pt is attacked
 
     def __post_init__(self) -> None:
         for threat in self.threats:
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         section = params_mod.train_robust_for(cfg_all, run) if variant in cfg_all["variants"]["names"] \
             else cfg_all["train_robust"]
         model = models.load_checkpoint(args.model, device, expected=section["model"])
+        kind = models.checkpoint_kind(args.model, expected=cfg.checkpoint)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     model_name = torch.load(args.model, map_location="cpu", mmap=True, weights_only=False)["model"]
@@ -354,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
                       test_sha256)
     report = summary(result, cfg, args.threat, run, seed, args.model, model_sha256, model_name, args.test,
                      test_sha256, args.out_examples)
+    report.update(kind)
     write_examples(args.out_examples, result, {"run": run, "threat": args.threat,
                                                "eps_255": cfg.eps_255[args.threat],
                                                "model_sha256": model_sha256, "test_sha256": test_sha256})

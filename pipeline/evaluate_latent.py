@@ -1,6 +1,6 @@
 """Stage `evaluate_latent`: a robust model under a learned perturbation set (the CVAE threat model).
 
-    python -m pipeline.evaluate_latent --params params.yaml --model models/robust/{run}/model.pt \\
+    python -m pipeline.evaluate_latent --params params.yaml --model models/robust/{run}/best.pt \\
         --cvae models/generators/cvae/model.pt --test data/cifar10/test.h5 \\
         --out results/evaluate/{run}/cvae.json --out-examples results/evaluate/{run}/cvae.h5
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     run = args.run or args.model.parent.name
     try:
         model = models.load_checkpoint(args.model, device).requires_grad_(False)
+        kind = models.checkpoint_kind(args.model, expected=cfg["checkpoint"])
         generator, state = cvae.load_model(args.cvae, device)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         "autoattack_acc": None, "flags": [], "flag_reasons": {}, "gradient_masking_suspected": False,
         "cvae_path": str(args.cvae), "cvae_sha256": file_sha256(args.cvae), "cvae_errors": state["errors"],
         "model_path": str(args.model), "model_sha256": model_sha256, "test_path": str(args.test),
-        "test_sha256": test_sha256, "examples_path": str(args.out_examples), "seed": seed,
+        "test_sha256": test_sha256, "examples_path": str(args.out_examples), "seed": seed, **kind,
     }
     write_arrays(args.out_examples, result, {"run": run, "threat": THREAT, "model_sha256": model_sha256,
                                              "test_sha256": test_sha256, "radius": radius})

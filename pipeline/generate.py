@@ -50,6 +50,8 @@ class GenerateConfig:
     batch_size: int         # images per network call (ddpm: part of the shard's identity, see above)
     sampler: str            # ddpm sampler: ddpm (ancestral), ddim or dpmsolver
     sampling_steps: int     # ddpm sampling steps
+    ddpm_variance: str      # ancestral sampler's variance: fixedlarge (Ho et al.) or fixedsmall; ddim and
+                            # dpmsolver draw no per-step noise and ignore it (see generators/ddpm.py)
     grid_images: int        # images in the sample grid PNG
 
 
@@ -95,7 +97,8 @@ def run(cfg_all: dict[str, Any], name: str, model: Path, shard: str, out: Path |
     """Generate one shard (`shard` an index, written to `out`) or all of them into `out_dir`."""
     cfg = params_mod.section(GenerateConfig, cfg_all["generate"])
     settings = SampleSettings(seed=cfg_all["base"]["seed"], batch_size=cfg.batch_size,
-                              sampler=cfg.sampler, sampling_steps=cfg.sampling_steps)
+                              sampler=cfg.sampler, sampling_steps=cfg.sampling_steps,
+                              ddpm_variance=cfg.ddpm_variance)
     count = params_mod.shard_count(cfg_all)
     if shard == "all":
         if out_dir is None:

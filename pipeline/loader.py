@@ -14,8 +14,8 @@ are read lazily by each DataLoader worker, which opens shard files itself (an LR
 where each chunk of rows lies once per file, and reads each shard's rows of a batch in sorted order
 with os.pread (no HDF5 call, no cache growing per file).
 
-Augmentation (random crop with 4 pixels of reflect padding, horizontal flip) runs in the workers on
-uint8 arrays, its randomness also drawn from (seed, step). Batches leave the workers as uint8 NCHW
+Augmentation (pipeline/augment.py: random crop with 4 pixels of zero padding, horizontal flip) runs in
+the workers on uint8 arrays, its randomness also drawn from (seed, step). Batches leave the workers as uint8 NCHW
 tensors; the trainer converts them to float on the device.
 """
 
@@ -33,10 +33,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline import seeding
+from pipeline import augment, seeding
 from pipeline.shards import ShardError, count, expand
 
-PAD = 4                # crop padding in pixels (CIFAR standard)
 MAX_OPEN_FILES = 128   # file descriptors kept open per worker process
 SHARD_NUMBER = re.compile(r"shard-(\d+)\.h5$")
 _MASK64 = (1 << 64) - 1
@@ -90,26 +89,6 @@ def stream_indices(start: int, count_: int, n: int, *seed_parts: object) -> np.n
     for p in np.unique(passes):
         where = passes == p
         out[where] = permute(positions[where] % n, n, seeding.derive(*seed_parts, int(p)))
-    return out
-
-
-# --- augmentation ---
-
-
-def crop_flip_params(rng: np.random.Generator, n: int, pad: int = PAD) -> np.ndarray:
-    """n x 3 int array (dy, dx, flip) of random crop offsets in [0, 2 * pad] and flips."""
-    return np.stack([rng.integers(0, 2 * pad + 1, size=n), rng.integers(0, 2 * pad + 1, size=n),
-                     rng.random(n) < 0.5], axis=1).astype(np.int64)
-
-
-def augment(images: np.ndarray, params: np.ndarray, pad: int = PAD) -> np.ndarray:
-    """Random crop (reflect padding `pad`) and horizontal flip of uint8 NHWC images."""
-    n, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    out = np.empty_like(images)
-    for i, (dy, dx, flip) in enumerate(params):
-        crop = padded[i, dy:dy + h, dx:dx + w]
-        out[i] = crop[:, ::-1] if flip else crop
     return out
 
 
@@ -343,8 +322,9 @@ class MixedBatches(Dataset):
         images = np.concatenate(parts) if len(parts) > 1 else parts[0]
         if self.augmentation:
             # Drawn for the global batch, then sliced: augmentation does not depend on world size.
-            params = crop_flip_params(seeding.numpy_rng(self.spec.seed, "augment", step), self.spec.batch_size)
-            images = augment(images, params[positions])
+            params = augment.crop_flip_params(seeding.numpy_rng(self.spec.seed, "augment", step),
+                                              self.spec.batch_size)
+            images = augment.crop_flip(images, params[positions])
         generated = np.zeros(len(images), dtype=bool)
         generated[len(real):] = True
         return (torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),

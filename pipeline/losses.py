@@ -1,9 +1,11 @@
 """Adversarial training losses: TRADES (Zhang et al., 2019) and PGD adversarial training (Madry et al.).
 
 Both take per-example label smoothing, so smoothing can apply to generated (pseudo-labelled) images
-only, as in Gowal et al. (2021). The inner maximisation uses the one PGD in pipeline.attacks, run in
-eval mode (batch-norm statistics are not updated by the attack, and dropout is off). A loss returns
-tensors and leaves the optimiser alone.
+only, as in Gowal et al. (2021). The inner maximisation uses the one PGD in pipeline.attacks. By default
+it runs as the references do: batch-norm layers normalise by the attacked batch's own statistics and
+never update their running statistics (`AttackSpec.bn = "batch"`; `"running"` attacks in eval mode),
+and PGD starts from a uniform point of the eps-ball (`AttackSpec.start = "uniform"`; `"gaussian"` starts
+from x + 0.001 N(0, I), the original TRADES code). A loss returns tensors and leaves the optimiser alone.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.attacks import Threat, eval_mode, pgd, pgd_ce
+from pipeline.attacks import BnMode, Threat, attack_mode, pgd, random_start
 from pipeline.aux_bn import Route, routed
 from pipeline.cutmix import Mix
 
@@ -23,6 +25,11 @@ if TYPE_CHECKING:
     from pipeline.threat_model import LatentSet
 
 LossName = Literal["trades", "pgd"]
+# Where the inner maximisation starts: uniform in the ball (DeepMind's linf_initialize_fn,
+# adversarial_robustness/jax/experiment.py L94; the PyTorch port's TRADES, gowal21uncovering/utils/trades.py
+# L33) or x + 0.001 N(0, I) (the original TRADES code, and the port's L2 TRADES, trades.py L48).
+StartMode = Literal["uniform", "gaussian"]
+START_MODES: tuple[StartMode, ...] = ("uniform", "gaussian")
 # Train-mode forward of one or more inputs, returning their logits. Under DDP it is one call of the
 # wrapped model (see TwoViews), since DDP expects exactly one forward per backward.
 Forward = Callable[..., tuple[torch.Tensor, ...]]
@@ -63,12 +70,15 @@ def _plain(model: nn.Module) -> Forward:
 class AttackSpec:
     """Inner maximisation of the training loss; radii in [0, 1] pixel units. With `latent` (a learned
     perturbation set, threat `cvae`) the search runs in its latent ball instead and eps/step_size are
-    unused: the radius is the set's own and the step 2.5 radius / steps."""
+    unused: the radius is the set's own and the step 2.5 radius / steps. `bn` and `start`: see the
+    module docstring (the defaults are the references')."""
     threat: Threat | Literal["cvae"]
     eps: float
     step_size: float
     steps: int
     latent: LatentSet | None = None
+    bn: BnMode = "batch"
+    start: StartMode = "uniform"
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: torch.Tensor | float = 0.0,
@@ -109,14 +119,26 @@ def trades_objective(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torc
     return ce + beta * kl, ce, kl
 
 
+def attack_start(x: torch.Tensor, attack: AttackSpec, generator: torch.Generator | None) -> torch.Tensor:
+    """The point the inner maximisation starts from (in the latent space for a learned set)."""
+    if attack.start not in START_MODES:
+        raise ValueError(f"unknown attack start {attack.start!r}; known: {', '.join(START_MODES)}")
+    if attack.latent is not None:
+        if attack.start == "uniform":
+            return attack.latent.random_start(len(x), generator, x.device)
+        return 0.001 * torch.randn((len(x), attack.latent.latent_dim), generator=generator, device=x.device)
+    if attack.start == "uniform":
+        return x + random_start(x, attack.threat, attack.eps, generator)  # type: ignore[arg-type]
+    return x + 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def trades_attack(model: nn.Module, x: torch.Tensor, attack: AttackSpec,
                   generator: torch.Generator | None = None, route: Route = None) -> torch.Tensor:
-    """TRADES inner maximisation: maximise KL(f(x) || f(x')) from x + 0.001 * N(0, 1), in eval mode
-    (through the batch norms `route` names, when the model has auxiliary ones). In a learned set the
-    start is u = 0.001 * N(0, I) in its latent space."""
-    shape = (len(x), attack.latent.latent_dim) if attack.latent is not None else x.shape
-    noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
-    with eval_mode(model), routed(model, route):
+    """TRADES inner maximisation: maximise KL(f(x) || f(x')) from `attack_start`, with the batch-norm
+    statistics `attack.bn` names (through the batch norms `route` names, when the model has auxiliary
+    ones). The clean target f(x) is computed in the same mode, as in the references."""
+    start = attack_start(x, attack, generator)
+    with attack_mode(model, attack.bn), routed(model, route):
         with torch.no_grad():
             p_nat = F.softmax(model(x).float(), dim=1)
 
@@ -124,9 +146,9 @@ def trades_attack(model: nn.Module, x: torch.Tensor, attack: AttackSpec,
             return F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
 
         if attack.latent is not None:
-            return attack.latent.attack(model, x, kl, attack.steps, start=0.001 * noise)
+            return attack.latent.attack(model, x, kl, attack.steps, start=start)
         return pgd(model, x, kl, attack.threat, attack.eps, attack.step_size, attack.steps,  # type: ignore[arg-type]
-                   start=x + 0.001 * noise)
+                   start=start)
 
 
 def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, beta: float, attack: AttackSpec,
@@ -146,17 +168,19 @@ def pgd_at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Atta
                 smoothing: torch.Tensor | float = 0.0, generator: torch.Generator | None = None,
                 forward: Forward | None = None, mix: Mix | None = None,
                 routes: tuple[Route, Route] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PGD adversarial training: cross-entropy at the PGD-CE point (random start, eval-mode attack).
+    """PGD adversarial training: cross-entropy at the PGD-CE point (start and batch-norm mode from `attack`).
     With CutMix the attack maximises CE of the image's own label, the loss takes the mixed labels."""
     route = routes[1] if routes else None
-    with routed(model, route):
+    start = attack_start(x, attack, generator)
+    with attack_mode(model, attack.bn), routed(model, route):
+        def ce(logits: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits, y, reduction="sum")
+
         if attack.latent is not None:
-            with eval_mode(model):
-                x_adv = attack.latent.attack(model, x, lambda logits: F.cross_entropy(logits, y, reduction="sum"),
-                                             attack.steps, attack.latent.random_start(len(x), generator, x.device))
+            x_adv = attack.latent.attack(model, x, ce, attack.steps, start)
         else:
-            x_adv = pgd_ce(model, x, y, attack.threat, attack.eps, attack.step_size, attack.steps,  # type: ignore[arg-type]
-                           generator)
+            x_adv = pgd(model, x, ce, attack.threat, attack.eps, attack.step_size, attack.steps,  # type: ignore[arg-type]
+                        start=start)
     views = forward or _plain(model)
     (logits_adv,) = views(x_adv, routes=(route,)) if routes else views(x_adv)
     ce = mixed_cross_entropy(logits_adv, y, smoothing, mix)

@@ -6,7 +6,8 @@ WideResNet follows Gowal et al. (2021): pre-activation WRN-d-w with SiLU activat
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -110,10 +111,27 @@ MODELS: dict[str, Callable[[int], Classifier]] = {
 }
 
 
-def build(name: str, num_classes: int = 10) -> Classifier:
+def build(name: str, num_classes: int = 10, bn_momentum: float | None = None) -> Classifier:
+    """A registry model; `bn_momentum` (PyTorch convention: the weight of the new batch statistic)
+    replaces PyTorch's 0.1 in every batch norm when given."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    return MODELS[name](num_classes)
+    model = MODELS[name](num_classes)
+    if bn_momentum is not None:
+        set_bn_momentum(model, bn_momentum)
+    return model
+
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> nn.Module:
+    """Set the running-statistics momentum of every batch norm. Robust training uses 0.01, as the
+    references: Haiku BatchNorm decay_rate 0.99 (deepmind-research adversarial_robustness/jax/model_zoo.py
+    L37, L98) and the PyTorch port's WRN (core/models/wideresnetwithswish.py L34, L39, L135)."""
+    if not 0 < momentum <= 1:
+        raise ValueError(f"batch-norm momentum {momentum} outside (0, 1]")
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+    return model
 
 
 def save_checkpoint(path, model: nn.Module, name: str, num_classes: int, extra: dict | None = None) -> None:
@@ -141,6 +159,17 @@ def load_checkpoint(path, device: torch.device | str = "cpu", expected: str | No
     except RuntimeError as error:
         raise ValueError(f"{path}: weights do not fit {payload['model']}: {error}") from None
     return model.to(device).eval()
+
+
+def checkpoint_kind(path: Path | str, expected: str | None = None) -> dict[str, Any]:
+    """Which of a run's checkpoints a model file is: {"checkpoint": "last" | "best" | "", "checkpoint_epoch":
+    the epoch it was taken at or None}, as train_robust stores them. `expected` (evaluate.checkpoint) must
+    match when the file names itself, so an evaluation never attacks another checkpoint than it reports."""
+    payload = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    kind = str(payload.get("checkpoint", "")) if isinstance(payload, dict) else ""
+    if expected is not None and kind and kind != expected:
+        raise ValueError(f"{path}: is the {kind} checkpoint of its run, but evaluate.checkpoint is {expected}")
+    return {"checkpoint": kind, "checkpoint_epoch": payload.get("epoch") if isinstance(payload, dict) else None}
 
 
 def resolve_device(name: str) -> torch.device:

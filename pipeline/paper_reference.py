@@ -15,6 +15,14 @@ Sources:
   AutoAttack accuracy. Its WRN-28-10 row is labelled "WRN-70-16" but links cifar10_linf_wrn28-10_ddpm_100m;
   we follow the file name. Released checkpoints may differ slightly from the paper's tables (66.11 vs
   66.10 for the WRN-70-16).
+- REBUFFI: the same README's table of Rebuffi et al. (2021, "Data Augmentation Can Improve Robustness",
+  the companion paper on the same code), whose CIFAR-10 models train on the 1M DDPM samples with CutMix,
+  e.g. cifar10_linf_wrn28-10_cutmix_ddpm_v2: the published setting nearest the paper preset (1M images).
+
+A published number is comparable to one of ours only when the architecture, the threat the model was
+trained against, the threat it is evaluated under and the number of generated images all match
+(`PaperResult.comparable`): the L2 78.31% is an L2-trained model, not a Linf-trained one evaluated under
+L2, and the 100M rows are not what a 1M run should reach.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from dataclasses import dataclass
 CITATION = "Gowal et al. 2021 (NeurIPS), arXiv:2110.09468"
 ABSTRACT = "paper abstract"
 RELEASE = "released checkpoint, deepmind-research adversarial_robustness README"
+REBUFFI = "Rebuffi et al. 2021 released checkpoint, deepmind-research adversarial_robustness README"
 
 
 @dataclass(frozen=True)
@@ -39,11 +48,21 @@ class PaperResult:
     autoattack_acc: float
     source: str
     note: str = ""
+    train_threat: str | None = None   # the threat the model was trained against (None: the same as `threat`)
+
+    @property
+    def trained_under(self) -> str:
+        return self.train_threat or self.threat
 
     @property
     def label(self) -> str:
         data = f"{self.n_generated // 1_000_000}M " if self.n_generated else ""
-        return f"paper: {self.model}, {data}{self.generator}"
+        return f"paper: {self.model}, {data}{self.generator}, trained {self.trained_under}"
+
+    def comparable(self, model: str, train_threat: str, threat: str, n_generated: int) -> bool:
+        """Whether one of our rows (registry model name, e.g. wrn-28-10) measures the same setting."""
+        return (self.model.lower() == model.lower() and self.trained_under == train_threat
+                and self.threat == threat and self.n_generated == n_generated)
 
 
 REFERENCES: tuple[PaperResult, ...] = (
@@ -54,8 +73,10 @@ REFERENCES: tuple[PaperResult, ...] = (
                 "released checkpoint cifar10_linf_wrn28-10_ddpm_100m"),
     PaperResult("cifar10", "linf", 8, "ResNet-18", "DDPM", 100_000_000, 0.8735, 0.5863, RELEASE,
                 "released checkpoint cifar10_linf_resnet18_ddpm_100m"),
+    PaperResult("cifar10", "linf", 8, "WRN-28-10", "DDPM + CutMix", 1_000_000, 0.8733, 0.6075, REBUFFI,
+                "released checkpoint cifar10_linf_wrn28-10_cutmix_ddpm_v2 (1M DDPM samples, CutMix)"),
     PaperResult("cifar10", "l2", 128, "WRN-70-16", "DDPM", None, None, 0.7831, ABSTRACT,
-                "clean accuracy not checked, so not shown"),
+                "an L2-trained model; clean accuracy not checked, so not shown", train_threat="l2"),
     PaperResult("cifar100", "linf", 8, "WRN-70-16", "DDPM", None, None, 0.3349, ABSTRACT,
                 "clean accuracy not checked, so not shown"),
 )

@@ -11,11 +11,13 @@ evaluations means every results/evaluate/{run}/{threat}.json in it, of train met
 {run}/metrics.json, of analyses every {generator}.json, of generated sets every {generator}/shard-*.h5.
 
 Columns: accuracies are fractions of `n_eval` test images. `pgd_acc` is PGD with `pgd_steps` steps
-(the issue's "pgd40_acc": 40 steps in the default and paper presets, fewer in the test preset, so the
-step count is its own column rather than part of the name). `flags` lists the evaluation's sanity
+(40 steps in the default and paper presets, fewer in the test preset, so the step count is its own
+column rather than part of the name). `checkpoint` names the evaluated model of the run: `best` (the EMA
+model chosen by validation robust accuracy, evaluate.checkpoint's default) or `last`, with
+`checkpoint_epoch` the epoch it was taken at. `flags` lists the evaluation's sanity
 checks that fired (';'-separated, empty when none). Provenance: `git_commit` (of the working tree the
 table was built in, "-dirty" when it has uncommitted changes, empty outside git), `params_sha256`
-(sha256 of the validated params as canonical JSON), `model_sha256` (of the evaluated model.pt),
+(sha256 of the validated params as canonical JSON), `model_sha256` (of the evaluated checkpoint),
 `generated_sha256` (sha256 of the newline-joined sorted shard sha256 attributes of the generator's
 set; empty for the baseline) and the paths of the evaluation JSON, model and per-example file.
 
@@ -45,7 +47,7 @@ COLUMNS = [
     "dataset", "run", "generator", "variant", "train_threat", "n_generated", "model", "threat", "eps", "eps_255",
     "clean_acc", "autoattack_acc", "pgd_acc", "pgd_steps", "corrupted_acc", "teacher_acc",
     "complementarity_train", "complementarity_test", "complementarity_self", "coverage_train", "coverage_test",
-    "epochs", "n_eval", "flags", "gradient_masking_suspected",
+    "epochs", "checkpoint", "checkpoint_epoch", "n_eval", "flags", "gradient_masking_suspected",
     "git_commit", "params_sha256", "model_sha256", "generated_sha256",
     "evaluation_path", "model_path", "examples_path",
 ]
@@ -177,10 +179,11 @@ def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list
         is_baseline = source == BASELINE or generator in (None, "", "none")
         n_generated = 0 if is_baseline else int(need(train, "n_generated", train_path))
         model_sha = str(need(ev, "model_sha256", path))
-        trained_sha = train.get("model_sha256")
+        kind = str(ev.get("checkpoint") or "last")   # evaluations that do not say attacked the last model
+        trained_sha = train.get("best_sha256" if kind == "best" else "model_sha256")
         if trained_sha and trained_sha != model_sha:
-            raise TableError(f"{path}: evaluated model sha256 {model_sha[:12]} differs from the model "
-                             f"{train_path} describes ({str(trained_sha)[:12]}): stale evaluation")
+            raise TableError(f"{path}: evaluated {kind} model sha256 {model_sha[:12]} differs from the {kind} "
+                             f"model {train_path} describes ({str(trained_sha)[:12]}): stale evaluation")
         row: dict[str, Any] = {
             "dataset": cfg["base"]["dataset"], "run": run, "generator": "none" if is_baseline else generator,
             "variant": train.get("variant") or variant or "none",
@@ -195,7 +198,9 @@ def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list
             "corrupted_acc": float(ev["corrupted_acc"]) if "corrupted_acc" in ev else "",
             "pgd_acc": float(need(ev, "pgd_acc", path)), "pgd_steps": int(need(ev, "pgd_steps", path)),
             "teacher_acc": teacher_acc,
-            "epochs": need(train, "epochs", train_path), "n_eval": int(need(ev, "n_eval", path)),
+            "epochs": need(train, "epochs", train_path), "checkpoint": kind,
+            "checkpoint_epoch": "" if ev.get("checkpoint_epoch") is None else int(ev["checkpoint_epoch"]),
+            "n_eval": int(need(ev, "n_eval", path)),
             "flags": ";".join(need(ev, "flags", path)),
             "gradient_masking_suspected": bool(ev.get("gradient_masking_suspected", False)),
             "git_commit": commit, "params_sha256": p_hash, "model_sha256": model_sha,
@@ -261,14 +266,21 @@ def _pct(value: Any) -> str:
     return f"{100 * value:.2f}" if isinstance(value, float) else ""
 
 
+def checkpoint_label(row: dict[str, Any]) -> str:
+    """'best (epoch 3)', 'last' ...: which of the run's models was evaluated."""
+    epoch = row.get("checkpoint_epoch", "")
+    return f"{row['checkpoint']} (epoch {epoch})" if row.get("checkpoint") == "best" and epoch != "" \
+        else str(row.get("checkpoint", ""))
+
+
 def markdown(rows: list[dict[str, Any]], dataset: str) -> str:
     lines = [f"# Robust accuracy on {dataset} (ours)", "",
              "Accuracies in % of the first `n_eval` test images; AutoAttack = standard version "
              "(APGD-CE, APGD-T, FAB-T, Square); PGD with `pgd_steps` steps. Provenance (git commit, params "
              f"hash, model and generated-set checksums) is in results/{dataset}_table.csv.", "",
              "| generator | variant | trained under | n generated | model | threat | eps | clean | AutoAttack "
-             "| PGD (steps) | teacher | compl. test | coverage test | epochs | n eval | flags |",
-             "|---|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| PGD (steps) | teacher | compl. test | coverage test | epochs | checkpoint | n eval | flags |",
+             "|---|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         lines.append(f"| {r['generator']} | {r['variant']} | {r['train_threat']} | {r['n_generated']:,} | {r['model']} | {r['threat']} "
                      f"| {r['eps']} "
@@ -276,26 +288,50 @@ def markdown(rows: list[dict[str, Any]], dataset: str) -> str:
                      f"({r['pgd_steps']}) | {_pct(r['teacher_acc'])} | "
                      f"{'' if r['complementarity_test'] == '' else format(r['complementarity_test'], '.4f')} | "
                      f"{'' if r['coverage_test'] == '' else format(r['coverage_test'], '.4f')} | {r['epochs']} "
-                     f"| {r['n_eval']} | {r['flags'].replace(';', ', ') or 'none'} |")
+                     f"| {checkpoint_label(r)} | {r['n_eval']} | {r['flags'].replace(';', ', ') or 'none'} |")
     flagged = [r for r in rows if r["gradient_masking_suspected"]]
     if flagged:
         lines += ["", "**Gradient masking suspected** for " + ", ".join(
             f"{r['run']}/{r['threat']}" for r in flagged) + ": treat their robust accuracy as an upper bound "
             "(reasons in the evaluation JSON, `flag_reasons`)."]
     refs = paper_reference.matching(dataset)
-    lines += ["", f"## For comparison: the paper's published results ({paper_reference.CITATION})", "",
+    lines += ["", f"## For comparison: published results ({paper_reference.CITATION})", "",
               "NOT our measurements. Full CIFAR test set, AutoAttack; each value's source is named in "
-              "pipeline/paper_reference.py. A blank clean accuracy was not checked against a source.", ""]
+              "pipeline/paper_reference.py. A blank clean accuracy was not checked against a source. A published "
+              "number compares with one of ours only when model, training threat, evaluated threat and "
+              "generated images all match.", ""]
     if refs:
-        lines += ["| paper model | generated data | threat | eps | clean | AutoAttack | source |",
-                  "|---|---|---|---|---:|---:|---|"]
+        lines += ["| paper model | generated data | trained under | threat | eps | clean | AutoAttack | source |",
+                  "|---|---|---|---|---|---:|---:|---|"]
         for ref in refs:
             data = f"{ref.n_generated:,} {ref.generator}" if ref.n_generated else ref.generator
-            lines.append(f"| {ref.model} | {data} | {ref.threat} | {ref.eps_255:g}/255 | {_pct(ref.clean_acc)} "
-                         f"| {_pct(ref.autoattack_acc)} | {ref.source} |")
+            lines.append(f"| {ref.model} | {data} | {ref.trained_under} | {ref.threat} | {ref.eps_255:g}/255 "
+                         f"| {_pct(ref.clean_acc)} | {_pct(ref.autoattack_acc)} | {ref.source} |")
+        lines += ["", *comparisons(rows, refs)]
     else:
         lines.append(f"(no published {dataset} numbers recorded)")
     return "\n".join(lines) + "\n"
+
+
+def comparable_refs(row: dict[str, Any], refs: list[paper_reference.PaperResult]) -> list[paper_reference.PaperResult]:
+    """The published results measuring the same setting as one of our rows (PaperResult.comparable)."""
+    return [ref for ref in refs if ref.comparable(str(row["model"]), str(row["train_threat"] or row["threat"]),
+                                                  str(row["threat"]), int(row["n_generated"]))]
+
+
+def comparisons(rows: list[dict[str, Any]], refs: list[paper_reference.PaperResult]) -> list[str]:
+    """Markdown lines pairing each of our rows with the published results of the same setting, if any."""
+    pairs = [(row, ref) for row in rows if row["autoattack_acc"] != "" for ref in comparable_refs(row, refs)]
+    if not pairs:
+        return ["None of our rows has a published counterpart (same model, training threat, evaluated threat "
+                "and number of generated images): a difference to the rows above is not a gap to close."]
+    lines = ["Same setting, ours beside the published result:", ""]
+    for row, ref in pairs:
+        lines.append(f"- {row['run']} ({row['model']}, {row['n_generated']:,} generated, trained "
+                     f"{row['train_threat'] or row['threat']}, {row['threat']}): ours clean {_pct(row['clean_acc'])} / "
+                     f"AutoAttack {_pct(row['autoattack_acc'])} on {row['n_eval']:,} images; {ref.label}: clean "
+                     f"{_pct(ref.clean_acc) or 'not checked'} / AutoAttack {_pct(ref.autoattack_acc)}")
+    return lines
 
 
 def figure(path: Path, rows: list[dict[str, Any]], dataset: str) -> None:
@@ -321,7 +357,8 @@ def figure(path: Path, rows: list[dict[str, Any]], dataset: str) -> None:
             if pts:
                 left.plot(*zip(*pts), marker="o", ls=styles.get(threat, "-"), color=color_of[gen],
                           label=f"ours: {gen} ({threat})")
-        for ref in paper_reference.matching(dataset, threat):
+        trained = {r["train_threat"] or threat for r in rows if r["threat"] == threat}
+        for ref in (ref for ref in paper_reference.matching(dataset, threat) if ref.trained_under in trained):
             left.axhline(100 * ref.autoattack_acc, color="grey", ls="-.", lw=0.8)
             left.annotate(f"{ref.label} ({threat} {ref.eps_255:g}/255)", (0.01, 100 * ref.autoattack_acc),
                           xycoords=("axes fraction", "data"), fontsize=7, color="grey", va="bottom")
@@ -338,7 +375,8 @@ def figure(path: Path, rows: list[dict[str, Any]], dataset: str) -> None:
         right.annotate(f"{r['generator']} {r['threat']}", (100 * r["clean_acc"], 100 * r["autoattack_acc"]),
                        fontsize=7, xytext=(3, 3), textcoords="offset points")
     for ref in (ref for threat in threats for ref in paper_reference.matching(dataset, threat)):
-        if ref.clean_acc is not None:  # only the threat models we evaluated, only checked values
+        if ref.clean_acc is not None and any(r["threat"] == ref.threat and (r["train_threat"] or r["threat"])
+                                             == ref.trained_under for r in rows):  # only the threat models we evaluated, only checked values
             right.scatter(100 * ref.clean_acc, 100 * ref.autoattack_acc, marker="*", s=120, color="grey")
             right.annotate(f"{ref.label} ({ref.threat})", (100 * ref.clean_acc, 100 * ref.autoattack_acc),
                            fontsize=7, color="grey", xytext=(-4, -10), textcoords="offset points", ha="right")

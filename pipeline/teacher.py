@@ -4,8 +4,8 @@
         --test data/cifar10/test.h5 --workdir work/teacher \
         --out-model models/teacher/model.pt --out-metrics results/teacher/metrics.json
 
-Crop (pad 4) + flip augmentation, SGD with cosine decay (pipeline/optim.py), as for the paper's
-WRN-28-10 teacher (about 96% test accuracy at full scale). The test accuracy it writes is the paper's
+Crop (zero pad 4) + flip augmentation (pipeline/augment.py, as robust training), SGD with cosine decay
+(pipeline/optim.py), as for the paper's WRN-28-10 teacher (about 96% test accuracy at full scale). The test accuracy it writes is the paper's
 first sufficient condition (accurate pseudo-labels). Checkpoints go to --workdir every
 `checkpoint_every` epochs and, on SIGTERM (a scheduler's time limit), after the step in flight (exit
 status 143). Running the same command again resumes from the newest one and gives the
@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, datasets, models, optim, seeding
 from pipeline import params as params_mod
-from pipeline.classifier_training import accuracy, crop_flip, to_float
+from pipeline.augment import random_crop_flip
+from pipeline.classifier_training import accuracy, to_float
 from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag
 from pipeline.shards import atomic_path, read_attrs, read_imageset
 
@@ -117,7 +118,9 @@ def train_teacher(cfg: TeacherConfig, seed: int, train: tuple[np.ndarray, np.nda
                        desc=f"teacher epoch {epoch + 1}/{cfg.epochs}")
             for step in range(first, steps_per_epoch):
                 idx = order[step * batch:(step + 1) * batch]
-                x = crop_flip(to_float(train_x[idx.numpy()], device), generator)
+                # crops and flips are a function of (seed, epoch, step): a resumed epoch draws the same
+                x = to_float(random_crop_flip(train_x[idx.numpy()],
+                                              seeding.numpy_rng(seed, "teacher", "augment", epoch, step)), device)
                 y = labels[idx].to(device)
                 loss = F.cross_entropy(model(x), y)
                 if not torch.isfinite(loss).item():

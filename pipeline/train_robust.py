@@ -4,7 +4,7 @@
         --train data/cifar10/train.h5 --val data/cifar10/val.h5 --threat-model models/threat/{run}.json \
         [--generated data/generated/{g} --labels data/pseudolabels/{g} [--selection data/selection/{g}/index.npy]] \
         --workdir work/train_robust/{run} \
-        --out-model models/robust/{run}/model.pt --out-best models/robust/{run}/best.pt \
+        --out-model models/robust/{run}/last.pt --out-best models/robust/{run}/best.pt \
         --out-metrics results/train_robust/{run}/metrics.json --out-curve results/train_robust/{run}/curve.csv \
         [--out-figure results/figures/train_robust_{run}.png]
     torchrun --nproc_per_node 8 -m pipeline.train_robust -- --run {run} ...   # data-parallel, same flags
@@ -15,7 +15,8 @@ smoothing on those only), the rest real; an epoch is `epoch_size` samples whatev
 real-only `baseline` run and every generator run take the same number of steps. SGD Nesterov with
 weight decay off batch-norm/bias, linear warm-up then cosine per step, an EMA of the weights (warm-up
 form), and PGD-`val_pgd_steps` robust accuracy of the EMA model on the validation split each epoch
-choosing best.pt; model.pt is the last EMA model.
+choosing best.pt; last.pt is the last EMA model. `evaluate.checkpoint` says which one is evaluated
+(best by default, as the references' eval-aa.py loads weights-best.pt).
 
 `threat: cvae` trains inside a learned perturbation set (Wong and Kolter, 2021): the inner maximisation
 of TRADES or PGD-AT searches the CVAE's latent ball at its estimated radius (pipeline/threat_model.py,
@@ -31,6 +32,7 @@ the run with an error before anything is saved, keeping the last good checkpoint
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import io
@@ -54,9 +56,9 @@ from pipeline import aux_bn, checkpoint, datasets, models, optim, seeding, shard
 from pipeline import cutmix as cutmix_mod
 from pipeline import loader as loader_mod
 from pipeline import params as params_mod
-from pipeline.attacks import eval_mode, robust_accuracy
-from pipeline.ema import EMA
-from pipeline.losses import AttackSpec, TwoViews, adversarial_loss
+from pipeline.attacks import BN_MODES, eval_mode, robust_accuracy
+from pipeline.ema import BUFFER_MODES, EMA
+from pipeline.losses import START_MODES, AttackSpec, TwoViews, adversarial_loss
 from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag
 from pipeline.shards import ShardError, atomic_path, file_sha256, read_attrs, read_imageset
 
@@ -87,12 +89,17 @@ class TrainRobustConfig:
     ema_decay: float            # EMA decay, warm-up form min(decay, (1+t)/(10+t))
     label_smoothing: float      # on generated labels only
     val_pgd_steps: int          # PGD steps of the validation attack
+    val_batch_size: int         # validation images per attack batch on each rank (memory only)
     checkpoint_every: int       # steps between resumable checkpoints
     num_workers: int            # DataLoader worker processes
     sync_bn: bool               # SyncBatchNorm across ranks
     aux_bn: str                 # none, adversarial (AdvProp) or source (real vs generated); pipeline/aux_bn.py
     cutmix_alpha: float         # CutMix Beta(alpha, alpha) box areas; 0 = off (pipeline/cutmix.py)
     cutmix_apply_to: str        # real, generated or both rows of each batch
+    attack_bn: str              # batch (the references) or running: batch-norm statistics of the inner attack
+    attack_start: str           # uniform (the references) or gaussian (x + 0.001 N(0, I)): the attack's start
+    bn_momentum: float          # running-statistics momentum of every batch norm (the references: 0.01)
+    ema_buffers: str            # copy (the references: the trained model's statistics) or average
 
     def __post_init__(self) -> None:
         if self.model not in models.MODELS:
@@ -109,17 +116,29 @@ class TrainRobustConfig:
             raise ValueError(f"train_robust.aux_bn: {self.aux_bn!r} not in {aux_bn.MODES}")
         if self.cutmix_apply_to not in cutmix_mod.APPLY_TO or self.cutmix_alpha < 0:
             raise ValueError(f"train_robust.cutmix_apply_to in {cutmix_mod.APPLY_TO}, cutmix_alpha >= 0")
+        if self.attack_bn not in BN_MODES or self.attack_start not in START_MODES:
+            raise ValueError(f"train_robust.attack_bn in {BN_MODES}, attack_start in {START_MODES}")
+        if self.ema_buffers not in BUFFER_MODES:
+            raise ValueError(f"train_robust.ema_buffers: {self.ema_buffers!r} not in {BUFFER_MODES}")
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.epoch_size // self.batch_size
+    def epoch_end(self, epoch: int) -> int:
+        """Global step at which epoch `epoch` (1-based) ends: epoch * epoch_size // batch_size, so an
+        epoch is epoch_size samples on average and the run is the references' step count
+        (deepmind-research adversarial_robustness/jax/experiment.py L57-L59: int(n * 50_000 / batch)),
+        19,531 steps at paper scale rather than 400 * (50,000 // 1,024) = 19,200."""
+        return epoch * self.epoch_size // self.batch_size
 
     @property
     def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
+        return self.epoch_end(self.epochs)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.epoch_end(self.warmup_epochs)   # the references' steps_from_epochs(10) = 488
 
     def attack(self, latent: threat_model.LatentSet | None = None) -> AttackSpec:
-        return AttackSpec(self.threat, self.eps_255 / 255, self.step_255 / 255, self.attack_steps, latent)  # type: ignore[arg-type]
+        return AttackSpec(self.threat, self.eps_255 / 255, self.step_255 / 255, self.attack_steps,  # type: ignore[arg-type]
+                          latent, self.attack_bn, self.attack_start)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -200,9 +219,9 @@ def make_dataset(cfg: TrainRobustConfig, seed: int, train: Path, generated: list
 # --- training ---
 
 
-def latent_robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, latent: threat_model.LatentSet,
-                           steps: int, batch_size: int) -> float:
-    """Accuracy under the latent cross-entropy attack (from u = 0, deterministic), in eval mode."""
+def latent_robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, latent: threat_model.LatentSet,
+                          steps: int, batch_size: int) -> int:
+    """Images still correct under the latent cross-entropy attack (from u = 0, deterministic), in eval mode."""
     correct = 0
     with eval_mode(model):
         for i in range(0, len(x), batch_size):
@@ -210,22 +229,43 @@ def latent_robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, l
             x_adv = latent.attack(model, xb, lambda logits: F.cross_entropy(logits, yb, reduction="sum"), steps)
             with torch.no_grad():
                 correct += int((model(x_adv).argmax(1) == yb).sum())
-    return correct / max(len(x), 1)
+    return correct
+
+
+def rank_share(n: int, ctx: Dist) -> slice:
+    """The contiguous part of n items rank `ctx.rank` handles (sizes differ by at most one)."""
+    return slice(ctx.rank * n // ctx.world_size, (ctx.rank + 1) * n // ctx.world_size)
 
 
 def validate(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], cfg: TrainRobustConfig,
-             seed: int, latent: threat_model.LatentSet | None = None) -> tuple[float, float]:
+             seed: int, ctx: Dist = Dist(), latent: threat_model.LatentSet | None = None,
+             autocast: contextlib.AbstractContextManager[Any] | None = None) -> tuple[float, float]:
     """(clean accuracy, PGD-val_pgd_steps robust accuracy) of `model` on the validation split, under
-    the training threat (the latent attack in a learned set)."""
+    the training threat (the latent attack in a learned set).
+
+    Every rank attacks its own share of the split in batches of `val_batch_size`, under the training
+    autocast (bf16 on CUDA), and the counts are summed over ranks: at paper scale PGD-40 of a
+    WRN-70-16 on the whole split at the training batch would not fit one GPU. Rank r's PGD noise comes
+    from seed (rank 0) or a seed derived from (seed, r)."""
     x, y = val
-    with torch.no_grad():
-        clean = torch.cat([model(x[i:i + cfg.batch_size]).argmax(1) == y[i:i + cfg.batch_size]
-                           for i in range(0, len(x), cfg.batch_size)]).float().mean().item()
-    if latent is not None:
-        return clean, latent_robust_accuracy(model, x, y, latent, cfg.val_pgd_steps, cfg.batch_size)
-    robust, _ = robust_accuracy(model, x, y, cfg.threat, cfg.eps_255 / 255, cfg.val_pgd_steps,  # type: ignore[arg-type]
-                                cfg.batch_size, seed=seed)
-    return clean, robust
+    part = rank_share(len(x), ctx)
+    x, y = x[part], y[part]
+    rank_seed = seed if ctx.rank == 0 else seeding.derive(seed, "rank", ctx.rank)
+    with autocast or nullcontext():
+        with torch.no_grad(), eval_mode(model):
+            clean = sum(int((model(x[i:i + cfg.val_batch_size]).argmax(1) == y[i:i + cfg.val_batch_size]).sum())
+                        for i in range(0, len(x), cfg.val_batch_size))
+        if latent is not None:
+            robust = latent_robust_correct(model, x, y, latent, cfg.val_pgd_steps, cfg.val_batch_size)
+        else:
+            _, mask = robust_accuracy(model, x, y, cfg.threat, cfg.eps_255 / 255, cfg.val_pgd_steps,  # type: ignore[arg-type]
+                                      cfg.val_batch_size, seed=rank_seed)
+            robust = int(mask.sum())
+    counts = torch.tensor([clean, robust, len(x)], dtype=torch.float64, device=x.device)
+    if ctx.world_size > 1:
+        dist.all_reduce(counts)
+    total = max(counts[2].item(), 1.0)
+    return counts[0].item() / total, counts[1].item() / total
 
 
 def _state_to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -278,11 +318,11 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
     val_set = load_eval_set(val, device)
 
     torch.manual_seed(seeding.derive(seed, "train_robust", "init"))  # same init for every run
-    model = models.build(cfg.model, num_classes)
-    shadow = models.build(cfg.model, num_classes)
+    model = models.build(cfg.model, num_classes, bn_momentum=cfg.bn_momentum)
+    shadow = models.build(cfg.model, num_classes, bn_momentum=cfg.bn_momentum)
     if cfg.aux_bn != "none":  # main + auxiliary batch norms; the EMA averages both
         model, shadow = aux_bn.convert(model), aux_bn.convert(shadow)
-    ema = EMA(model, cfg.ema_decay, shadow=shadow)
+    ema = EMA(model, cfg.ema_decay, shadow=shadow, buffers=cfg.ema_buffers)  # type: ignore[arg-type]
     if ctx.world_size > 1 and cfg.sync_bn:
         if cuda:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -292,7 +332,7 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
     model.to(device, memory_format=memory_format)
     ema.model.to(device, memory_format=memory_format)
     optimizer = optim.sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    schedule = optim.scheduler(optimizer, cfg.total_steps, cfg.warmup_epochs * cfg.steps_per_epoch)
+    schedule = optim.scheduler(optimizer, cfg.total_steps, cfg.warmup_steps)
 
     step, curve, best = 0, [], {"acc": -1.0, "epoch": 0, "state": inference_state(ema.model)}
     acc = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, kl, correct, count this epoch
@@ -310,7 +350,8 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
         schedule.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         step, curve, best = state["step"], state["curve"], state["best"]
-        acc = state["epoch_accumulators"].to(device)
+        if ctx.main:  # the sums of every rank since the epoch began (save() reduces them)
+            acc = state["epoch_accumulators"].to(device)
         if ctx.main:
             log.info("resumed at step %d of %d", step, cfg.total_steps)
     # The attack runs on the plain model (eval mode, no parameter gradients); the train-mode forwards
@@ -323,12 +364,15 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
     model.train()
 
     def save() -> None:
+        totals = acc.clone()
+        if ctx.world_size > 1:  # this epoch's sums over every rank, restored on rank 0 only
+            dist.all_reduce(totals)
         if ctx.main:
             checkpoint.save(workdir, step, {
                 "step": step, "total_steps": cfg.total_steps, "world_size": ctx.world_size,
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": schedule.state_dict(), "rng": checkpoint.rng_state(), "curve": curve,
-                "best": best, "epoch_accumulators": acc.cpu(), "config": dataclasses.asdict(cfg), "run": run,
+                "best": best, "epoch_accumulators": totals.cpu(), "config": dataclasses.asdict(cfg), "run": run,
                 "identity": identity})
         if ctx.world_size > 1:
             dist.barrier()
@@ -374,19 +418,19 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, 
             bar.update(cfg.batch_size)
             if ctx.main and step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.get_last_lr()[0]:.3g}")
-            if step % cfg.steps_per_epoch == 0:
+            if step == cfg.epoch_end(len(curve) + 1):
                 totals = acc.clone()
                 if ctx.world_size > 1:
                     dist.all_reduce(totals)
-                epoch = step // cfg.steps_per_epoch
+                epoch = len(curve) + 1
                 row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": schedule.get_last_lr()[0],
                                        "train_loss": (totals[0] / totals[4]).item(),
                                        "train_ce": (totals[1] / totals[4]).item(),
                                        "train_kl": (totals[2] / totals[4]).item(),
                                        "train_acc": (totals[3] / totals[4]).item()}
+                row["val_clean_acc"], row["val_robust_acc"] = validate(
+                    ema.model, val_set, cfg, seeding.derive(seed, "train_robust", "val"), ctx, latent, autocast)
                 if ctx.main:
-                    row["val_clean_acc"], row["val_robust_acc"] = validate(
-                        ema.model, val_set, cfg, seeding.derive(seed, "train_robust", "val"), latent)
                     if row["val_robust_acc"] > best["acc"]:
                         best = {"acc": row["val_robust_acc"], "epoch": epoch,
                                 "state": inference_state(ema.model)}
@@ -457,15 +501,17 @@ def write_figure(path: Path, curve: list[dict[str, Any]], run: str) -> None:
 
 
 def write_outputs(result: Result, cfg: TrainRobustConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """model.pt (last EMA), best.pt, curve.csv, metrics.json (last, so it marks completion)."""
+    """last.pt (last EMA), best.pt, curve.csv, metrics.json (last, so it marks completion). Each model
+    file names itself (`checkpoint`: last or best), so an evaluation can say what it attacked."""
     name, classes = cfg.model, result.metrics["num_classes"]
     extra = {"config": dataclasses.asdict(cfg), "run": args.run}
     models.save_checkpoint(args.out_model, result.ema_model, name, classes,
-                           {**extra, "val_robust_acc": result.metrics["val_robust_acc_last"]})
+                           {**extra, "checkpoint": "last", "epoch": cfg.epochs,
+                            "val_robust_acc": result.metrics["val_robust_acc_last"]})
     best = models.build(name, classes)
     best.load_state_dict(result.best_state)
     models.save_checkpoint(args.out_best, best, name, classes,
-                           {**extra, "val_robust_acc": result.metrics["val_robust_acc_best"],
+                           {**extra, "checkpoint": "best", "val_robust_acc": result.metrics["val_robust_acc_best"],
                             "epoch": result.metrics["best_epoch"]})
     write_curve(args.out_curve, result.curve)
     if args.out_figure:

@@ -109,6 +109,17 @@ def run_labels(wildcards):
     return expand("data/pseudolabels/{generator}/shard-{shard}.h5", generator=run_source(wildcards), shard=SHARDS)
 
 
+def run_selection(wildcards):
+    """The select index of a run's generator (none for the real-data baseline)."""
+    source = run_source(wildcards)
+    return [] if source == "baseline" else [f"data/selection/{source}/index.npy"]
+
+
+def evaluated_model(wildcards):
+    """The checkpoint evaluate.checkpoint names: best.pt (chosen on the validation split) or last.pt."""
+    return f"models/robust/{wildcards.run}/{config['evaluate']['checkpoint']}.pt"
+
+
 def flag_list(flag, paths):
     """`--flag a b c`, or nothing for an empty list (the real-data baseline)."""
     return f"{flag} {' '.join(paths)}" if paths else ""

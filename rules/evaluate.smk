@@ -2,7 +2,7 @@ rule evaluate:
     message:
         "clean, PGD and AutoAttack accuracy of run {wildcards.run} under {wildcards.threat}"
     input:
-        model="models/robust/{run}/model.pt",
+        model=evaluated_model,
         test=f"{DATA}/test.h5",
     output:
         result="results/evaluate/{run}/{threat}.json",
@@ -36,7 +36,7 @@ rule evaluate_latent:
     message:
         "clean, corrupted and latent-attack accuracy of run {wildcards.run} under the learned {wildcards.learned} set"
     input:
-        model="models/robust/{run}/model.pt",
+        model=evaluated_model,
         cvae="models/generators/{learned}/model.pt",
         test=f"{DATA}/test.h5",
     output:

@@ -30,8 +30,9 @@ rule train_robust:
         threat="models/threat/{run}.json",
         generated=run_shards,
         labels=run_labels,
+        selection=run_selection,
     output:
-        model="models/robust/{run}/model.pt",
+        model="models/robust/{run}/last.pt",
         best="models/robust/{run}/best.pt",
         metrics="results/train_robust/{run}/metrics.json",
         curve="results/train_robust/{run}/curve.csv",
@@ -40,6 +41,7 @@ rule train_robust:
         params_file=PARAMS_FILE,
         generated=lambda wildcards, input: flag_list("--generated", input.generated),
         labels=lambda wildcards, input: flag_list("--labels", input.labels),
+        selection=lambda wildcards, input: flag_list("--selection", input.selection),
         workdir="work/train_robust/{run}",  # resumable checkpoints: not an output
         launcher=lambda wildcards, resources: launcher(resources),
     log:
@@ -60,6 +62,7 @@ rule train_robust:
         " --threat-model {input.threat}"
         " {params.generated}"
         " {params.labels}"
+        " {params.selection}"
         " --workdir {params.workdir}"
         " --out-model {output.model}"
         " --out-best {output.best}"

@@ -101,6 +101,47 @@ def test_cli_on_real_images_copies_far_and_summary(tiny_params, write_params, ci
     assert (tmp_path / "fig" / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_mixup_blends_are_made_of_train_pool_images():
+    """Every blend's two sources are members of the pool it was given, and the blend is their mix."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, size=(40, 2, 2, 3), dtype=np.uint8)
+    y = np.arange(40) % 10
+    pool = np.sort(rng.choice(40, size=9, replace=False))
+    mixed, labels, sources = analysis.mixup_sample(x, y, pool, alpha=0.3, seed=0)
+    assert mixed.shape == (9, 2, 2, 3) and sources.shape == (9, 2)
+    assert set(sources.ravel().tolist()) <= set(pool.tolist())
+    i, j = sources.T
+    # lam per blend from the first pixel where the sources differ; the whole blend must agree with it
+    for k in range(9):
+        a, b = x[i[k]].astype(np.float32) / 255, x[j[k]].astype(np.float32) / 255
+        if np.array_equal(a, b):
+            assert np.allclose(mixed[k], a) and labels[k] == y[i[k]]
+            continue
+        d = np.flatnonzero((a - b).ravel())[0]
+        lam = (mixed[k].ravel()[d] - b.ravel()[d]) / (a.ravel()[d] - b.ravel()[d])
+        assert np.allclose(mixed[k], lam * a + (1 - lam) * b, atol=1e-5)
+        assert labels[k] == (y[i[k]] if lam >= 0.5 else y[j[k]])
+
+
+def test_mixup_row_finds_its_sources_in_the_train_pool(tiny_params, write_params, cifar_sets, tmp_path):
+    """Known answer: with alpha tiny a blend is its dominant image, which is in the searched train pool,
+    so nearly every blend's nearest neighbour is in train, although the pool (40) is a small sample of
+    the training set (1,000). Blends drawn from the whole training set would find their source in the
+    pool only about 4% of the time."""
+    tiny_params["analysis"].update(n_samples=40, feature_space="pixels", mixup_alpha=0.001)
+    params = write_params(tiny_params)
+    x, y = read_imageset(cifar_sets["train"])
+    train = tmp_path / "train.h5"
+    write_imageset(train, x[:1000], y[:1000])
+    out = tmp_path / "mixup.json"
+    analysis.main(["--params", str(params), "--generator", "mixup", "--train", str(train),
+                   "--test", str(cifar_sets["test"]), "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["n"] == {"train": 40, "test": 40, "generated": 40}
+    assert result["complementarity"]["train"] >= 0.95
+    assert result["coverage"]["train"] >= 0.5  # a pool image that is some blend's dominant source is covered
+
+
 def test_generated_sample_is_seeded_and_reads_across_shards(tmp_path):
     images = np.arange(30 * 4 * 4 * 3, dtype=np.int64).reshape(30, 4, 4, 3).astype(np.uint8)
     labels = np.arange(30)

@@ -1,4 +1,4 @@
-"""EMA of weights: warm-up decay formula, averaging of parameters and batch-norm buffers, resume."""
+"""EMA of weights: warm-up decay formula, averaging of parameters, batch-norm buffers copied or averaged, resume."""
 
 from __future__ import annotations
 
@@ -21,10 +21,13 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
 
 
-def test_update_averages_weights_and_float_buffers_and_copies_counters():
+@pytest.mark.parametrize("buffers", ["copy", "average"])
+def test_update_averages_weights_and_treats_buffers_as_configured(buffers):
+    """Parameters are always averaged; batch-norm statistics are copied from the trained model (the
+    references' default) or averaged like the weights; counters are always copied."""
     torch.manual_seed(0)
     net = _net()
-    ema = EMA(net, 0.9)
+    ema = EMA(net, 0.9, buffers=buffers)
     w0 = net[0].weight.detach().clone()
     with torch.no_grad():
         net[0].weight.add_(1.0)
@@ -33,7 +36,7 @@ def test_update_averages_weights_and_float_buffers_and_copies_counters():
     assert d == pytest.approx(0.1)
     expected = 0.1 * w0 + 0.9 * net[0].weight.detach()
     assert torch.allclose(ema.model[0].weight, expected, atol=1e-6)
-    rm = 0.1 * torch.zeros(2) + 0.9 * net[1].running_mean
+    rm = net[1].running_mean if buffers == "copy" else 0.1 * torch.zeros(2) + 0.9 * net[1].running_mean
     assert torch.allclose(ema.model[1].running_mean, rm, atol=1e-6)
     assert ema.model[1].num_batches_tracked.item() == 1
     w1 = ema.model[0].weight.clone()
@@ -41,6 +44,17 @@ def test_update_averages_weights_and_float_buffers_and_copies_counters():
     assert d2 == pytest.approx(2 / 11)
     assert torch.allclose(ema.model[0].weight, d2 * w1 + (1 - d2) * net[0].weight, atol=1e-6)
     assert not ema.model.training and not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_default_copies_batchnorm_statistics_like_the_references():
+    torch.manual_seed(0)
+    net = _net()
+    ema = EMA(net, 0.995)
+    for _ in range(3):
+        net.train()(torch.randn(8, 3) + 5)
+        ema.update(net)
+    assert torch.equal(ema.model[1].running_mean, net[1].running_mean)
+    assert torch.equal(ema.model[1].running_var, net[1].running_var)
 
 
 def test_state_dict_round_trip_continues_identically():

@@ -201,3 +201,21 @@ def test_chunk_from_other_settings_is_attacked_again(tmp_path, tiny_params):
     assert E._load_chunk(path, E.fingerprint("other-model", "test", "linf", cfg, 0, 0, 20)) is None
     path.write_bytes(b"truncated")
     assert E._load_chunk(path, stamp) is None
+
+
+def test_cli_names_the_checkpoint_it_attacks_and_refuses_another(small_cnn, cifar_sets, tiny_params,
+                                                                   write_params, tmp_path):
+    """evaluate.checkpoint best (the default, as the references' eval-aa.py): the JSON names the
+    checkpoint and its epoch; the last model given instead is refused before any attack."""
+    assert tiny_params["evaluate"]["checkpoint"] == "best"
+    tiny_params["evaluate"]["eps_255"]["linf"] = 32.0
+    tiny_params["evaluate"].update(n_eval=8, chunk_size=8, batch_size=8, n_sweep=8)
+    params = write_params(tiny_params)
+    run_dir = tmp_path / "models" / "robust" / "baseline"
+    models.save_checkpoint(run_dir / "best.pt", small_cnn, "small_cnn", 10, {"checkpoint": "best", "epoch": 3})
+    models.save_checkpoint(run_dir / "last.pt", small_cnn, "small_cnn", 10, {"checkpoint": "last", "epoch": 4})
+    with pytest.raises(SystemExit, match="last checkpoint of its run, but evaluate.checkpoint is best"):
+        E.main(cli_args(params, run_dir / "last.pt", cifar_sets["test"], tmp_path / "work_last", tmp_path / "last"))
+    E.main(cli_args(params, run_dir / "best.pt", cifar_sets["test"], tmp_path / "work", tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "linf.json").read_text())
+    assert (report["checkpoint"], report["checkpoint_epoch"]) == ("best", 3)

@@ -1,10 +1,11 @@
 """generate: shard bytes depend only on (checkpoint, seed, index); atomic, verified shards; import
-streaming; every ddpm sampler; the sample grid."""
+streaming; every ddpm sampler, and the ancestral sampler's fixedlarge/fixedsmall variance; the sample grid."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import signal
 import subprocess
@@ -27,8 +28,8 @@ def ddpm_model(tmp_path_factory, cifar_sets):
     """A 4-step tiny UNet: enough for sampling and determinism, not for pretty pictures."""
     out = tmp_path_factory.mktemp("ddpm") / "model.pt"
     cfg = ddpm.Config(block_out_channels=[16, 32], layers_per_block=1, attention=True, dropout=0.0,
-                      num_train_timesteps=1000, lr=2e-4, batch_size=8, train_steps=4, ema_decay=0.999,
-                      checkpoint_every=4)
+                      num_train_timesteps=1000, lr=2e-4, warmup_steps=2, batch_size=8, train_steps=4,
+                      ema_decay=0.999, checkpoint_every=4)
     ddpm.train(cfg, cifar_sets["train"], out.parent / "work", out, 0, torch.device("cpu"))
     return out
 
@@ -108,15 +109,16 @@ def test_every_ddpm_sampler_is_deterministic_and_seeded(sampler, ddpm_model):
     assert not np.array_equal(other_seed, images)
 
 
-def test_ancestral_sampler_matches_diffusers_pipeline(ddpm_model):
+@pytest.mark.parametrize("variance", sorted(ddpm.VARIANCE_TYPES))
+def test_ancestral_sampler_matches_diffusers_pipeline(variance, ddpm_model):
     """Our loop is DDPMPipeline's loop: same UNet, scheduler and noise give the same images."""
     from diffusers import DDPMPipeline
 
-    settings = SampleSettings(seed=0, batch_size=1, sampler="ddpm", sampling_steps=5)
+    settings = SampleSettings(seed=0, batch_size=1, sampler="ddpm", sampling_steps=5, ddpm_variance=variance)
     ours = ddpm.load(ddpm_model, settings, torch.device("cpu"))
     state = torch.load(ddpm_model, weights_only=False)
     pipe = DDPMPipeline(unet=ddpm.load_unet(state, torch.device("cpu")),
-                        scheduler=ddpm.make_scheduler("ddpm", state))
+                        scheduler=ddpm.make_scheduler("ddpm", state, variance))
     pipe.set_progress_bar_config(disable=True)
     from pipeline import seeding
     theirs = pipe(batch_size=1, generator=seeding.torch_generator(0, "ddpm", 7), num_inference_steps=5,
@@ -124,6 +126,90 @@ def test_ancestral_sampler_matches_diffusers_pipeline(ddpm_model):
     expected = np.round(theirs * 255).astype(np.uint8)
     got = ours.sample(7, 8)[0]
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def ancestral_variances(variance: str, timesteps: list[int], sampling_steps: int = 1000) -> list[float]:
+    """sigma_t^2 the ancestral sampler draws with at each t, read off one scheduler step: with x_t = 0 and a
+    zero noise prediction the posterior mean is exactly 0, so x_{t-1} = sigma_t * (the step's noise)."""
+    model = {"num_train_timesteps": 1000, "beta_start": ddpm.BETA_START, "beta_end": ddpm.BETA_END}
+    scheduler = ddpm.make_scheduler("ddpm", model, variance)
+    scheduler.set_timesteps(sampling_steps)
+    zeros = torch.zeros(1, 3, 32, 32)
+    found = []
+    for t in timesteps:
+        x_prev = scheduler.step(zeros, t, zeros, generator=torch.Generator().manual_seed(t)).prev_sample
+        noise = torch.randn(zeros.shape, generator=torch.Generator().manual_seed(t))
+        found.append(float(((x_prev / noise) ** 2).median()) if t > 0 else float(x_prev.abs().max()))
+    return found
+
+
+def test_ancestral_variance_fixedlarge_is_ho_et_al_and_fixedsmall_the_posterior():
+    """Known answer from the betas by hand. hojonathanho/diffusion (diffusion_tf/diffusion_utils_2.py):
+    fixedlarge is beta_t for t >= 1 (line 142, np.append(posterior_variance[1], betas[1:]): the t = 1
+    entry is beta_1, only the t = 0 entry is the posterior's), fixedsmall the posterior variance
+    beta_t (1 - abar_{t-1}) / (1 - abar_t) (line 77); no noise at t = 0 (lines 194-196)."""
+    def beta(t: int) -> float:  # linear schedule 1e-4..0.02 over 1000 timesteps
+        return 1e-4 + (0.02 - 1e-4) * t / 999
+
+    def abar(t: int) -> float:
+        return math.prod(1 - beta(s) for s in range(t + 1))
+
+    def posterior(t: int) -> float:
+        return beta(t) * (1 - abar(t - 1)) / (1 - abar(t))
+
+    assert beta(1) == pytest.approx(1.1992e-4, rel=1e-4)
+    assert posterior(1) == pytest.approx(beta(1) * 1e-4 / (1e-4 + beta(1) - 1e-4 * beta(1)))  # ~ beta_1 / 2.2
+    timesteps = [0, 1, 2, 3, 4, 10, 500, 999]
+    # diffusers works in float32 (1 - abar_t / abar_{t-1}): within 5e-4 of the float64 value
+    large, small = ancestral_variances("fixedlarge", timesteps), ancestral_variances("fixedsmall", timesteps)
+    assert large[0] == small[0] == 0.0  # the last step adds no noise, whatever the table's t = 0 entry
+    assert large[1:] == pytest.approx([beta(t) for t in timesteps[1:]], rel=1e-3)
+    assert small[1:] == pytest.approx([posterior(t) for t in timesteps[1:]], rel=1e-3)
+    assert large[1] > 2 * small[1]  # the two differ most at the start of the chain
+
+    # 20 ancestral steps (timesteps 950, 900, ..., 0): beta of the respaced chain, 1 - abar_950 / abar_900
+    (strided,) = ancestral_variances("fixedlarge", [950], sampling_steps=20)
+    assert strided == pytest.approx(1 - abar(950) / abar(900), rel=1e-3)
+
+
+def ddpm_shards(model, tiny_params, tmp_path, **generate_values):
+    cfg = with_generate(tiny_params, n_images=12, shard_size=6, batch_size=4, sampling_steps=3, **generate_values)
+    files = generate.run(cfg, "ddpm", model, "all", None, tmp_path)
+    return [shards.read_imageset(f)[0] for f in files], [shards.read_attrs(f) for f in files]
+
+
+def test_fixedsmall_reproduces_the_diffusers_default_sampler(ddpm_model, tiny_params, tmp_path):
+    """fixedsmall is DDPMScheduler's default variance, i.e. the ancestral sampler before the variance
+    was a setting: same bytes. fixedlarge samples differ, and a shard records which variance made it."""
+    from diffusers import DDPMScheduler
+
+    settings = SampleSettings(seed=0, batch_size=4, sampler="ddpm", sampling_steps=3, ddpm_variance="fixedsmall")
+    ours = ddpm.load(ddpm_model, settings, torch.device("cpu"))
+    before = ddpm.load(ddpm_model, settings, torch.device("cpu"))
+    state = torch.load(ddpm_model, weights_only=False)
+    before.scheduler = DDPMScheduler(num_train_timesteps=state["num_train_timesteps"], beta_schedule="linear",
+                                     beta_start=state["beta_start"], beta_end=state["beta_end"], clip_sample=True)
+    before.scheduler.set_timesteps(3)
+    assert np.array_equal(ours.sample(0, 12)[0], before.sample(0, 12)[0])
+
+    small, small_attrs = ddpm_shards(ddpm_model, tiny_params, tmp_path, sampler="ddpm", ddpm_variance="fixedsmall")
+    assert np.array_equal(np.concatenate(small), before.sample(0, 12)[0])
+    assert [a["variance"] for a in small_attrs] == ["fixedsmall", "fixedsmall"]
+    large, large_attrs = ddpm_shards(ddpm_model, tiny_params, tmp_path, sampler="ddpm", ddpm_variance="fixedlarge")
+    assert [a["variance"] for a in large_attrs] == ["fixedlarge", "fixedlarge"]  # --shard all resampled them
+    assert not np.array_equal(np.concatenate(large), np.concatenate(small))
+
+
+def test_deterministic_samplers_ignore_the_variance(ddpm_model, tiny_params, tmp_path):
+    """ddim (eta 0) and dpmsolver draw no per-step noise: the variance setting changes nothing."""
+    for sampler in ("ddim", "dpmsolver"):
+        small, small_attrs = ddpm_shards(ddpm_model, tiny_params, tmp_path / sampler / "small", sampler=sampler,
+                                         ddpm_variance="fixedsmall")
+        large, large_attrs = ddpm_shards(ddpm_model, tiny_params, tmp_path / sampler / "large", sampler=sampler,
+                                         ddpm_variance="fixedlarge")
+        assert all(np.array_equal(a, b) for a, b in zip(small, large))
+        assert small_attrs == [{**a, "versions": s["versions"]} for a, s in zip(large_attrs, small_attrs)]
+        assert "variance" not in small_attrs[0]  # so changing it keeps these shards (--shard all)
 
 
 def make_source(tmp_path, kind: str, n: int = 50):

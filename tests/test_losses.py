@@ -56,25 +56,91 @@ class Line(nn.Module):
         return torch.cat([torch.zeros_like(z), z], dim=1)
 
 
-def test_trades_attack_moves_to_the_linf_boundary_away_from_its_start():
+def test_gaussian_start_trades_attack_moves_to_the_linf_boundary_away_from_its_start():
     x = torch.full((6, 1), 0.5)
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
-    x_adv = trades_attack(Line(), x, AttackSpec("linf", eps=0.1, step_size=0.05, steps=4), generator=g)
+    spec = AttackSpec("linf", eps=0.1, step_size=0.05, steps=4, start="gaussian")
+    x_adv = trades_attack(Line(), x, spec, generator=g)
     # From x + 0.001 * noise, ascending the KL moves away from x along the noise sign to the boundary.
     assert torch.allclose(x_adv, x + 0.1 * noise.sign(), atol=1e-6)
 
 
-def test_attack_does_not_update_batchnorm_statistics():
+@pytest.mark.parametrize("threat, eps", [("linf", 0.1), ("l2", 0.3)])
+def test_attacks_start_uniformly_in_the_ball_by_default(threat, eps):
+    """The references start the training attack at a uniform point of the eps-ball (DeepMind's
+    linf_initialize_fn, the PyTorch port's TRADES), not at x + 0.001 N(0, I)."""
+    x = torch.full((400, 4), 0.5)
+    spec = AttackSpec(threat, eps=eps, step_size=0.01, steps=0)   # no steps: the start itself
+    start = trades_attack(Line(), x, spec, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pgd_at_loss_start(x, spec), start)
+    delta = start - x
+    size = delta.abs().amax(1) if threat == "linf" else delta.norm(dim=1)
+    assert size.max() <= eps + 1e-6 and size.mean() > eps / 4   # spread over the ball, not near x
+    if threat == "linf":  # each coordinate uniform in [-eps, eps]: mean 0, variance eps^2 / 3
+        assert abs(delta.mean().item()) < 0.01 and delta.var().item() == pytest.approx(eps ** 2 / 3, rel=0.1)
+
+
+def pgd_at_loss_start(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
+    """The start PGD-AT draws from the same generator seed (one start function for both losses)."""
+    from pipeline.losses import attack_start
+    return attack_start(x, spec, torch.Generator().manual_seed(0)).clamp(0, 1)
+
+
+class OneNorm(nn.Module):
+    """A batch norm, SiLU and a linear map: its output depends on which statistics normalise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(2)
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(nn.functional.silu(self.bn(x)))
+
+
+@pytest.mark.parametrize("loss", ["trades", "pgd"])
+def test_the_attack_normalises_by_batch_statistics_without_updating_them(loss):
+    """attack_bn batch (the default): the attack sees the batch's own statistics, so the running
+    statistics cannot change its result, and they are left untouched; attack_bn running: eval mode."""
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 2) * 4 - 2, torch.randint(0, 3, (16,))
+    results = {}
+    for running_mean in (0.0, 1.0):
+        torch.manual_seed(1)   # the same weights; only the running statistics differ
+        model = OneNorm().train()
+        model.bn.running_mean.fill_(running_mean)
+        model.bn.running_var.fill_(1.0 - 0.9 * running_mean)
+        before = {k: v.clone() for k, v in model.bn.state_dict().items()}
+        for bn in ("batch", "running"):
+            spec = AttackSpec("linf", 0.3, 0.1, 3, bn=bn)
+            g = torch.Generator().manual_seed(1)
+            if loss == "trades":
+                results[running_mean, bn] = trades_attack(model, x, spec, generator=g)
+            else:
+                from pipeline.losses import attack_start
+                from pipeline.attacks import attack_mode, pgd
+                with attack_mode(model, bn):
+                    results[running_mean, bn] = pgd(
+                        model, x, lambda logits: nn.functional.cross_entropy(logits, y, reduction="sum"),
+                        "linf", 0.3, 0.1, 3, start=attack_start(x, spec, g))
+            assert model.training
+            assert all(torch.equal(before[k], v) for k, v in model.bn.state_dict().items())
+    assert torch.equal(results[0.0, "batch"], results[1.0, "batch"])
+    assert not torch.equal(results[0.0, "running"], results[1.0, "running"])
+
+
+@pytest.mark.parametrize("bn", ["batch", "running"])
+def test_attack_does_not_update_batchnorm_statistics(bn):
     torch.manual_seed(0)
     model = models.build("small_cnn").train()
     x = torch.rand(8, 3, 32, 32)
     y = torch.randint(0, 10, (8,))
-    attack = AttackSpec("linf", 8 / 255, 2 / 255, 3)
+    attack = AttackSpec("linf", 8 / 255, 2 / 255, 3, bn=bn)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     trades_loss(model, x, y, 6.0, attack)
     assert all(bn.num_batches_tracked.item() == 2 for bn in bns)  # clean + adversarial forwards only
-    assert model.training
+    assert model.training and all(bn.track_running_stats for bn in bns)
     pgd_at_loss(model, x, y, attack)
     assert all(bn.num_batches_tracked.item() == 3 for bn in bns)
 

@@ -196,3 +196,39 @@ def test_a_learned_threat_row_goes_through_the_cli(project, caplog):
     assert row["autoattack_acc"] == "" and float(row["corrupted_acc"]) == 0.3 and row["eps"] == "latent 6.18"
     assert row["train_threat"] == rows[("baseline", "linf")]["train_threat"]
     assert any("baseline cvae: clean" in message for message in caplog.messages)
+
+
+def test_the_evaluated_checkpoint_is_named_and_checked_against_its_own_file(project):
+    """An evaluation of best.pt is checked against the run's best_sha256 (not the last model's), and the
+    row and markdown say which checkpoint, from which epoch, was attacked."""
+    results = project["root"] / "results"
+    evaluation = results / "evaluate" / "baseline" / "linf.json"
+    ev = json.loads(evaluation.read_text())
+    evaluation.write_text(json.dumps({**ev, "checkpoint": "best", "checkpoint_epoch": 3}))
+    metrics = results / "train_robust" / "baseline" / "metrics.json"
+    data = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps({**data, "best_sha256": ev["model_sha256"], "model_sha256": "0" * 64}))
+    T.main(table_args(project))
+    rows = {r["run"]: r for r in read_rows(results / "cifar10_table.csv")}
+    assert (rows["baseline"]["checkpoint"], rows["baseline"]["checkpoint_epoch"]) == ("best", "3")
+    assert rows["gaussian"]["checkpoint"] == "last"      # an evaluation that does not say attacked model.pt
+    assert "| best (epoch 3) |" in (results / "cifar10_table.md").read_text()
+    metrics.write_text(json.dumps({**data, "best_sha256": "1" * 64, "model_sha256": ev["model_sha256"]}))
+    with pytest.raises(SystemExit, match="evaluated best model .* stale evaluation"):
+        T.main(table_args(project))
+
+
+def test_published_rows_say_how_they_were_trained_and_pair_only_like_with_like():
+    l2 = [ref for ref in paper_reference.matching("cifar10", "l2")]
+    assert l2 and all(ref.trained_under == "l2" and "trained l2" in ref.label for ref in l2)
+    one_million = [ref for ref in paper_reference.matching("cifar10", "linf") if ref.n_generated == 1_000_000]
+    assert [ref.model for ref in one_million] == ["WRN-28-10"]
+    row = {"run": "ddpm", "model": "wrn-28-10", "train_threat": "linf", "threat": "linf", "n_generated": 1_000_000,
+           "clean_acc": 0.85, "autoattack_acc": 0.6, "n_eval": 10_000}
+    refs = paper_reference.matching("cifar10")
+    assert T.comparable_refs(row, refs) == one_million          # the 1M row, never the 100M ones
+    # our Linf-trained model evaluated under L2 has no published counterpart (the 78.31% is L2-trained)
+    assert T.comparable_refs({**row, "threat": "l2"}, refs) == []
+    lines = T.comparisons([{**row, "threat": "l2", "n_generated": 2000}], refs)
+    assert "not a gap to close" in lines[0]
+    assert "trained linf" in "\n".join(T.comparisons([row], refs))

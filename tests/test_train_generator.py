@@ -1,5 +1,6 @@
-"""train_generator: DDPM resume equals an uninterrupted run, Gaussian fit recovers its moments,
-imported sets are validated with errors that name the file."""
+"""train_generator: DDPM resume equals an uninterrupted run (across the lr warm-up), the warm-up follows
+Ho et al.'s schedule, Gaussian fit recovers its moments, imported sets are validated with errors that name
+the file."""
 
 from __future__ import annotations
 
@@ -18,10 +19,43 @@ def tiny_ddpm(tiny_params: dict, **overrides) -> ddpm.Config:
     return dataclasses.replace(cfg, **overrides)
 
 
+def record_adam_lrs(monkeypatch) -> list[float]:
+    """The learning rate of every Adam step taken from now on."""
+    lrs: list[float] = []
+    real_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    return lrs
+
+
+def test_ddpm_lr_warms_up_linearly_as_ho_et_al(tiny_params, cifar_sets, tmp_path, monkeypatch):
+    """lr * min(step / warmup_steps, 1) with step the steps already taken (hojonathanho/diffusion
+    diffusion_tf/utils.py get_warmed_up_lr): 0 at the first step, lr from step warmup_steps on."""
+    lrs = record_adam_lrs(monkeypatch)
+    cfg = tiny_ddpm(tiny_params, train_steps=6, checkpoint_every=6, warmup_steps=4, lr=2e-4)
+    ddpm.train(cfg, cifar_sets["train"], tmp_path / "work", tmp_path / "a.pt", 0, torch.device("cpu"))
+    assert lrs == pytest.approx([0.0, 0.5e-4, 1e-4, 1.5e-4, 2e-4, 2e-4], abs=1e-12)
+    assert [ddpm.learning_rate(cfg, step) for step in (0, 1, 4, 5000)] == pytest.approx([0, 0.5e-4, 2e-4, 2e-4])
+
+    lrs.clear()  # warmup_steps 0: the constant rate from the first step (training without warm-up)
+    flat = dataclasses.replace(cfg, train_steps=2, checkpoint_every=2, warmup_steps=0)
+    ddpm.train(flat, cifar_sets["train"], tmp_path / "work-flat", tmp_path / "b.pt", 0, torch.device("cpu"))
+    assert lrs == [2e-4, 2e-4]
+
+
 def test_ddpm_resume_equals_uninterrupted(tiny_params, cifar_sets, tmp_path, monkeypatch):
-    cfg = tiny_ddpm(tiny_params, train_steps=4, checkpoint_every=2, dropout=0.1)
+    # killed at step 2, inside the 3-step warm-up: the resumed run must pick the rates up where they were
+    cfg = tiny_ddpm(tiny_params, train_steps=4, checkpoint_every=2, dropout=0.1, warmup_steps=3)
     device = torch.device("cpu")
+    lrs = record_adam_lrs(monkeypatch)
     ddpm.train(cfg, cifar_sets["train"], tmp_path / "work-a", tmp_path / "a.pt", 0, device)
+    assert lrs == pytest.approx([0, cfg.lr / 3, cfg.lr * 2 / 3, cfg.lr])
+    uninterrupted_lrs = list(lrs)
+    lrs.clear()
 
     real_save = checkpoint.save
 
@@ -35,6 +69,8 @@ def test_ddpm_resume_equals_uninterrupted(tiny_params, cifar_sets, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         ddpm.train(cfg, cifar_sets["train"], tmp_path / "work-b", tmp_path / "b.pt", 0, device)
     assert not (tmp_path / "b.pt").exists()
+    assert lrs == uninterrupted_lrs[:2]
+    lrs.clear()
     monkeypatch.setattr(checkpoint, "save", real_save)
 
     steps_run = []
@@ -43,6 +79,7 @@ def test_ddpm_resume_equals_uninterrupted(tiny_params, cifar_sets, tmp_path, mon
                         lambda images, seed, step, *a: steps_run.append(step) or real_batch(images, seed, step, *a))
     ddpm.train(cfg, cifar_sets["train"], tmp_path / "work-b", tmp_path / "b.pt", 0, device)
     assert steps_run == [2, 3]  # resumed, did not start over
+    assert lrs == uninterrupted_lrs[2:]  # the warm-up continues from step 2, not from 0
     a = torch.load(tmp_path / "a.pt", weights_only=False)
     b = torch.load(tmp_path / "b.pt", weights_only=False)
     assert a["state_dict"].keys() == b["state_dict"].keys()
@@ -64,8 +101,8 @@ def test_ddpm_with_other_params_starts_afresh_not_resumed(tiny_params, cifar_set
 
 def test_ho_unet_has_attention_at_16x16_only():
     cfg = ddpm.Config(block_out_channels=[32, 64, 64], layers_per_block=1, attention=True, dropout=0.1,
-                      num_train_timesteps=1000, lr=2e-4, batch_size=2, train_steps=1, ema_decay=0.9999,
-                      checkpoint_every=1)
+                      num_train_timesteps=1000, lr=2e-4, warmup_steps=0, batch_size=2, train_steps=1,
+                      ema_decay=0.9999, checkpoint_every=1)
     unet = ddpm.build_unet(cfg)
     assert unet.config.down_block_types == ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D")
     assert unet.config.up_block_types == ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")

@@ -195,3 +195,66 @@ def test_a_rerun_with_other_settings_starts_afresh(tiny_params, small_sets, gene
                             [generated[0] / "shard-00000.h5"], [generated[1] / "shard-00000.h5"],
                             tmp_path / "work", progress=False)
     assert not same_weights(again.ema_model.state_dict(), fresh.ema_model.state_dict())
+
+
+def test_step_count_and_warm_up_are_the_references(tiny_params):
+    """epochs * epoch_size // batch_size steps (DeepMind's steps_from_epochs), not
+    epochs * (epoch_size // batch_size): 19,531 steps and 488 warm-up steps at paper scale."""
+    paper = tiny_cfg(tiny_params, epochs=400, epoch_size=50_000, batch_size=1024, warmup_epochs=10)
+    assert paper.total_steps == 19_531 and paper.warmup_steps == 488
+    assert [paper.epoch_end(e) for e in (1, 2, 3)] == [48, 97, 146]
+
+
+def test_epochs_end_where_their_samples_do(tiny_params, small_sets, generated, tmp_path):
+    """20 samples per epoch at batch 8: epochs end at steps 2 and 5 (40 // 8), one row each."""
+    result = run(tiny_cfg(tiny_params, epoch_size=20), small_sets, generated, tmp_path)
+    assert result.metrics["steps"] == 5 and [row["step"] for row in result.curve] == [2, 5]
+
+
+def test_robust_model_uses_the_references_batchnorm_momentum(tiny_params):
+    cfg = tiny_cfg(tiny_params)
+    assert cfg.bn_momentum == 0.01 and cfg.attack_bn == "batch" and cfg.attack_start == "uniform"
+    assert cfg.ema_buffers == "copy"
+    model = models.build("wrn-16-4", bn_momentum=cfg.bn_momentum)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.momentum == 0.01 for m in norms)
+
+
+def test_validation_batches_and_splits_over_ranks(tiny_params, monkeypatch):
+    """Validation attacks in batches of val_batch_size, and rank r attacks only its share."""
+    sizes = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            sizes.append(len(x))
+            return torch.zeros(len(x), 10) + x.flatten(1)[:, :10]
+
+    cfg = tiny_cfg(tiny_params, val_batch_size=4, val_pgd_steps=1)
+    x, y = torch.rand(10, 3, 32, 32), torch.randint(0, 10, (10,))
+    tr.validate(Spy(), (x, y), cfg, 0)
+    assert max(sizes) == 4
+    shares = [tr.rank_share(10, tr.Dist(rank, 3, rank)) for rank in range(3)]
+    assert sorted(i for share in shares for i in range(10)[share]) == list(range(10))
+
+
+def test_ddp_resume_counts_every_rank_once(tiny_params, write_params, small_sets, generated, tmp_path):
+    """Two gloo ranks stopped mid-epoch and resumed give the uninterrupted run's curve: the epoch's
+    partial sums of both ranks are saved once and restored once."""
+    cfg = dict(tiny_params)
+    cfg["train_robust"] = {**cfg["train_robust"], **TINY, "checkpoint_every": 100}
+    params = write_params(cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), "-m", "pipeline.train_robust", "--",
+               *cli_args(params, small_sets, out, "gaussian", generated), *extra]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+
+    whole = torchrun(tmp_path / "whole")
+    assert whole.returncode == 0, (whole.stdout + whole.stderr)[-5000:]
+    cut = torchrun(tmp_path / "cut", "--stop-after", "3")        # epoch 2 is half done
+    assert cut.returncode != 0 and checkpoint.latest(tmp_path / "cut" / "work")["step"] == 3
+    resumed = torchrun(tmp_path / "cut")
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
+    assert (tmp_path / "cut" / "curve.csv").read_text() == (tmp_path / "whole" / "curve.csv").read_text()

@@ -27,6 +27,7 @@ class SampleSettings:
     batch_size: int        # generate.batch_size
     sampler: str           # generate.sampler (ddpm only)
     sampling_steps: int    # generate.sampling_steps (ddpm only)
+    ddpm_variance: str = "fixedlarge"  # generate.ddpm_variance (ddpm generator, ancestral sampler only)
 
 
 def tiled(start: int, stop: int, tile: int,

@@ -1,17 +1,20 @@
 """DDPM (Ho et al., 2020) with Hugging Face diffusers, trained from scratch on the training set only.
 
 Training: UNet2DModel predicting the noise (epsilon), linear betas 1e-4..0.02 over
-`num_train_timesteps`, Adam, gradient clipping at 1 (Ho et al.), random horizontal flips, an EMA of the
-weights. Every step's batch, flips, timesteps, noise and dropout come from generators seeded by
-(seed, step), so a run resumed from a checkpoint draws exactly what the uninterrupted run drew. Checkpoints every
-`checkpoint_every` steps and on SIGTERM (after the step in flight, then exit status 143).
-Unconditional, as in the paper: the teacher labels the samples later.
+`num_train_timesteps`, Adam with a linear learning-rate warm-up over `warmup_steps`, gradient clipping at
+1 (Ho et al.), random horizontal flips, an EMA of the weights. Every step's batch, flips, timesteps, noise
+and dropout come from generators seeded by (seed, step), and its learning rate is a function of the step
+alone (see `learning_rate`), so a run resumed from a checkpoint draws and steps exactly as the
+uninterrupted run did. Checkpoints every `checkpoint_every` steps and on SIGTERM (after the step in
+flight, then exit status 143). Unconditional, as in the paper: the teacher labels the samples later.
 
 Sampling: `ddpm` (ancestral), `ddim` (eta 0) or `dpmsolver` (DPM-Solver++ 2M) schedulers from
-diffusers, in a plain loop under torch.inference_mode. Each image's initial and per-step noise come
-from its own generator seeded by (seed, "ddpm", index); network calls run on tiles of `batch_size`
-images aligned to index multiples (see base.tiled), so a shard's bytes do not depend on which shards
-were generated before it, in which order, or where.
+diffusers, in a plain loop under torch.inference_mode. The ancestral sampler's per-step variance is
+`generate.ddpm_variance` (see VARIANCE_TYPES): `fixedlarge` (Ho et al.'s CIFAR-10 setting) or
+`fixedsmall`; ddim and dpmsolver are deterministic given the initial noise and have no such variance.
+Each image's initial and per-step noise come from its own generator seeded by (seed, "ddpm", index);
+network calls run on tiles of `batch_size` images aligned to index multiples (see base.tiled), so a
+shard's bytes do not depend on which shards were generated before it, in which order, or where.
 """
 
 from __future__ import annotations
@@ -38,6 +41,22 @@ NAME = "ddpm"
 GRAD_CLIP = 1.0                       # Ho et al. clip the gradient norm at 1
 BETA_START, BETA_END = 1e-4, 0.02     # Ho et al. linear schedule
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
+# Variance of p(x_{t-1} | x_t) in the ancestral (`ddpm`) sampler, as hojonathanho/diffusion names it
+# (diffusion_tf/diffusion_utils_2.py, commit 1e0dceb, lines 138-144), mapped to DDPMScheduler's variance_type:
+#   fixedlarge: sigma_t^2 = beta_t, with the entry at t = 0 replaced by the posterior variance at t = 1
+#     (line 142: np.log(np.append(self.posterior_variance[1], self.betas[1:]))). Ho et al.'s CIFAR-10
+#     setting: scripts/run_cifar.py line 136, model_var_type='fixedlarge'.
+#   fixedsmall: sigma_t^2 = the posterior variance beta_t (1 - abar_{t-1}) / (1 - abar_t) (line 77, line 143);
+#     DDPMScheduler's default, and the only ancestral variance before it was a setting (same bytes);
+#     Ho et al. (Sec. 3.2) report similar sample quality for both.
+# diffusers' fixed_large is the same table wherever noise is drawn: it uses 1 - abar_t / abar_{t-1} = beta_t,
+# and at t = 0, the one entry that differs (beta_0 there, posterior_variance[1] in the reference), neither
+# draws noise (DDPMScheduler.step adds noise only for t > 0; the reference masks t == 0, lines 194-196),
+# so that entry only enters the reference's likelihood terms, never a sample. diffusers works in float32
+# (abar_t / abar_{t-1} then 1 - that), which puts its beta_t within 5e-4 relative of the float64 value, the
+# same float32 arithmetic as its fixed_small. With fewer sampling steps than training timesteps, beta_t
+# becomes 1 - abar_t / abar_{t'} for the previous sampled timestep t', the respaced chain's beta.
+VARIANCE_TYPES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,8 @@ class Config:
     dropout: float                 # (paper: 0.1)
     num_train_timesteps: int       # length of the linear beta schedule (paper: 1000)
     lr: float                      # Adam learning rate (paper: 2e-4)
+    warmup_steps: int              # linear lr warm-up from 0 over this many steps, then constant (paper: 5000;
+                                   # 0 = constant lr from the first step)
     batch_size: int                # (paper: 128)
     train_steps: int               # optimisation steps (paper: 800000)
     ema_decay: float               # (paper: 0.9999), warm-up form min(decay, (1+t)/(10+t))
@@ -78,6 +99,20 @@ def build_unet(cfg: Config) -> UNet2DModel:
 def noise_scheduler(num_train_timesteps: int) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
                          beta_start=BETA_START, beta_end=BETA_END, clip_sample=True)
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """Adam's learning rate at (0-based) `step`: lr * min(step / warmup_steps, 1), then constant.
+
+    Ho et al.'s warm-up, as hojonathanho/diffusion (commit 1e0dceb) computes it: scripts/run_cifar.py
+    line 134 (lr=2e-4, warmup=5000), passed to the optimiser through diffusion_tf/tpu_utils/tpu_utils.py
+    line 157 and diffusion_tf/utils.py lines 145-148 (get_warmed_up_lr: max_lr * min(global_step / warmup,
+    1), where global_step counts the steps already taken, so the first step's rate is 0). A pure function
+    of the step: a resumed run needs no scheduler state to use the rates the uninterrupted run used.
+    """
+    if cfg.warmup_steps == 0:
+        return cfg.lr
+    return cfg.lr * min(step / cfg.warmup_steps, 1.0)
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
@@ -143,6 +178,8 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), GRAD_CLIP)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
             optimizer.step()
             ema_update(ema, unet, cfg.ema_decay, step)
             loss_value = loss.item()
@@ -155,14 +192,19 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
     checkpoint.save_atomic(model, out)
 
 
-def make_scheduler(sampler: str, model: dict[str, Any]) -> Any:
+def make_scheduler(sampler: str, model: dict[str, Any], variance: str = "fixedlarge") -> Any:
+    """The diffusers scheduler of `sampler`; `variance` (VARIANCE_TYPES) applies to the ancestral one only."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
+    if variance not in VARIANCE_TYPES:
+        raise ValueError(f"unknown ddpm variance {variance!r}; known: {', '.join(sorted(VARIANCE_TYPES))}")
     kwargs = dict(num_train_timesteps=model["num_train_timesteps"], beta_schedule="linear",
                   beta_start=model["beta_start"], beta_end=model["beta_end"])
     if sampler == "dpmsolver":
         return DPMSolverMultistepScheduler(**kwargs, algorithm_type="dpmsolver++", solver_order=2)
-    return SAMPLERS[sampler](**kwargs, clip_sample=True)
+    if sampler == "ddpm":
+        return DDPMScheduler(**kwargs, clip_sample=True, variance_type=VARIANCE_TYPES[variance])
+    return DDIMScheduler(**kwargs, clip_sample=True)
 
 
 def load_unet(model: dict[str, Any], device: torch.device) -> UNet2DModel:
@@ -178,7 +220,7 @@ class DDPMSampler:
         if device.type == "cuda":  # same kernels for the same shapes, run after run
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.unet = load_unet(model, device)
-        self.scheduler = make_scheduler(settings.sampler, model)
+        self.scheduler = make_scheduler(settings.sampler, model, settings.ddpm_variance)
         self.scheduler.set_timesteps(settings.sampling_steps)
         self.settings = settings
         self.device = device
@@ -205,8 +247,11 @@ class DDPMSampler:
         return tiled(start, stop, self.settings.batch_size, self._tile)
 
     def provenance(self) -> dict[str, Any]:
-        return {"sampler": self.settings.sampler, "steps": self.settings.sampling_steps,
-                "tile": self.settings.batch_size}
+        attrs = {"sampler": self.settings.sampler, "steps": self.settings.sampling_steps,
+                 "tile": self.settings.batch_size}
+        if self.settings.sampler == "ddpm":  # ddim and dpmsolver draw no per-step noise
+            attrs["variance"] = self.settings.ddpm_variance
+        return attrs
 
 
 def load(model_path: Path, settings: SampleSettings, device: torch.device) -> DDPMSampler:
