@@ -1,14 +1,14 @@
 """Training throughput: our TRADES step vs the PyTorch port's TRADES step, same model, batch and run.
 
     OMP_NUM_THREADS=2 python bench/bench_train.py [--models small_cnn wrn-16-4] [--attack-steps 10 5]
-        [--batch 128] [--steps 2] [--repeats 5] [--wall-steps 8] [--wall-repeats 2]
+        [--batch 128] [--steps 2] [--repeats 5] [--wall-steps 0] [--wall-repeats 2]
 
 "Ours" is one step of pipeline.train_robust's inner loop (pipeline/train_robust.py, the body of the
-`for images, y, is_generated in batches` loop): pipeline.losses.adversarial_loss("trades", ...) with an
-AttackSpec built from params.yaml's `train_robust` section (only batch and attack steps overridden),
-TwoViews for the clean + adversarial forwards, the non-finite check, SGD Nesterov, the per-step cosine
-schedule, the EMA update and the epoch accumulators. Whatever the attack does (batch-norm mode, start),
-it is the pipeline's own code path.
+`for images, y, is_generated in batches` loop): pipeline.losses.adversarial_loss("trades", ...) with the
+AttackSpec that TrainRobustConfig.attack() builds from params.yaml's `train_robust` section (only batch
+and attack steps overridden; batch-norm momentum, EMA buffers, attack start and batch-norm mode as set
+there), TwoViews for the clean + adversarial forwards, the non-finite check, SGD Nesterov, the
+per-step cosine schedule, the EMA update and the epoch accumulators: the pipeline's own code path.
 
 "Port" re-states, operation by operation, the training step of the PyTorch port of Gowal et al.
 (imrahulr/adversarial_robustness_pytorch, commit 6df6a8f0cd49cf6d18507a4b574c004ab6eedf49):
@@ -41,58 +41,47 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import models, optim  # noqa: E402
+from pipeline import models, optim, params  # noqa: E402
 from pipeline.ema import EMA  # noqa: E402
-from pipeline.losses import AttackSpec, TwoViews, adversarial_loss  # noqa: E402
+from pipeline.losses import TwoViews, adversarial_loss  # noqa: E402
+from pipeline.train_robust import TrainRobustConfig  # noqa: E402
 
 Step = Callable[[], None]
 PORT = "imrahulr/adversarial_robustness_pytorch@6df6a8f"
 
 
-def our_settings(attack_steps: int, batch: int) -> dict:
-    """params.yaml's `train_robust` section with attack steps and batch overridden. Read as a plain
-    mapping, so the bench follows the section as it grows: keys it does not know are ignored, optional
-    ones (attack_bn, attack_start, bn_momentum, ema_buffers) are passed on only when present, and
-    otherwise the pipeline's own defaults apply."""
-    section = yaml.safe_load((ROOT / "params.yaml").read_text())["train_robust"]
-    return {**section, "attack_steps": attack_steps, "batch_size": batch,
-            "epoch_size": max(section["epoch_size"], batch)}
+def our_config(attack_steps: int, batch: int) -> TrainRobustConfig:
+    """params.yaml's `train_robust` section, as train_robust reads it, with attack steps and batch overridden."""
+    cfg = params.section(TrainRobustConfig, params.load(ROOT / "params.yaml")["train_robust"])
+    return dataclasses.replace(cfg, attack_steps=attack_steps, batch_size=batch,
+                               epoch_size=max(cfg.epoch_size, batch))
 
 
-def our_attack(s: dict) -> AttackSpec:
-    """What TrainRobustConfig.attack() builds from the section (pipeline/train_robust.py)."""
-    optional = {field: s[key] for key, field in (("attack_bn", "bn"), ("attack_start", "start")) if key in s}
-    return AttackSpec(threat=s["threat"], eps=s["eps_255"] / 255, step_size=s["step_255"] / 255,
-                      steps=s["attack_steps"], **optional)
-
-
-def make_ours(model: nn.Module, s: dict, x: torch.Tensor, y: torch.Tensor, is_generated: torch.Tensor) -> Step:
+def make_ours(model: nn.Module, cfg: TrainRobustConfig, x: torch.Tensor, y: torch.Tensor,
+              is_generated: torch.Tensor) -> Step:
     """One iteration of train_robust's loop (pipeline/train_robust.py, `for images, y, is_generated in
-    batches`, from `smoothing = ...` to the accumulators), CPU path: no autocast, contiguous memory
-    format, no cutmix, no auxiliary batch norm (the params defaults)."""
-    if "bn_momentum" in s:
-        models.set_bn_momentum(model, s["bn_momentum"])
-    optimizer = optim.sgd(model, s["lr"], s["momentum"], s["weight_decay"], s["nesterov"])
-    per_epoch = s["epoch_size"] / s["batch_size"]
-    schedule = optim.scheduler(optimizer, int(s["epochs"] * per_epoch), int(s["warmup_epochs"] * per_epoch))
-    ema = EMA(model, s["ema_decay"], shadow=copy.deepcopy(model),
-              **({"buffers": s["ema_buffers"]} if "ema_buffers" in s else {}))
+    batches`, from `smoothing = ...` to the accumulators) with its optimiser, schedule, EMA and
+    cfg.attack(); CPU path: no autocast, contiguous memory format, no cutmix, no auxiliary batch norm
+    (the params defaults)."""
+    models.set_bn_momentum(model, cfg.bn_momentum)
+    optimizer = optim.sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
+    schedule = optim.scheduler(optimizer, cfg.total_steps, cfg.warmup_steps)
+    ema = EMA(model, cfg.ema_decay, shadow=copy.deepcopy(model), buffers=cfg.ema_buffers)  # type: ignore[arg-type]
     forward = TwoViews(model)
-    attack = our_attack(s)
+    attack = cfg.attack()
     acc = torch.zeros(5, dtype=torch.float64)
     state = {"step": 0}
     model.train()
 
     def step() -> None:
-        smoothing = is_generated.float() * s["label_smoothing"]
+        smoothing = is_generated.float() * cfg.label_smoothing
         attack_rng = torch.Generator().manual_seed(state["step"])
-        loss, parts = adversarial_loss(s["loss"], model, x, y, s["beta"], attack,
+        loss, parts = adversarial_loss(cfg.loss, model, x, y, cfg.beta, attack,  # type: ignore[arg-type]
                                        smoothing, attack_rng, forward)
         if not torch.isfinite(loss).item():
             raise RuntimeError(f"non-finite loss at step {state['step']}")
@@ -214,14 +203,14 @@ def make_port(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, st
 
 def build(name: str, attack_steps: int, batch: int) -> tuple[Step, Step]:
     """(ours, port) from the same initial weights and the same batch."""
-    s = our_settings(attack_steps, batch)
+    cfg = our_config(attack_steps, batch)
     torch.manual_seed(0)
     base = models.build(name)
     x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     is_generated = torch.zeros(batch, dtype=torch.bool)
-    is_generated[batch - round(batch * s["generated_fraction"]):] = True  # the loader puts real rows first
-    ours = make_ours(copy.deepcopy(base), s, x, y, is_generated)
-    port = make_port(copy.deepcopy(base), x, y, s["eps_255"] / 255, s["step_255"] / 255, attack_steps, s["beta"])
+    is_generated[batch - round(batch * cfg.generated_fraction):] = True  # the loader puts real rows first
+    ours = make_ours(copy.deepcopy(base), cfg, x, y, is_generated)
+    port = make_port(copy.deepcopy(base), x, y, cfg.eps_255 / 255, cfg.step_255 / 255, attack_steps, cfg.beta)
     return ours, port
 
 

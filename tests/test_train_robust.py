@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,3 +259,34 @@ def test_ddp_resume_counts_every_rank_once(tiny_params, write_params, small_sets
     resumed = torchrun(tmp_path / "cut")
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
     assert (tmp_path / "cut" / "curve.csv").read_text() == (tmp_path / "whole" / "curve.csv").read_text()
+
+
+def test_the_select_index_class_balances_the_generated_draws(tiny_params, small_sets, tmp_path):
+    """With select.class_balance (the paper's filter), one epoch's generated images are balanced by
+    pseudo-label within sampling noise; without the index, a skewed generator's skew reaches training."""
+    from pipeline import select
+    from pipeline.shards import read_attrs, write_arrays
+
+    gen, labels_dir = make_generated(tmp_path, n_shards=4, per_shard=100)
+    rng = np.random.default_rng(1)
+    for shard in sorted(gen.glob("shard-*.h5")):   # a generator that draws class 0 half of the time
+        skewed = np.where(rng.random(100) < 0.5, 0, rng.integers(1, 10, 100)).astype(np.int64)
+        write_arrays(labels_dir / shard.name, {"label": skewed, "confidence": rng.random(100).astype(np.float32)},
+                     {"shard": shard.name, "shard_sha256": read_attrs(shard)["sha256"]})
+    index, stats = select.select_dir(select.SelectConfig(class_balance=True, top_fraction=1.0), labels_dir)
+    assert len(set(stats["per_class_after"])) == 1
+    selection = tmp_path / "index.npy"
+    np.save(selection, index)
+    cfg = tiny_cfg(tiny_params, batch_size=64, generated_fraction=0.5, epoch_size=1024)
+
+    def epoch_counts(chosen):
+        dataset = tr.make_dataset(cfg, 0, small_sets["train"], [gen], [labels_dir], chosen, tr.Dist())
+        drawn = [y[g] for step in range(cfg.epoch_end(1)) for _, y, g in [dataset[step]]]
+        return np.bincount(torch.cat(drawn).numpy(), minlength=10)
+
+    balanced, skewed = epoch_counts(selection), epoch_counts(None)
+    n = balanced.sum()
+    assert n == 512
+    # each class ~ Binomial(512, 1/10): within 4 standard deviations (about 27) of 51.2
+    assert np.abs(balanced - n / 10).max() < 4 * np.sqrt(n * 0.1 * 0.9), balanced
+    assert skewed[0] > n / 3, skewed

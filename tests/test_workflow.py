@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -20,7 +21,8 @@ from pipeline import params as P
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-WORKFLOW_FILES = ["Snakefile", "rules", "profiles", "envs", "dvc.yaml", "configs", "data/demo"]
+WORKFLOW_FILES = ["Snakefile", "rules", "profiles", "envs", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
+                  "configs", "data/demo"]
 pytestmark = pytest.mark.slow
 
 
@@ -122,6 +124,52 @@ def test_adding_a_threat_or_variant_reruns_only_the_new_jobs(snakemake_run, tmp_
     assert int(jobs["generate"]) == P.shard_count(cfg) and jobs.get("teacher") is None, jobs
 
 
+def planned_jobs(plan: str) -> dict[str, int]:
+    """Job counts of a `snakemake -n` plan."""
+    counts = re.findall(r"^(\w+)\s+(\d+)$", plan.split("Job stats:")[1].split("Reasons")[0], flags=re.M)
+    return {name: int(n) for name, n in counts}
+
+
+def test_select_feeds_training_and_best_is_evaluated(snakemake_run):
+    """The paper's filter runs (one select job per generator) and every run of that generator trains on
+    its index; evaluation attacks best.pt, the validation-selected model."""
+    cfg = P.load(snakemake_run / "params.yaml")
+    for generator in P.generators(cfg):
+        index = np.load(snakemake_run / "data" / "selection" / generator / "index.npy")
+        metrics = yaml.safe_load((snakemake_run / "results/train_robust" / generator / "metrics.json").read_text())
+        assert metrics["n_generated"] == len(index) < cfg["generate"]["n_images"]   # trained on the selection
+    rows = read_table(snakemake_run / "results" / "cifar10_table.csv")
+    assert {row["checkpoint"] for row in rows} == {"best"}
+    evaluation = yaml.safe_load((snakemake_run / "results/evaluate/baseline/linf.json").read_text())
+    assert evaluation["model_path"].endswith("models/robust/baseline/best.pt")
+
+
+def test_changing_select_reruns_select_and_that_generators_runs_only(snakemake_run, dvc_repo, tmp_path):
+    """select params are settings of the select jobs and, through the index, of the training runs of
+    each generator: changing them reruns those and nothing upstream, nor the real-data baseline."""
+    copy = tmp_path / "snakemake"
+    shutil.copytree(snakemake_run, copy, symlinks=True)
+    cfg = yaml.safe_load((copy / "params.yaml").read_text())
+    cfg["select"]["top_fraction"] = 0.5
+    (copy / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
+    dry = run([str(BIN / "snakemake"), "-n", "-p", "results/cifar10_table.csv"], copy)
+    jobs = planned_jobs(dry.stdout)
+    generator_runs = [r for r in P.runs(cfg) if P.split_run(r)[0] != "baseline"]
+    assert jobs["select"] == len(P.generators(cfg)), jobs
+    assert jobs["train_robust"] == len(generator_runs), jobs
+    assert jobs["evaluate"] == len(generator_runs) * len(cfg["evaluate"]["threats"]), jobs
+    assert not {"teacher", "generate", "pseudolabel", "analysis", "data"} & set(jobs), jobs
+    assert f"--selection data/selection/{P.generators(cfg)[0]}/index.npy" in dry.stdout
+
+    repo = tmp_path / "dvc"
+    shutil.copytree(dvc_repo, repo, symlinks=True)
+    (repo / "params.yaml").write_text(yaml.safe_dump(P.validate(
+        P.deep_merge(yaml.safe_load((repo / "params.yaml").read_text()), {"select": {"top_fraction": 0.5}}))))
+    generator = P.generators(cfg)[0]
+    done = run([str(BIN / "dvc"), "repro", f"train_robust@{generator}", "train_robust_baseline"], repo).stdout
+    assert ran_stages(done) - {"check_params"} == {f"select@{generator}", f"train_robust@{generator}"}, done[-3000:]
+
+
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
@@ -136,7 +184,7 @@ def test_retraining_the_cvae_reruns_only_runs_trained_in_its_set(tmp_path):
     cfg["variants"]["names"] = ["latent_at"]
     cfg["evaluate"]["learned_threats"] = ["cvae"]
     (workdir / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
-    targets = ["models/robust/baseline/model.pt", "results/evaluate/baseline-latent_at/cvae.json"]
+    targets = ["models/robust/baseline/last.pt", "results/evaluate/baseline-latent_at/cvae.json"]
     run([str(BIN / "snakemake"), "--cores", "2", *targets], workdir)
     metrics = yaml.safe_load((workdir / "results/train_robust/baseline-latent_at/metrics.json").read_text())
     assert metrics["threat"] == "cvae" and metrics["latent_radius"] > 0
@@ -149,10 +197,9 @@ def test_retraining_the_cvae_reruns_only_runs_trained_in_its_set(tmp_path):
     plan = dry.stdout + dry.stderr
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.split("Job stats:")[1].split("Reasons")[0], flags=re.M))
     assert jobs.get("train_robust") == "1" and jobs.get("threat_model") == "1", plan[-3000:]
-    assert "models/robust/baseline-latent_at/model.pt" in plan   # the one training job; the linf baseline is not
+    assert "models/robust/baseline-latent_at/last.pt" in plan   # the one training job; the linf baseline is not
 
-    run(["git", "init", "-q"], workdir)
-    run([str(BIN / "dvc"), "init", "-q"], workdir)
+    run(["git", "init", "-q"], workdir)   # the DVC config came with the workflow files
     cfg["train_generator"]["cvae"]["train_steps"] = 10
     (workdir / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
     first = run([str(BIN / "dvc"), "repro", "train_robust_baseline", "train_robust_baseline_variant@latent_at"],
