@@ -200,13 +200,26 @@ def split_run(run: str) -> tuple[str, str | None]:
 
 def train_robust_for(cfg: dict[str, Any], run: str) -> dict[str, Any]:
     """The `train_robust` section a run trains with: its variant's settings laid over the shared one."""
-    _, variant = split_run(run)
+    variant = _listed_variant(cfg, run)
     if variant is None:
         return dict(cfg["train_robust"])
-    if variant not in cfg["variants"]["names"]:
+    return {**cfg["train_robust"], **cfg["variants"]["settings"][variant]}
+
+
+def train_robust_setting(cfg: dict[str, Any], run: str, key: str) -> Any:
+    """One key of train_robust_for(cfg, run), read without copying the section: a stage that needs only
+    the threat then reads (and declares, pipeline/dag.py) only the threat."""
+    variant = _listed_variant(cfg, run)
+    overrides = {} if variant is None else cfg["variants"]["settings"][variant]
+    return overrides[key] if key in overrides else cfg["train_robust"][key]
+
+
+def _listed_variant(cfg: dict[str, Any], run: str) -> str | None:
+    _, variant = split_run(run)
+    if variant is not None and variant not in cfg["variants"]["names"]:
         raise ParamsError(f"variants.names: run {run!r} names variant {variant!r}, which is not listed "
                           f"({cfg['variants']['names']})")
-    return {**cfg["train_robust"], **cfg["variants"]["settings"][variant]}
+    return variant
 
 
 def shard_count(cfg: dict[str, Any]) -> int:

@@ -67,7 +67,7 @@ class LatentSet:
 
 def describe(cfg: dict[str, Any], run: str, generators_dir: Path) -> dict[str, Any]:
     """The threat-model file of `run`: its threat, plus the learned set's model identity when learned."""
-    threat = params_mod.train_robust_for(cfg, run)["threat"]
+    threat = params_mod.train_robust_setting(cfg, run, "threat")
     if threat not in LEARNED:
         return {"run": run, "threat": threat}
     path = generators_dir / threat / "model.pt"

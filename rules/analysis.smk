@@ -9,7 +9,7 @@ rule analysis:
     output:
         result="results/analysis/{generator}.json",
     params:
-        cfg=section("base", "analysis"),
+        cfg=stage_params("analysis"),
         params_file=PARAMS_FILE,
     log:
         "logs/analysis/{generator}.log",
@@ -38,7 +38,7 @@ rule analysis_mixup:
     output:
         result="results/analysis/mixup.json",
     params:
-        cfg=section("base", "analysis"),
+        cfg=stage_params("analysis_mixup"),
         params_file=PARAMS_FILE,
     log:
         "logs/analysis/mixup.log",

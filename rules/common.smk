@@ -4,7 +4,7 @@ import re
 
 import yaml
 
-from pipeline import datasets
+from pipeline import dag, datasets
 from pipeline import params as P
 
 PARAMS_FILE = "params.yaml"
@@ -33,26 +33,14 @@ wildcard_constraints:
     shard=r"\d{5}",
 
 
-def section(*names):
-    """The params sections a rule reads: Snakemake reruns the rule when they change."""
-    return {name: config[name] for name in names}
-
-
-def run_section(*names):
-    """section() for a per-run rule: `train_robust` is the run's own (its variant's settings laid over),
-    so adding or changing one variant reruns only that variant's jobs."""
+def stage_params(stage):
+    """The params keys `stage` declares in pipeline/dag.py (the table dvc.yaml is generated from), resolved
+    for one job: Snakemake reruns the job when they change, as `dvc repro` reruns the stage. A run's
+    `train_robust` is its own (its variant's settings laid over), so adding or changing one variant reruns
+    only that variant's jobs; the DAG's axes are not declared, so adding a generator or a threat reruns
+    none of the finished jobs."""
     def params(wildcards):
-        cfg = section(*names)
-        if "train_robust" in cfg:
-            cfg["train_robust"] = P.train_robust_for(config, wildcards.run)
-        return cfg
-    return params
-
-
-def run_threat_section(*names):
-    """A run's threat only: the threat_model job reruns when it changes, not on other train_robust keys."""
-    def params(wildcards):
-        return {name: {"threat": P.train_robust_for(config, wildcards.run)["threat"]} for name in names}
+        return dag.job_params(stage, config, dict(wildcards.items()))
     return params
 
 
@@ -60,32 +48,6 @@ def run_learned_threat_model(wildcards):
     """The generator model a run trained in a learned perturbation set depends on (none for norm balls)."""
     threat = P.train_robust_for(config, wildcards.run)["threat"]
     return [f"models/generators/{threat}/model.pt"] if threat in P.LEARNED_THREATS else []
-
-
-def generator_section(*names):
-    """section() for a per-generator rule: only this generator's `train_generator` entry, so changing
-    the DDPM settings (or adding a generator) does not refit the Gaussian."""
-    def params(wildcards):
-        cfg = section(*names)
-        if "train_generator" in cfg:
-            cfg["train_generator"] = {wildcards.generator: config["train_generator"][wildcards.generator]}
-        return cfg
-    return params
-
-
-# The DAG's axes: lists that say which jobs exist, never how one job computes. Adding a generator must
-# not resample the Gaussian's shards, adding l2 or the cvae threat must not rerun the finished linf
-# AutoAttack jobs (days of GPU time at paper scale).
-AXES = {"generate": ("generators",), "evaluate": ("threats", "learned_threats")}
-
-
-def job_section(*names):
-    """section() without the DAG's axes (AXES): what one sampling or evaluation job computes with."""
-    cfg = section(*names)
-    for name, axes in AXES.items():
-        if name in cfg:
-            cfg[name] = {k: v for k, v in cfg[name].items() if k not in axes}
-    return cfg
 
 
 def generated_shards(wildcards):

@@ -8,7 +8,7 @@ rule data:
         val=f"{DATA}/val.h5",
         test=f"{DATA}/test.h5",
     params:
-        cfg=section("base", "data"),
+        cfg=stage_params("data"),
         params_file=PARAMS_FILE,
         out_dir=DATA,
     log:

@@ -8,7 +8,7 @@ rule evaluate:
         result="results/evaluate/{run}/{threat}.json",
         examples="results/evaluate/{run}/{threat}.h5",
     params:
-        cfg=job_section("base", "evaluate"),
+        cfg=stage_params("evaluate"),
         params_file=PARAMS_FILE,
         workdir="work/evaluate/{run}/{threat}",  # AutoAttack resume state: not an output
     log:
@@ -43,7 +43,7 @@ rule evaluate_latent:
         result="results/evaluate/{run}/{learned}.json",
         examples="results/evaluate/{run}/{learned}.h5",
     params:
-        cfg=job_section("base", "evaluate"),
+        cfg=stage_params("evaluate_latent"),
         params_file=PARAMS_FILE,
     log:
         "logs/evaluate/{run}/{learned}.log",

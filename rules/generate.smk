@@ -7,7 +7,7 @@ rule train_generator:
     output:
         model="models/generators/{generator}/model.pt",
     params:
-        cfg=generator_section("base", "train_generator"),
+        cfg=stage_params("train_generator"),
         params_file=PARAMS_FILE,
         workdir="work/train_generator/{generator}",  # resumable checkpoints: not an output
     log:
@@ -37,7 +37,7 @@ rule generate:
     output:
         shard="data/generated/{generator}/shard-{shard}.h5",
     params:
-        cfg=job_section("base", "generate"),
+        cfg=stage_params("generate"),
         params_file=PARAMS_FILE,
         index=lambda wildcards: int(wildcards.shard),
     log:

@@ -7,7 +7,7 @@ rule pseudolabel:
     output:
         labels="data/pseudolabels/{generator}/shard-{shard}.h5",
     params:
-        cfg=section("base", "pseudolabel"),
+        cfg=stage_params("pseudolabel"),
         params_file=PARAMS_FILE,
     log:
         "logs/pseudolabel/{generator}/shard-{shard}.log",

@@ -8,7 +8,7 @@ rule select:
     output:
         index="data/selection/{generator}/index.npy",
     params:
-        cfg=section("base", "select"),
+        cfg=stage_params("select"),
         params_file=PARAMS_FILE,
     log:
         "logs/select/{generator}.log",

@@ -14,6 +14,7 @@ rule table:
         markdown=f"results/{DATASET}_table.md",
         figure=f"results/figures/{DATASET}_robust_vs_generated.png",
     params:
+        cfg=stage_params("table"),
         params_file=PARAMS_FILE,
     log:
         "logs/table.log",

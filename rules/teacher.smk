@@ -8,7 +8,7 @@ rule teacher:
         model="models/teacher/model.pt",
         metrics="results/teacher/metrics.json",
     params:
-        cfg=section("base", "teacher"),
+        cfg=stage_params("teacher"),
         params_file=PARAMS_FILE,
         workdir="work/teacher",
     log:

@@ -6,7 +6,7 @@ rule threat_model:
     output:
         "models/threat/{run}.json",
     params:
-        cfg=run_threat_section("train_robust"),
+        cfg=stage_params("threat_model"),
         params_file=PARAMS_FILE,
     log:
         "logs/threat_model/{run}.log",
@@ -37,7 +37,7 @@ rule train_robust:
         metrics="results/train_robust/{run}/metrics.json",
         curve="results/train_robust/{run}/curve.csv",
     params:
-        cfg=run_section("base", "train_robust"),
+        cfg=stage_params("train_robust"),
         params_file=PARAMS_FILE,
         generated=lambda wildcards, input: flag_list("--generated", input.generated),
         labels=lambda wildcards, input: flag_list("--labels", input.labels),

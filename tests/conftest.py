@@ -79,14 +79,14 @@ def dvc_remote(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def dvc_repo(tmp_path_factory, dvc_remote) -> Path:
-    """A git repo holding a test-scale copy of the workflow after `dvc repro`, committed."""
+    """A git repo holding a test-scale copy of the workflow after `dvc repro`, committed (no `dvc init`:
+    the committed .dvc/config came with the workflow files, as in a fresh clone)."""
     from tests.test_workflow import BIN, make_workdir, run
 
     repo = make_workdir(tmp_path_factory.mktemp("dvc") / "origin")
     run(["git", "init", "-q", "-b", "main"], repo)
     run(["git", "config", "user.email", "ci@example.com"], repo)
     run(["git", "config", "user.name", "ci"], repo)
-    run([str(BIN / "dvc"), "init", "-q"], repo)
     run([str(BIN / "dvc"), "remote", "add", "-d", "shared", str(dvc_remote)], repo)
     (repo / ".gitignore").write_text(".snakemake/\n/work/*\n!/work/params.ok\n/logs/\n/benchmarks/\n")
     run([str(BIN / "dvc"), "repro"], repo)

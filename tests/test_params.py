@@ -93,6 +93,20 @@ def test_shards_cover_every_image_once():
     assert ranges == [(0, 1000), (1000, 2000), (2000, 2500)]
 
 
+def test_one_train_robust_setting_equals_the_runs_section():
+    """train_robust_setting reads one key (the threat_model stage declares only the threat) and agrees
+    with the whole section of every run, variants included; an unlisted variant is refused alike."""
+    cfg = default()
+    cfg["generate"]["generators"] = ["gaussian", "cvae"]
+    cfg["variants"]["names"] = ["cutmix", "latent_at"]
+    cfg = P.validate(cfg)
+    for run in P.runs(cfg):
+        section = P.train_robust_for(cfg, run)
+        assert {key: P.train_robust_setting(cfg, run, key) for key in section} == section, run
+    with pytest.raises(P.ParamsError, match="variants.names"):
+        P.train_robust_setting(cfg, "gaussian-advprop", "threat")
+
+
 def test_use_writes_a_valid_params_file(tmp_path):
     out = tmp_path / "params.yaml"
     subprocess.run([sys.executable, "-m", "pipeline.params", "use", "paper", "--out", str(out)],

@@ -1,38 +1,105 @@
-"""Snakefile and dvc.yaml describe the same DAG: same stage modules, same outputs, same params.
+"""Snakefile and dvc.yaml describe the same DAG, from one table (pipeline/dag.py).
 
-Granularity may differ (Snakemake has one job per shard, DVC one stage per generator writing the shard
-directory), so a Snakemake output counts as matched when it equals a DVC output or lies inside one.
+dvc.yaml is the table rendered (regenerate and diff); every rule is a stage of the table and takes its
+params from it; every stage declares exactly the params keys it reads, in both tools; and the two tools
+plan the same stage modules and outputs. Granularity may differ (Snakemake has one job per shard, DVC one
+stage per generator writing the shard directory), so a Snakemake output counts as matched when it equals
+a DVC output or lies inside one.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pipeline import dag
 from pipeline import params as P
-
-from tests.test_workflow import BIN, env, make_workdir
+from tests.params_reads import Reads, mismatches, stage_reads
+from tests.test_workflow import BIN, REPO, env, make_workdir
 
 MODULE = re.compile(r"python -m (pipeline\.\w+(?: grid| summary)?)")
+STANZA_STAGES = {stanza.name: stanza.stage for stanza in dag.stanzas()}
+
+
+# --- dvc.yaml is generated from the table ---
+
+
+def test_dvc_yaml_is_the_rendered_stage_table():
+    committed, generated = (REPO / "dvc.yaml").read_text(), dag.render()
+    diff = "".join(difflib.unified_diff(committed.splitlines(True), generated.splitlines(True),
+                                        "dvc.yaml", "pipeline/dag.py"))
+    assert committed == generated, f"run `python -m pipeline.dag write dvc.yaml`:\n{diff}"
+
+
+def test_rendered_yaml_is_the_stanzas():
+    """The hand-written emitter (comments, folded commands) says what the stanzas say."""
+    assert yaml.safe_load(dag.render()) == {"stages": {s.name: s.body for s in dag.stanzas()}}
+
+
+def rule_blocks() -> dict[str, str]:
+    blocks = {}
+    for path in sorted((REPO / "rules").glob("*.smk")):
+        for block in re.split(r"^rule ", path.read_text(), flags=re.MULTILINE)[1:]:
+            name, _, body = block.partition(":")
+            blocks[name.strip()] = body
+    return blocks
+
+
+def test_every_rule_is_a_stage_and_takes_its_params_from_the_table():
+    """Removing a stage from the table (or adding a rule without one) fails here; a rule whose command
+    reads params.yaml declares the table's keys for its stage, and nothing else as `cfg`."""
+    blocks = rule_blocks()
+    assert sorted(blocks) == sorted(set(dag.STAGES) - {"check_params"})   # DVC validates in a stage
+    for name, block in blocks.items():
+        declared = re.findall(r"^\s+cfg=(.*),$", block, flags=re.MULTILINE)
+        assert declared == ([f'stage_params("{name}")'] if "--params" in block else []), name
+
+
+def test_check_params_and_table_declare_every_section():
+    """check_params validates every section; the table hashes them all into each row."""
+    sections = tuple(P.load_schema()["properties"])
+    assert dag.SECTIONS == sections
+    assert dag.STAGES["check_params"].params == dag.STAGES["table"].params == sections
+
+
+def test_job_params_keep_the_shape_snakemake_recorded(tiny_params):
+    """Snakemake reruns a job when its params' repr changes: a run's train_robust stays one merged section,
+    a generator's train_generator entry its own."""
+    cfg = tiny_params
+    run = f"baseline-{cfg['variants']['names'][0]}"
+    assert dag.job_params("train_robust", cfg, {"run": run}) == \
+        {"base": cfg["base"], "train_robust": P.train_robust_for(cfg, run)}
+    assert dag.job_params("threat_model", cfg, {"run": run}) == \
+        {"train_robust": {"threat": P.train_robust_for(cfg, run)["threat"]}}
+    assert dag.job_params("train_generator", cfg, {"generator": "ddpm"}) == \
+        {"base": cfg["base"], "train_generator": {"ddpm": cfg["train_generator"]["ddpm"]}}
+    assert list(dag.job_params("evaluate", cfg, {"run": "baseline", "threat": "linf"})["evaluate"]) == \
+        [key for key in cfg["evaluate"] if key not in ("threats", "learned_threats")]
+
+
+# --- both tools plan the same jobs from the same params ---
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """The test-scale params with every optional part of the DAG switched on: every generator (but
-    import, which needs a file), the learned cvae threat (evaluated, and trained in by the latent_at
-    variant) and the variants of tests/params.yaml."""
+    import, which needs a file), both norm threats, the learned cvae threat (evaluated, and trained in by
+    the latent_at variant) and the variants of tests/params.yaml. The DVC config is the committed one."""
     path = make_workdir(tmp_path_factory.mktemp("sync"))
     cfg = yaml.safe_load((path / "params.yaml").read_text())
     cfg["generate"]["generators"] = ["gaussian", "ddpm", "cvae"]
+    cfg["evaluate"]["threats"] = ["linf", "l2"]
     cfg["evaluate"]["learned_threats"] = ["cvae"]
     cfg["variants"]["names"] = [*cfg["variants"]["names"], "latent_at"]   # runs trained in the cvae set
     (path / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
     subprocess.run(["git", "init", "-q"], cwd=path, check=True)
-    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=path, check=True, env=env())
     return path
 
 
@@ -47,33 +114,44 @@ def snakemake_jobs(workdir: Path) -> tuple[set[str], set[str]]:
     return modules, outputs
 
 
-def dvc_stages(workdir: Path) -> tuple[set[str], set[str], dict[str, set[str]]]:
-    """(stage modules, outputs, params sections per module) of dvc.yaml, templating resolved."""
+@dataclass(frozen=True)
+class DvcStage:
+    """One stage of dvc.yaml as DVC resolves it for the workdir's params."""
+    name: str
+    cmd: str
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]
+    params: tuple[str, ...]
+
+    @property
+    def stage(self) -> dag.Stage:
+        return STANZA_STAGES[self.name.split("@")[0]]
+
+
+@pytest.fixture(scope="module")
+def dvc_stages(workdir) -> list[DvcStage]:
     from dvc.repo import Repo
 
-    modules, outputs, params = set(), set(), {}
+    stages = []
     with Repo(str(workdir)) as repo:
         for stage in repo.index.stages:
-            if stage.cmd and (match := MODULE.search(stage.cmd)):
-                modules.add(match.group(1))
-                # a stage may track part of a section (evaluate.n_eval, train_generator.gaussian)
-                sections = {key.split(".")[0] for dep in stage.deps if hasattr(dep, "params")
-                            for key in (dep.params or [])}
-                params.setdefault(match.group(1), set()).update(sections)
-            for out in stage.outs:
-                outputs.add(str(Path(out.fs_path).relative_to(workdir)))
-    return modules, outputs, params
+            params = tuple(key for dep in stage.deps if hasattr(dep, "params") for key in (dep.params or []))
+            deps = tuple(str(Path(dep.fs_path).relative_to(workdir)) for dep in stage.deps
+                         if not hasattr(dep, "params"))
+            outs = tuple(str(Path(out.fs_path).relative_to(workdir)) for out in stage.outs)
+            stages.append(DvcStage(stage.name, stage.cmd, deps, outs, params))
+    return stages
 
 
-def test_same_stage_modules(workdir):
+def test_same_stage_modules(workdir, dvc_stages):
     snake_modules, _ = snakemake_jobs(workdir)
-    dvc_modules, _, _ = dvc_stages(workdir)
+    dvc_modules = {MODULE.search(stage.cmd).group(1) for stage in dvc_stages}
     assert dvc_modules - {"pipeline.params"} == snake_modules
 
 
-def test_same_outputs(workdir):
+def test_same_outputs(workdir, dvc_stages):
     _, snake_outputs = snakemake_jobs(workdir)
-    _, dvc_outputs, _ = dvc_stages(workdir)
+    dvc_outputs = {out for stage in dvc_stages for out in stage.outs}
     dvc_outputs.discard("work/params.ok")  # DVC's parse-time validation stamp (Snakemake validates in-process)
 
     def covered(path: str, by: set[str]) -> bool:
@@ -83,18 +161,107 @@ def test_same_outputs(workdir):
     assert sorted(p for p in dvc_outputs if not any(s == p or s.startswith(p + "/") for s in snake_outputs)) == []
 
 
-def test_same_params_sections(workdir):
-    _, _, dvc_params = dvc_stages(workdir)
-    rule_files = sorted((Path(__file__).parent.parent / "rules").glob("*.smk"))
-    blocks = [block for path in rule_files for block in re.split(r"^rule ", path.read_text(), flags=re.M)[1:]]
-    snake_params: dict[str, set[str]] = {}
-    for block in blocks:
-        module = MODULE.search(block)
-        sections = re.search(r"section\(([^)]*)\)", block)
-        if module and sections:
-            names = {s.strip().strip('"') for s in sections.group(1).split(",")}
-            snake_params.setdefault(module.group(1), set()).update(names)
-    # DVC's one threat_model stage writes every run's file, so it also tracks the axes listing the runs
-    dvc_params["pipeline.threat_model"] -= {"generate", "variants"}
-    for module, sections in snake_params.items():
-        assert dvc_params.get(module) == sections, module
+# --- every stage declares exactly the params keys it reads ---
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job: the keys it declares, the lists it is an item of (exempt), and what its command read."""
+    label: str
+    declared: tuple[str, ...]
+    exempt: tuple[str, ...]
+    reads: Reads
+
+    def problems(self, declared: list[str] | None = None) -> list[str]:
+        found = mismatches(self.reads, self.declared if declared is None else declared, self.exempt)
+        return [f"{self.label}: {problem}" for problem in found]
+
+
+@pytest.fixture(scope="module")
+def reads_of(workdir, tmp_path_factory) -> Callable[[str, tuple[str, ...]], Reads]:
+    """What a command reads from the workdir's params; remembered, as both tools run many of the same."""
+    cache: dict[tuple[str, tuple[str, ...]], Reads] = {}
+
+    def reads(cmd: str, deps: tuple[str, ...]) -> Reads:
+        if (cmd, deps) not in cache:
+            cache[cmd, deps] = stage_reads(cmd, deps, workdir / "params.yaml", tmp_path_factory.mktemp("reads"))
+        return cache[cmd, deps]
+    return reads
+
+
+@pytest.fixture(scope="module")
+def dvc_jobs(dvc_stages, reads_of) -> list[Job]:
+    """Every resolved DVC stage but check_params (it reads every key, through validation; see
+    test_check_params_and_table_declare_every_section)."""
+    return [Job(f"dvc stage {stage.name}", stage.params, dag.axis_keys(stage.stage, dvc=True),
+                reads_of(stage.cmd, stage.deps))
+            for stage in dvc_stages if stage.stage.name != "check_params"]
+
+
+@pytest.fixture(scope="module")
+def snakemake_jobs_reads(workdir, reads_of) -> list[Job]:
+    """Every Snakemake job's keys (dag.job_keys, which `stage_params` resolves) against what the job's
+    command reads. The command is the table's, filled for the job: the rules spell out the same flags
+    (one shard where DVC passes the folder, which reads the same keys; one run where DVC's threat_model
+    passes `all`). A variant's settings are read as the run's train_robust, which is how the rule
+    declares them."""
+    cfg = P.load(workdir / "params.yaml")
+    jobs = []
+    for stage in dag.STAGES.values():
+        if stage.name == "check_params":
+            continue
+        for wildcards in job_wildcards(stage, cfg):
+            reads = reads_of(" ".join(job_parts(stage.cmd, wildcards, cfg)), job_parts(stage.deps, wildcards, cfg))
+            variant = P.split_run(wildcards["run"])[1] if "run" in wildcards else None
+            if variant:
+                reads = reads.renamed(("variants", "settings", variant), ("train_robust",))
+            jobs.append(Job(f"snakemake {stage.name} {wildcards}", dag.job_keys(stage.name, wildcards),
+                            dag.axis_keys(stage), reads))
+    return jobs
+
+
+def job_wildcards(stage: dag.Stage, cfg: dict) -> list[dict[str, str]]:
+    """The wildcards of every Snakemake job of a stage."""
+    values = {"generator": P.generators(cfg), "run": P.runs(cfg), "threat": cfg["evaluate"]["threats"],
+              "learned": cfg["evaluate"]["learned_threats"]}
+    jobs: list[dict[str, str]] = [{}]
+    for axis in stage.axes:
+        jobs = [{**job, axis: value} for job in jobs for value in values[axis]]
+    return jobs
+
+
+def job_parts(parts: tuple[dag.Part, ...], wildcards: dict[str, str], cfg: dict) -> tuple[str, ...]:
+    """Command parts or inputs of the table for one job, `${section.key}` filled from params as DVC does.
+    A run's `{generator}` is the generator it trains on; the baseline has no generated inputs."""
+    source = P.split_run(wildcards["run"])[0] if "run" in wildcards else None
+    generated = source not in (None, "baseline")
+    values = {**wildcards, "generator": str(source)} if generated else wildcards
+    kept = [part.text if isinstance(part, dag.FromGenerated) else part for part in parts
+            if generated or not isinstance(part, dag.FromGenerated)]
+    return tuple(re.sub(r"\$\{([\w.]+)\}", lambda match: str(lookup(cfg, match.group(1))), dag.fill(part, values))
+                 for part in kept)
+
+
+def lookup(cfg: dict, key: str) -> object:
+    value: object = cfg
+    for part in key.split("."):
+        value = value[part]   # type: ignore[index]
+    return value
+
+
+def test_each_dvc_stage_declares_the_keys_it_reads(dvc_jobs):
+    problems = [problem for job in dvc_jobs for problem in job.problems()]
+    assert not problems, "\n".join(problems[:30])
+
+
+def test_each_snakemake_job_declares_the_keys_it_reads(snakemake_jobs_reads):
+    problems = [problem for job in snakemake_jobs_reads for problem in job.problems()]
+    assert not problems, "\n".join(problems[:30])
+
+
+def test_removing_any_declared_key_is_caught(dvc_jobs, snakemake_jobs_reads):
+    """Each declared key is needed: without it the job reads something it does not declare, so removing a
+    key from the table (or from dvc.yaml) fails the tests above."""
+    unnoticed = [f"{job.label}: without {key}" for job in [*dvc_jobs, *snakemake_jobs_reads]
+                 for key in job.declared if not job.problems([k for k in job.declared if k != key])]
+    assert unnoticed == []

@@ -1,0 +1,455 @@
+"""The DAG as one table: every stage's command, inputs, outputs and the params keys it reads.
+
+    python -m pipeline.dag dvc               # print dvc.yaml
+    python -m pipeline.dag write dvc.yaml    # rewrite it after editing STAGES
+    python -m pipeline.dag check dvc.yaml    # exit 1, with a diff, when the committed file has drifted
+
+dvc.yaml is generated from STAGES and committed (users read it; tests/test_workflow_sync.py fails when
+it differs from `render()`). It keeps DVC's foreach/matrix over the params lists, so it does not depend on
+params.yaml: changing params never requires regenerating it. The Snakemake rules stay hand-written (one
+job per shard, conditional inputs) but take their params from here: `stage_params` in rules/common.smk
+calls `job_params`, so a rule and its DVC stage rerun on the same keys. tests/test_workflow_sync.py
+runs every stage with a recording params mapping and fails when the keys a stage reads differ from the
+keys declared here.
+
+Axes say which jobs exist, never how one job computes: a job does not declare the list it is one item of
+(adding a generator must not resample the Gaussian's shards, adding l2 or the cvae threat must not rerun
+the finished linf AutoAttack jobs, days of GPU time at paper scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline import params as params_mod
+
+Axis = Literal["generator", "run", "threat", "learned"]
+YamlValue = str | bool | list["YamlValue"] | dict[str, "YamlValue"]
+
+# The params list each axis runs over, written as DVC templating. A run is `baseline` or a generator,
+# optionally followed by -<variant> (pipeline.params.runs), so it spans two lists.
+AXIS_LISTS: dict[str, str] = {
+    "generator": "generate.generators",
+    "variant": "variants.names",
+    "threat": "evaluate.threats",
+    "learned": "evaluate.learned_threats",
+}
+RUN_AXES = ("generator", "variant")
+PARAMS_OK = "work/params.ok"   # check_params' stamp: every stage that reads params.yaml runs after it
+SECTIONS = ("base", "data", "train_generator", "generate", "teacher", "pseudolabel", "select", "analysis",
+            "train_robust", "variants", "evaluate")   # every section of pipeline/params.schema.yaml
+WIDTH = 110   # longest dvc.yaml line, indentation included, before a command is folded
+HEADER = """\
+# Generated from the stage table in pipeline/dag.py: edit the table, then run
+#     python -m pipeline.dag write dvc.yaml
+# (tests/test_workflow_sync.py fails when this file differs from the table).
+# The same DAG as the Snakefile, for `dvc repro`. Granularity differs where DVC has no per-shard
+# wildcards: one stage per generator writes the whole shard directory, with byte-identical shards. Every
+# value comes from params.yaml, through foreach/matrix over its lists, so editing params.yaml never
+# requires regenerating this file.
+"""
+
+
+@dataclass(frozen=True)
+class FromGenerated:
+    """A command part or input only runs trained on generated data have (not the real-data baseline)."""
+    text: str
+
+
+Part = str | FromGenerated
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of both tools: `python -m pipeline.<stage>` with its inputs, outputs and params.
+
+    Paths and commands use `{generator}`, `{run}`, `{threat}`, `{learned}` for the job's item of an axis
+    and DVC's `${section.key}` for params values. `params` are the keys one job reads: whole sections
+    (`base`) or single keys (`evaluate.n_eval`, `train_generator.{generator}`). A key under `train_robust`
+    is read through the run's variant (pipeline.params.train_robust_for), so a variant run also declares
+    `variants.settings.<variant>`.
+    """
+    name: str
+    cmd: tuple[Part, ...]                 # argument groups; the first is `python -m pipeline.<module>`
+    deps: tuple[Part, ...] = ()
+    outs: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()         # small JSON files, never cached
+    plots: tuple[str, ...] = ()           # CSV curves, never cached
+    params: tuple[str, ...] = ()
+    axes: tuple[Axis, ...] = ()
+    cache: bool = True                    # False: cheap outs, left out of the DVC cache
+    all_runs: bool = False                # DVC runs it once with `--run all`; Snakemake once per run
+    note: str = ""                        # why the stage exists or looks the way it does (a dvc.yaml comment)
+
+
+DATA = "data/${base.dataset}"
+EVALUATE_KEYS = tuple(f"evaluate.{key}" for key in (
+    "checkpoint", "eps_255", "n_eval", "batch_size", "chunk_size", "version", "pgd_steps", "sweep_factors",
+    "n_sweep", "tolerance", "max_pgd_gap"))
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage(
+        "check_params",
+        cmd=("python -m pipeline.params check params.yaml", f"--stamp {PARAMS_OK}", "--ensure-dir models/generators"),
+        outs=(PARAMS_OK,),
+        params=SECTIONS,
+        cache=False,
+        note="DVC has no parse hook: validate params.yaml first (Snakemake validates when it parses the "
+             "Snakefile). The stamp is constant, so a params change does not cascade through it.",
+    ),
+    Stage(
+        "data",
+        cmd=("python -m pipeline.data", "--params params.yaml", f"--out-dir {DATA}"),
+        deps=(PARAMS_OK, "${data.archive}"),
+        outs=(f"{DATA}/train.h5", f"{DATA}/val.h5", f"{DATA}/test.h5"),
+        params=("base", "data"),
+    ),
+    Stage(
+        "train_generator",
+        cmd=("python -m pipeline.train_generator", "--params params.yaml", "--generator {generator}",
+             f"--train {DATA}/train.h5", "--workdir work/train_generator/{generator}",
+             "--out models/generators/{generator}/model.pt"),
+        deps=(PARAMS_OK, f"{DATA}/train.h5"),
+        outs=("models/generators/{generator}/model.pt",),
+        params=("base", "train_generator.{generator}"),
+        axes=("generator",),
+    ),
+    Stage(
+        "generate",
+        cmd=("python -m pipeline.generate", "--params params.yaml", "--generator {generator}",
+             "--model models/generators/{generator}/model.pt", "--shard all", "--out-dir data/generated/{generator}"),
+        deps=(PARAMS_OK, "models/generators/{generator}/model.pt"),
+        outs=("data/generated/{generator}",),
+        params=("base", "generate.n_images", "generate.shard_size", "generate.batch_size", "generate.sampler",
+                "generate.sampling_steps", "generate.ddpm_variance", "generate.grid_images"),
+        axes=("generator",),
+        note="Every generate key but the axis `generators`: adding a generator must not resample the others.",
+    ),
+    Stage(
+        "sample_grid",
+        cmd=("python -m pipeline.generate grid", "--shard data/generated/{generator}/shard-00000.h5",
+             "--out results/figures/samples_{generator}.png", "--n ${generate.grid_images}"),
+        deps=("data/generated/{generator}",),
+        outs=("results/figures/samples_{generator}.png",),
+        axes=("generator",),
+        cache=False,
+    ),
+    Stage(
+        "teacher",
+        cmd=("python -m pipeline.teacher", "--params params.yaml", f"--train {DATA}/train.h5",
+             f"--test {DATA}/test.h5", "--workdir work/teacher", "--out-model models/teacher/model.pt",
+             "--out-metrics results/teacher/metrics.json"),
+        deps=(PARAMS_OK, f"{DATA}/train.h5", f"{DATA}/test.h5"),
+        outs=("models/teacher/model.pt",),
+        metrics=("results/teacher/metrics.json",),
+        params=("base", "teacher"),
+    ),
+    Stage(
+        "pseudolabel",
+        cmd=("python -m pipeline.pseudolabel", "--params params.yaml", "--teacher models/teacher/model.pt",
+             "--shard-dir data/generated/{generator}", "--out-dir data/pseudolabels/{generator}"),
+        deps=(PARAMS_OK, "models/teacher/model.pt", "data/generated/{generator}"),
+        outs=("data/pseudolabels/{generator}",),
+        params=("base", "pseudolabel"),
+        axes=("generator",),
+    ),
+    Stage(
+        "select",
+        cmd=("python -m pipeline.select", "--params params.yaml", "--labels-dir data/pseudolabels/{generator}",
+             "--out data/selection/{generator}/index.npy"),
+        deps=(PARAMS_OK, "data/pseudolabels/{generator}"),
+        outs=("data/selection/{generator}/index.npy",),
+        params=("base", "select"),
+        axes=("generator",),
+        note="The paper's filter: an index of the kept generated images (class balance by pseudo-label, most "
+             "confident first); every training run of the generator reads it.",
+    ),
+    Stage(
+        "analysis",
+        cmd=("python -m pipeline.analysis", "--params params.yaml", "--generator {generator}",
+             f"--train {DATA}/train.h5", f"--test {DATA}/test.h5", "--teacher models/teacher/model.pt",
+             "--shards data/generated/{generator}", "--out results/analysis/{generator}.json"),
+        deps=(PARAMS_OK, f"{DATA}/train.h5", f"{DATA}/test.h5", "models/teacher/model.pt",
+              "data/generated/{generator}"),
+        metrics=("results/analysis/{generator}.json",),
+        params=("base", "analysis"),
+        axes=("generator",),
+    ),
+    Stage(
+        "analysis_mixup",
+        cmd=("python -m pipeline.analysis", "--params params.yaml", "--generator mixup", f"--train {DATA}/train.h5",
+             f"--test {DATA}/test.h5", "--teacher models/teacher/model.pt", "--out results/analysis/mixup.json"),
+        deps=(PARAMS_OK, f"{DATA}/train.h5", f"{DATA}/test.h5", "models/teacher/model.pt"),
+        metrics=("results/analysis/mixup.json",),
+        params=("base", "analysis"),
+    ),
+    Stage(
+        "analysis_summary",
+        cmd=("python -m pipeline.analysis summary", "--inputs results/analysis",
+             "--out-csv results/complementarity.csv", "--out-figure results/figures/complementarity.png"),
+        deps=("results/analysis",),
+        outs=("results/complementarity.csv", "results/figures/complementarity.png"),
+        cache=False,
+    ),
+    Stage(
+        "threat_model",
+        cmd=("python -m pipeline.threat_model", "--params params.yaml", "--run {run}",
+             "--generators-dir models/generators", "--out-dir models/threat"),
+        deps=(PARAMS_OK, "models/generators"),
+        outs=("models/threat",),
+        params=("train_robust.threat",),
+        axes=("run",),
+        all_runs=True,
+        note="One file per run: train_robust depends on its own, so retraining the cvae generator reruns only "
+             "the runs trained in its learned set (pipeline/threat_model.py); norm-ball files never change. "
+             "One stage writes every run's file, so it also depends on the lists of runs.",
+    ),
+    Stage(
+        "train_robust",
+        cmd=("python -m pipeline.train_robust", "--params params.yaml", "--run {run}", f"--train {DATA}/train.h5",
+             f"--val {DATA}/val.h5", "--threat-model models/threat/{run}.json",
+             FromGenerated("--generated data/generated/{generator}"),
+             FromGenerated("--labels data/pseudolabels/{generator}"),
+             FromGenerated("--selection data/selection/{generator}/index.npy"),
+             "--workdir work/train_robust/{run}", "--out-model models/robust/{run}/last.pt",
+             "--out-best models/robust/{run}/best.pt", "--out-metrics results/train_robust/{run}/metrics.json",
+             "--out-curve results/train_robust/{run}/curve.csv"),
+        deps=(PARAMS_OK, f"{DATA}/train.h5", f"{DATA}/val.h5", "models/threat/{run}.json",
+              FromGenerated("data/generated/{generator}"), FromGenerated("data/pseudolabels/{generator}"),
+              FromGenerated("data/selection/{generator}/index.npy")),
+        outs=("models/robust/{run}/last.pt", "models/robust/{run}/best.pt"),
+        metrics=("results/train_robust/{run}/metrics.json",),
+        plots=("results/train_robust/{run}/curve.csv",),
+        params=("base", "train_robust"),
+        axes=("run",),
+    ),
+    Stage(
+        "evaluate",
+        cmd=("python -m pipeline.evaluate", "--params params.yaml",
+             "--model models/robust/{run}/${evaluate.checkpoint}.pt", f"--test {DATA}/test.h5",
+             "--threat {threat}", "--workdir work/evaluate/{run}/{threat}",
+             "--out results/evaluate/{run}/{threat}.json", "--out-examples results/evaluate/{run}/{threat}.h5"),
+        deps=(PARAMS_OK, "models/robust/{run}/${evaluate.checkpoint}.pt", f"{DATA}/test.h5"),
+        outs=("results/evaluate/{run}/{threat}.h5",),
+        metrics=("results/evaluate/{run}/{threat}.json",),
+        # train_robust: the checkpoint must be the architecture the run trained (train_robust.model)
+        params=("base", *EVALUATE_KEYS, "train_robust"),
+        axes=("run", "threat"),
+    ),
+    Stage(
+        "evaluate_latent",
+        cmd=("python -m pipeline.evaluate_latent", "--params params.yaml",
+             "--model models/robust/{run}/${evaluate.checkpoint}.pt", "--cvae models/generators/{learned}/model.pt",
+             f"--test {DATA}/test.h5", "--out results/evaluate/{run}/{learned}.json",
+             "--out-examples results/evaluate/{run}/{learned}.h5"),
+        deps=(PARAMS_OK, "models/robust/{run}/${evaluate.checkpoint}.pt", "models/generators/{learned}/model.pt",
+              f"{DATA}/test.h5"),
+        outs=("results/evaluate/{run}/{learned}.h5",),
+        metrics=("results/evaluate/{run}/{learned}.json",),
+        params=("base", "evaluate.checkpoint", "evaluate.n_eval", "evaluate.batch_size", "evaluate.pgd_steps"),
+        axes=("run", "learned"),
+    ),
+    Stage(
+        "table",
+        cmd=("python -m pipeline.table", "--params params.yaml", "--evaluations results/evaluate",
+             "--train-metrics results/train_robust", "--teacher-metrics results/teacher/metrics.json",
+             "--analysis results/analysis", "--out results/${base.dataset}_table.csv",
+             "--out-md results/${base.dataset}_table.md",
+             "--out-figure results/figures/${base.dataset}_robust_vs_generated.png"),
+        deps=("results/evaluate", "results/train_robust", "results/teacher/metrics.json", "results/analysis",
+              "results/complementarity.csv"),
+        outs=("results/${base.dataset}_table.csv", "results/${base.dataset}_table.md",
+              "results/figures/${base.dataset}_robust_vs_generated.png"),
+        params=SECTIONS,
+        cache=False,
+        note="Every section: each row carries the sha256 of the whole params (pipeline.table.params_sha256), "
+             "so any params change rewrites the (cheap) table.",
+    ),
+)}
+
+
+# --- the jobs of one stage, for Snakemake ---
+
+
+def axis_keys(stage: Stage, dvc: bool = False) -> tuple[str, ...]:
+    """The params lists that say which jobs exist. A job is one item of them and never declares them: it
+    may read one (evaluate's config mirrors its whole section), but it must not compute with it. DVC's
+    `all_runs` stage is not expanded over the runs, so it declares the lists it covers."""
+    return () if dvc and stage.all_runs else tuple(AXIS_LISTS.values())
+
+
+def job_keys(name: str, wildcards: Mapping[str, str]) -> tuple[str, ...]:
+    """The params keys one job of a stage declares, its wildcards filled in (`train_generator.ddpm`)."""
+    return tuple(fill(key, wildcards) for key in STAGES[name].params)
+
+
+def job_params(name: str, cfg: dict[str, Any], wildcards: Mapping[str, str]) -> dict[str, Any]:
+    """The values of `job_keys`, nested by section: Snakemake's params of the job (it reruns the job when
+    they change). `train_robust` keys are the run's own, its variant's settings laid over."""
+    run = wildcards.get("run")
+    values: dict[str, Any] = {}
+    for key in job_keys(name, wildcards):
+        path = key.split(".")
+        value = params_mod.train_robust_for(cfg, run) if path[0] == "train_robust" and run else cfg[path[0]]
+        for part in path[1:]:
+            value = value[part]
+        target = values
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = value
+    return values
+
+
+def fill(text: str, values: Mapping[str, str]) -> str:
+    """A path or command of the table with its `{axis}` placeholders replaced; DVC's `${...}` left alone."""
+    return re.sub(r"(?<!\$)\{(\w+)\}", lambda match: values[match.group(1)], text)
+
+
+# --- dvc.yaml ---
+
+
+@dataclass(frozen=True)
+class Stanza:
+    """One entry of dvc.yaml's `stages:`; a run stage has four (baseline, generators, and each with variants)."""
+    name: str
+    stage: Stage
+    body: dict[str, YamlValue]
+
+
+def _run_kinds(stage: Stage) -> Iterator[tuple[str, tuple[str, ...], str | None]]:
+    """(stanza suffix, run axes, run template) of each kind of run; one plain stanza for other stages."""
+    if "run" not in stage.axes:
+        yield "", (), None
+    elif stage.all_runs:
+        yield "", (), "all"
+    else:
+        yield "_baseline", (), "baseline"
+        yield "", ("generator",), "{generator}"
+        yield "_baseline_variant", ("variant",), "baseline-{variant}"
+        yield "_variant", ("generator", "variant"), "{generator}-{variant}"
+
+
+def stanzas() -> list[Stanza]:
+    """Every dvc.yaml stage, in STAGES order."""
+    return [_stanza(stage, suffix, run_axes, run) for stage in STAGES.values()
+            for suffix, run_axes, run in _run_kinds(stage)]
+
+
+def _stanza(stage: Stage, suffix: str, run_axes: tuple[str, ...], run: str | None) -> Stanza:
+    axes = [*run_axes, *(axis for axis in stage.axes if axis != "run")]
+    item = {axis: "${item}" if len(axes) == 1 else f"${{item.{axis}}}" for axis in axes}
+    if run is not None:
+        item["run"] = fill(run, item)
+    generated = "generator" in run_axes
+
+    def filled(parts: tuple[Part, ...]) -> list[str]:
+        return [fill(part.text if isinstance(part, FromGenerated) else part, item)
+                for part in parts if generated or not isinstance(part, FromGenerated)]
+
+    params = list(stage.params)
+    if "variant" in run_axes and any(key.split(".")[0] == "train_robust" for key in stage.params):
+        params.append("variants.settings.{variant}")
+    if stage.all_runs:
+        params += ["variants", AXIS_LISTS["generator"]]   # the run lists and every variant's settings
+    body: dict[str, YamlValue] = {"cmd": " ".join(filled(stage.cmd))}
+    for key, paths, cached in (("deps", stage.deps, True), ("params", tuple(params), True),
+                               ("outs", stage.outs, stage.cache), ("metrics", stage.metrics, False),
+                               ("plots", stage.plots, False)):
+        entries: list[YamlValue] = [path if cached else {path: {"cache": False}} for path in filled(paths)]
+        if entries:
+            body[key] = entries
+    if len(axes) == 1:
+        body = {"foreach": f"${{{AXIS_LISTS[axes[0]]}}}", "do": body}
+    elif axes:
+        body = {"matrix": {axis: f"${{{AXIS_LISTS[axis]}}}" for axis in axes}, **body}
+    return Stanza(stage.name + suffix, stage, body)
+
+
+def render() -> str:
+    """dvc.yaml's text: the header, then one block per stanza, blank lines between."""
+    blocks = []
+    for stanza in stanzas():
+        lines = [f"  {stanza.name}:"]
+        lines += [f"    # {line}" for line in _wrap(stanza.stage.note.split(), WIDTH - 6)] if stanza.stage.note else []
+        lines += _block(stanza.body, 4)
+        blocks.append("\n".join(lines))
+    return HEADER + "stages:\n" + "\n\n".join(blocks) + "\n"
+
+
+def _block(mapping: Mapping[str, YamlValue], indent: int) -> list[str]:
+    pad = " " * indent
+    lines = []
+    for key, value in mapping.items():
+        if key == "cmd" and isinstance(value, str) and len(f"{pad}cmd: {value}") > WIDTH:
+            lines += [f"{pad}cmd: >-", *(f"{pad}  {line}" for line in _wrap(_groups(value), WIDTH - indent - 2))]
+        elif isinstance(value, (str, bool)):
+            lines.append(f"{pad}{key}: {_scalar(value)}")
+        elif isinstance(value, dict):
+            lines += [f"{pad}{key}:", *_block(value, indent + 2)]
+        else:
+            lines.append(f"{pad}{key}:")
+            for entry in value:
+                if isinstance(entry, dict):
+                    for path, options in entry.items():
+                        assert isinstance(options, dict)
+                        lines += [f"{pad}  - {path}:", *_block(options, indent + 6)]
+                else:
+                    lines.append(f"{pad}  - {_scalar(entry)}")
+    return lines
+
+
+def _scalar(value: YamlValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    assert isinstance(value, str)
+    return value
+
+
+def _groups(cmd: str) -> list[str]:
+    """A command's flags, each kept with its value so a fold never separates them."""
+    return re.split(r" (?=--)", cmd)
+
+
+def _wrap(words: list[str], width: int) -> list[str]:
+    lines: list[str] = []
+    for word in words:
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.dag", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("dvc", help="print dvc.yaml")
+    for name, text in (("write", "write dvc.yaml"), ("check", "exit 1 when dvc.yaml differs from the table")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("path", type=Path, nargs="?", default=Path("dvc.yaml"))
+    args = parser.parse_args(argv)
+    text = render()
+    if args.command == "dvc":
+        sys.stdout.write(text)
+    elif args.command == "write":
+        args.path.write_text(text)
+        print(f"{args.path}: written from pipeline/dag.py")
+    else:
+        current = args.path.read_text() if args.path.exists() else ""
+        if current != text:
+            sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
+                                                       str(args.path), "pipeline/dag.py"))
+            sys.exit(f"{args.path} differs from pipeline/dag.py: run `python -m pipeline.dag write {args.path}`")
+        print(f"{args.path}: up to date")
+
+
+if __name__ == "__main__":
+    main()
