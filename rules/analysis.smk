@@ -17,7 +17,7 @@ rule analysis:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.analysis"
+        THREADS + "python -m pipeline.analysis"
         " --params {params.params_file}"
         " --generator {wildcards.generator}"
         " --train {input.train}"
@@ -46,7 +46,7 @@ rule analysis_mixup:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.analysis"
+        THREADS + "python -m pipeline.analysis"
         " --params {params.params_file}"
         " --generator mixup"
         " --train {input.train}"
@@ -67,7 +67,7 @@ rule analysis_summary:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.analysis summary"
+        THREADS + "python -m pipeline.analysis summary"
         " --inputs {input.results}"
         " --out-csv {output.csv}"
         " --out-figure {output.figure}"

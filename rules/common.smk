@@ -99,15 +99,23 @@ def data_archive():
     return [source for source in sources if "://" not in source]
 
 
-def launcher(resources):
-    """`python -m pipeline.train_robust`, or torchrun over the job's GPUs when it has more than one.
+# Every job's torch (OpenMP, MKL) uses the cores Snakemake gives it: without this each process starts
+# one thread per core of the machine, and two concurrent jobs oversubscribe the CPU several times over.
+THREADS = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
+
+
+def launcher(resources, threads):
+    """`python -m pipeline.train_robust` with the job's threads, or torchrun over the job's GPUs when it
+    has more than one (the job's threads shared by its ranks).
 
     The `--` stops torchrun's parser from reading --run as its own --run-path.
     """
     gpus = int(resources.get("gpu", 0) or 0)
     if gpus > 1:
-        return f"torchrun --standalone --nproc_per_node {gpus} -m pipeline.train_robust --"
-    return "python -m pipeline.train_robust"
+        per_rank = max(1, int(threads) // gpus)
+        return (f"OMP_NUM_THREADS={per_rank} MKL_NUM_THREADS={per_rank} "
+                f"torchrun --standalone --nproc_per_node {gpus} -m pipeline.train_robust --")
+    return f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} python -m pipeline.train_robust"
 
 
 def table_path():

@@ -16,7 +16,7 @@ rule data:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.data"
+        THREADS + "python -m pipeline.data"
         " --params {params.params_file}"
         " --out-dir {params.out_dir}"
         " 2> {log}"

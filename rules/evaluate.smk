@@ -21,7 +21,7 @@ rule evaluate:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.evaluate"
+        THREADS + "python -m pipeline.evaluate"
         " --params {params.params_file}"
         " --model {input.model}"
         " --test {input.test}"
@@ -55,7 +55,7 @@ rule evaluate_latent:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.evaluate_latent"
+        THREADS + "python -m pipeline.evaluate_latent"
         " --params {params.params_file}"
         " --model {input.model}"
         " --cvae {input.cvae}"

@@ -20,7 +20,7 @@ rule train_generator:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.train_generator"
+        THREADS + "python -m pipeline.train_generator"
         " --params {params.params_file}"
         " --generator {wildcards.generator}"
         " --train {input.train}"
@@ -48,7 +48,7 @@ rule generate:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.generate"
+        THREADS + "python -m pipeline.generate"
         " --params {params.params_file}"
         " --generator {wildcards.generator}"
         " --model {input.model}"
@@ -69,7 +69,7 @@ rule sample_grid:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.generate grid"
+        THREADS + "python -m pipeline.generate grid"
         " --shard {input.shard}"
         " --out {output.grid}"
         " --n {params.n}"

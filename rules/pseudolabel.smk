@@ -17,7 +17,7 @@ rule pseudolabel:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.pseudolabel"
+        THREADS + "python -m pipeline.pseudolabel"
         " --params {params.params_file}"
         " --teacher {input.teacher}"
         " --shard {input.shard}"

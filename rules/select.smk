@@ -15,7 +15,7 @@ rule select:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.select"
+        THREADS + "python -m pipeline.select"
         " --params {params.params_file}"
         " --labels-dir data/pseudolabels/{wildcards.generator}"
         " --out {output.index}"

@@ -21,7 +21,7 @@ rule table:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.table"
+        THREADS + "python -m pipeline.table"
         " --params {params.params_file}"
         " --evaluations {input.evaluations}"
         " --train-metrics {input.train_metrics}"

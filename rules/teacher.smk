@@ -21,7 +21,7 @@ rule teacher:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.teacher"
+        THREADS + "python -m pipeline.teacher"
         " --params {params.params_file}"
         " --train {input.train}"
         " --test {input.test}"

@@ -13,7 +13,7 @@ rule threat_model:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.threat_model"
+        THREADS + "python -m pipeline.threat_model"
         " --params {params.params_file}"
         " --run {wildcards.run}"
         " --generators-dir models/generators"
@@ -43,7 +43,7 @@ rule train_robust:
         labels=lambda wildcards, input: flag_list("--labels", input.labels),
         selection=lambda wildcards, input: flag_list("--selection", input.selection),
         workdir="work/train_robust/{run}",  # resumable checkpoints: not an output
-        launcher=lambda wildcards, resources: launcher(resources),
+        launcher=lambda wildcards, resources, threads: launcher(resources, threads),
     log:
         "logs/train_robust/{run}.log",
     benchmark:

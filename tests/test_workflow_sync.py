@@ -265,3 +265,19 @@ def test_removing_any_declared_key_is_caught(dvc_jobs, snakemake_jobs_reads):
     unnoticed = [f"{job.label}: without {key}" for job in [*dvc_jobs, *snakemake_jobs_reads]
                  for key in job.declared if not job.problems([k for k in job.declared if k != key])]
     assert unnoticed == []
+
+
+def test_every_snakemake_job_runs_torch_on_its_own_threads(workdir):
+    """Each job's command caps OpenMP/MKL at the job's `threads` (concurrent jobs would oversubscribe the
+    cores otherwise), and a job asking for more threads than `--cores` gets the cores it was given."""
+    result = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "3",
+                             "results/cifar10_table.csv"], cwd=workdir, env=env(), capture_output=True, text=True,
+                            check=True)
+    commands = [line.strip().removeprefix("Shell command: ") for line in result.stdout.splitlines()
+                if "-m pipeline." in line]
+    assert commands
+    for command in commands:
+        threads = re.match(r"OMP_NUM_THREADS=(\d+) MKL_NUM_THREADS=(\d+) ", command)
+        assert threads and threads.group(1) == threads.group(2), command
+        assert 1 <= int(threads.group(1)) <= 3, command
+    assert any(c.startswith("OMP_NUM_THREADS=3 ") and "pipeline.train_robust" in c for c in commands)
