@@ -1,4 +1,5 @@
 # Two commands do all set-up: `make demo` (main job on the shipped small default) and `make test`.
+# `make test-fast` (unit tests only) and `make lint` are for development.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ TABLE := results/cifar10_table.csv
 # Rules call `python -m pipeline.<stage>`: the venv's python must come first on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: demo test install dag clean
+.PHONY: demo test test-fast lint install dag clean
 
 demo: install
 	$(VENV)/bin/snakemake --cores all $(TABLE)
@@ -15,6 +16,19 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Unit tests only (minutes on 2 cores): no workflow runs, stage subprocesses, SLURM, DVC remotes or DDP.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not shared"
+
+# Every check runs; the target fails if any of them does.
+lint: install
+	@status=0; \
+	$(VENV)/bin/ruff check pipeline tests bench || status=1; \
+	$(VENV)/bin/mypy pipeline || status=1; \
+	$(PY) tools/lint_workflow.py || status=1; \
+	$(VENV)/bin/snakefmt --check Snakefile rules || status=1; \
+	exit $$status
 
 install: $(VENV)/.installed
 

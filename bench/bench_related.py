@@ -25,7 +25,7 @@ from pipeline import cutmix as cm
 from pipeline.ema import EMA
 from pipeline.generators import cvae
 from pipeline.losses import AttackSpec, TwoViews, adversarial_loss
-from pipeline.threat_model import LatentSet
+from pipeline.latent_attack import LatentSet
 
 EPS, STEP, STEPS, BETA = 8 / 255, 2 / 255, 10, 6.0
 OPTIONS = {"plain": ("none", 0.0, False), "advprop": ("adversarial", 0.0, False),

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from pipeline import features as feat
 from pipeline import models, seeding
 from pipeline import params as params_mod
-from pipeline.classifier_training import predict
+from pipeline.inference import predict
 from pipeline.shards import ShardError, atomic_path, count, expand, read_imageset
 
 log = logging.getLogger("pipeline.analysis")

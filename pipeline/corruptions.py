@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.inference import to_float
+
 KINDS = ("noise", "blur", "contrast", "fog", "jpeg")
+
+
+def _to_float(image: np.ndarray) -> torch.Tensor:
+    """One uint8 H x W x C image -> float C x H x W in [0, 1], keeping the pixels' HWC memory order."""
+    return to_float(image[None], memory_format=torch.channels_last)[0]
 
 
 def _noise(x: torch.Tensor, severity: float, rng: np.random.Generator) -> torch.Tensor:
@@ -54,7 +61,7 @@ def _jpeg(x: torch.Tensor, severity: float, rng: np.random.Generator) -> torch.T
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
     decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
-    return torch.from_numpy(decoded.copy()).permute(2, 0, 1).float() / 255
+    return _to_float(decoded.copy())
 
 
 FAMILIES = {"noise": _noise, "blur": _blur, "contrast": _contrast, "fog": _fog, "jpeg": _jpeg}
@@ -70,7 +77,7 @@ def corrupt(images: np.ndarray, rng: np.random.Generator, kinds: tuple[str, ...]
     severity = rng.uniform(0, 1, len(images))
     out = np.empty_like(images)
     for i, image in enumerate(images):
-        x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+        x = _to_float(image)
         y = FAMILIES[kinds[choice[i]]](x, float(severity[i]), rng).clamp(0, 1)
         out[i] = (y * 255).round().byte().permute(1, 2, 0).numpy()
     return out, choice

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from pipeline import attacks, models, seeding
 from pipeline import params as params_mod
 from pipeline.attacks import Threat
+from pipeline.inference import predict_labels, to_float
 from pipeline.shards import ShardError, atomic_path, file_sha256, read_arrays, read_attrs, read_imageset, write_arrays
 
 log = logging.getLogger("pipeline.evaluate")
@@ -113,19 +114,6 @@ def eps_value(cfg: EvaluateConfig, threat: Threat) -> float:
 def autoattack_seed(seed: int) -> int:
     """The explicit AutoAttack seed (it would default to the clock), derived from base.seed."""
     return seeding.derive(seed, "evaluate", "autoattack") % (1 << 31)
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [0, 1]."""
-    # contiguous NCHW: permuted strides leak into gradients, and AutoAttack .view()s them
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
-    with attacks.eval_mode(model):
-        out = [model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
 def perturbation_norm(x_adv: torch.Tensor, x: torch.Tensor, threat: Threat) -> float:
@@ -212,14 +200,14 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, threat: T
         stamp = fingerprint(model_sha256, test_sha256, threat, cfg, seed, start, stop)
         chunk = _load_chunk(path, stamp)
         if chunk is None:
-            x, y = to_tensor(images[start:stop]), torch.from_numpy(labels[start:stop].astype(np.int64))
-            clean_pred = predict(model, x, cfg.batch_size, device)
+            x, y = to_float(images[start:stop]), torch.from_numpy(labels[start:stop].astype(np.int64))
+            clean_pred = predict_labels(model, x, cfg.batch_size, device)
             _, pgd_mask = attacks.robust_accuracy(model, x.to(device), y.to(device), threat, eps,
                                                   cfg.pgd_steps, cfg.batch_size,
                                                   seed=seeding.derive(seed, "evaluate", "pgd", start))
             x_adv, messages = autoattack_chunk(model, x, y, threat, eps, cfg, aa_seed,
                                                workdir / f"chunk-{start:06d}.autoattack.json", device)
-            aa_pred = predict(model, x_adv, cfg.batch_size, device)
+            aa_pred = predict_labels(model, x_adv, cfg.batch_size, device)
             chunk = {"index": np.arange(start, stop, dtype=np.int64), "label": y.numpy(),
                      "clean_pred": clean_pred.astype(np.int64), "pgd_correct": pgd_mask.cpu().numpy(),
                      "aa_pred": aa_pred.astype(np.int64),
@@ -246,7 +234,7 @@ def eps_sweep(model: nn.Module, images: np.ndarray, labels: np.ndarray, threat: 
               seed: int, device: torch.device) -> dict[str, Any]:
     """PGD accuracy on the first n_sweep images at each multiple of eps (should fall as eps grows)."""
     n = min(cfg.n_sweep, len(images))
-    x = to_tensor(images[:n]).to(device)
+    x = to_float(images[:n]).to(device)
     y = torch.from_numpy(labels[:n].astype(np.int64)).to(device)
     accs = []
     for factor in tqdm(cfg.sweep_factors, desc="eps sweep", unit="eps", mininterval=5):

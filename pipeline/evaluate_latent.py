@@ -24,49 +24,33 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipeline import corruptions, models, seeding
 from pipeline import params as params_mod
-from pipeline.classifier_training import to_float
 from pipeline.generators import cvae
+from pipeline.inference import predict_labels, to_float
+from pipeline.latent_attack import LatentSet
 from pipeline.shards import atomic_path, file_sha256, read_attrs, read_imageset, write_arrays
-from pipeline.threat_model import LatentSet
 
 log = logging.getLogger("pipeline.evaluate_latent")
 THREAT = "cvae"
 
 
-@torch.no_grad()
-def _predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x).argmax(1)
-
-
-def latent_attack(model: torch.nn.Module, generator: cvae.CVAE, x: torch.Tensor, y: torch.Tensor, radius: float,
-                  steps: int) -> torch.Tensor:
-    """The member of each image's learned perturbation set that maximises the model's cross-entropy."""
-    return LatentSet(generator, radius).attack(
-        model, x, lambda logits: F.cross_entropy(logits, y, reduction="none"), steps)
-
-
 def evaluate(model: torch.nn.Module, generator: cvae.CVAE, cvae_state: dict[str, Any], images: np.ndarray,
              labels: np.ndarray, n_eval: int, batch_size: int, steps: int, seed: int,
              device: torch.device) -> dict[str, np.ndarray]:
-    """Per-example correctness on clean, corrupted and worst-case latent perturbations."""
+    """Per-example correctness on clean, corrupted and worst-case latent perturbations: the worst case is
+    the member of each image's learned set maximising the model's cross-entropy."""
     images, labels = images[:n_eval], labels[:n_eval]
     corrupted, kinds = corruptions.corrupt(images, seeding.numpy_rng(seed, "evaluate_latent", "corrupt"),
                                            tuple(cvae_state["config"]["corruptions"]))
-    out: dict[str, list[np.ndarray]] = {"clean_correct": [], "corrupted_correct": [], "latent_correct": []}
-    for start in tqdm(range(0, len(images), batch_size), desc="evaluate cvae", unit="batch", leave=False):
-        part = slice(start, start + batch_size)
-        x, y = to_float(images[part], device), torch.from_numpy(labels[part]).to(device)
-        out["clean_correct"].append((_predict(model, x) == y).cpu().numpy())
-        out["corrupted_correct"].append((_predict(model, to_float(corrupted[part], device)) == y).cpu().numpy())
-        x_adv = latent_attack(model, generator, x, y, float(cvae_state["radius"]), steps)
-        out["latent_correct"].append((_predict(model, x_adv) == y).cpu().numpy())
+    latent = LatentSet(generator, float(cvae_state["radius"]))
     return {"index": np.arange(len(images)), "label": labels, "corruption": kinds,
-            **{key: np.concatenate(value) for key, value in out.items()}}
+            "clean_correct": predict_labels(model, images, batch_size, device, "evaluate cvae: clean") == labels,
+            "corrupted_correct": predict_labels(model, corrupted, batch_size, device,
+                                                "evaluate cvae: corrupted") == labels,
+            "latent_correct": latent.robust_mask(model, to_float(images, device),
+                                                 torch.from_numpy(labels).to(device), steps, batch_size)}
 
 
 def main(argv: list[str] | None = None) -> None:

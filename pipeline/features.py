@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.classifier_training import map_batches
+from pipeline.inference import map_batches
 
 FeatureSpace = Literal["teacher", "pixels", "lpips"]
 FEATURE_SPACES = ("teacher", "pixels", "lpips")

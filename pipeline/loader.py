@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import augment, seeding
+from pipeline.labels import load_labels
 from pipeline.shards import ShardError, count, expand
 
 MAX_OPEN_FILES = 128   # file descriptors kept open per worker process
@@ -117,8 +118,7 @@ def _labels_of(shard: Path, sidecar: Path | None) -> np.ndarray:
     if sidecar is None:
         with h5py.File(shard, "r") as h5:
             return h5["labels"][()]
-    from pipeline.pseudolabel import load_labels  # checks the sidecar belongs to this shard, same length
-    return load_labels(shard, sidecar)["label"]
+    return load_labels(shard, sidecar)["label"]  # checks the sidecar belongs to this shard, same length
 
 
 def pool(paths: list[Path], sidecars: list[Path] | None = None, selection: np.ndarray | None = None) -> Pool:

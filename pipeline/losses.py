@@ -22,7 +22,7 @@ from pipeline.aux_bn import Route, routed
 from pipeline.cutmix import Mix
 
 if TYPE_CHECKING:
-    from pipeline.threat_model import LatentSet
+    from pipeline.latent_attack import LatentSet
 
 LossName = Literal["trades", "pgd"]
 # Where the inner maximisation starts: uniform in the ball (DeepMind's linf_initialize_fn,

@@ -52,13 +52,20 @@ class SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def checkpoint_after_step(sigterm: SigtermFlag, done: int, total: int, every: int, save: Callable[[int], None],
+def checkpoint_after_step(received: bool, done: int, total: int, every: int, save: Callable[[int], None],
                           workdir: Path, bar: Any = None) -> None:
-    """The checkpoint rule of a step loop: save every `every` steps, at the last step, and when SIGTERM
-    arrived; after a SIGTERM save (before the last step) close the progress bar and leave with Preempted."""
-    if done % every == 0 or done == total or sigterm.received:
+    """The checkpoint rule of every step loop (DDPM, CVAE, teacher, robust training), called after each
+    step with `done` steps finished: save every `every` steps, at the last step, and when SIGTERM was
+    `received`; after a SIGTERM save before the last step, close the progress bar and leave with
+    Preempted. A SIGTERM during the last step lets the run finish: its final checkpoint is written and
+    the outputs take seconds.
+
+    `received` is usually `SigtermFlag.received`; a data-parallel loop passes the flag agreed by all
+    ranks, so that every rank saves (save() may hold a collective) and leaves at the same step.
+    """
+    if done % every == 0 or done == total or received:
         save(done)
-    if sigterm.received and done < total:
+    if received and done < total:
         if bar is not None:
             bar.close()
         log.warning("SIGTERM: checkpoint at step %d in %s; rerun the same command to resume", done, workdir)

@@ -8,9 +8,10 @@
 Labels live beside the images, never inside them, so a new teacher does not invalidate the DVC-tracked
 images. A sidecar (shards.write_arrays) holds `label` (int64 argmax), `confidence` (float32 max
 softmax) and, with `save_probs`, `probs` (float32 N x classes). Its attributes name the shard file and
-its content sha256 and the teacher file's sha256, so `load_labels` can refuse a sidecar that does not
-belong to a shard. Shards whose images carry a conditioning label (label >= 0, e.g. the class-conditional
-Gaussian or an imported labelled set) also record the agreement between that label and the teacher's.
+its content sha256 and the teacher file's sha256, so `pipeline.labels.load_labels` (what the training
+loader reads sidecars with) can refuse a sidecar that does not belong to a shard. Shards whose images
+carry a conditioning label (label >= 0, e.g. the class-conditional Gaussian or an imported labelled
+set) also record the agreement between that label and the teacher's.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import torch
 
 from pipeline import models
 from pipeline import params as params_mod
-from pipeline.classifier_training import predict
-from pipeline.shards import ShardError, count, expand, file_sha256, read_arrays, read_attrs, read_imageset, write_arrays
+from pipeline.inference import predict
+from pipeline.shards import ShardError, expand, file_sha256, read_attrs, read_imageset, write_arrays
 
 log = logging.getLogger("pipeline.pseudolabel")
 
@@ -78,28 +79,6 @@ def label_shard(model: torch.nn.Module, shard: Path, out: Path, cfg: Pseudolabel
     log.info("%s: %d images, mean confidence %.3f%s", out, len(images), attrs["mean_confidence"],
              f", agreement with conditioning labels {agree:.3f}" if agree is not None else "")
     return attrs
-
-
-def load_labels(shard_path: Path, sidecar_path: Path, teacher_sha256: str | None = None) -> dict[str, np.ndarray]:
-    """The sidecar's arrays, after checking it was made for exactly this shard (and this teacher).
-
-    Raises ShardError naming both files when the sidecar belongs to another shard, another version of
-    it, or has a different number of rows.
-    """
-    shard_path, sidecar_path = Path(shard_path), Path(sidecar_path)
-    arrays = read_arrays(sidecar_path, verify=True)
-    side = read_attrs(sidecar_path)
-    shard_sha, n = read_attrs(shard_path).get("sha256"), count(shard_path)
-    if side.get("shard_sha256") != shard_sha:
-        raise ShardError(f"{sidecar_path}: pseudo-labels were made for shard {side.get('shard')!r} with sha256 "
-                         f"{str(side.get('shard_sha256'))[:12]}, but {shard_path} has sha256 {str(shard_sha)[:12]}: "
-                         "sidecar and shard do not match (rerun pseudolabel for this shard)")
-    if "label" not in arrays or len(arrays["label"]) != n:
-        raise ShardError(f"{sidecar_path}: {len(arrays.get('label', []))} labels for {n} images in {shard_path}")
-    if teacher_sha256 is not None and side.get("teacher_sha256") != teacher_sha256:
-        raise ShardError(f"{sidecar_path}: made by another teacher than expected for {shard_path} "
-                         f"(sha256 {str(side.get('teacher_sha256'))[:12]} != {teacher_sha256[:12]})")
-    return arrays
 
 
 def main(argv: list[str] | None = None) -> None:

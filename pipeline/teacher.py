@@ -5,13 +5,15 @@
         --out-model models/teacher/model.pt --out-metrics results/teacher/metrics.json
 
 Crop (zero pad 4) + flip augmentation (pipeline/augment.py, as robust training), SGD with cosine decay
-(pipeline/optim.py), as for the paper's WRN-28-10 teacher (about 96% test accuracy at full scale). The test accuracy it writes is the paper's
-first sufficient condition (accurate pseudo-labels). Checkpoints go to --workdir every
-`checkpoint_every` epochs and, on SIGTERM (a scheduler's time limit), after the step in flight (exit
-status 143). Running the same command again resumes from the newest one and gives the
-same model as an uninterrupted run (every epoch's order and augmentation come from its own seeded
-generator, whose state is saved mid-epoch, with model, optimiser and schedule state). A NaN/inf loss
-stops the run with the last good checkpoint kept.
+(pipeline/optim.py), as for the paper's WRN-28-10 teacher (about 96% test accuracy at full scale). The
+test accuracy it writes is the paper's first sufficient condition (accurate pseudo-labels).
+
+Checkpoints go to --workdir every `checkpoint_every` epochs and, on SIGTERM (a scheduler's time limit),
+after the step in flight (exit status 143): the checkpoint rule every training loop shares
+(preemption.checkpoint_after_step), counted in global steps. Running the same command again resumes
+from the newest one and gives the same model as an uninterrupted run (every epoch's order and
+augmentation come from its own seeded generator, whose state is saved mid-epoch, with model, optimiser
+and schedule state). A NaN/inf loss stops the run with the last good checkpoint kept.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import dataclasses
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +36,8 @@ from tqdm import tqdm
 from pipeline import checkpoint, datasets, models, optim, seeding
 from pipeline import params as params_mod
 from pipeline.augment import random_crop_flip
-from pipeline.classifier_training import accuracy, to_float
-from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag
+from pipeline.inference import accuracy, to_float
+from pipeline.preemption import NonFiniteLoss, SigtermFlag, checkpoint_after_step
 from pipeline.shards import atomic_path, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.teacher")
@@ -61,105 +64,128 @@ class TeacherConfig:
             raise ValueError("teacher.lr > 0, teacher.weight_decay >= 0, 0 <= teacher.momentum < 1")
 
 
+@dataclass
+class TeacherState:
+    """Everything a teacher checkpoint holds, and where in the current epoch training is."""
+    model: models.Classifier
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    train_loss: list[float] = field(default_factory=list)   # mean loss of each finished epoch
+    epoch: int = 0                   # epochs finished
+    step_in_epoch: int = 0           # steps of the next epoch done
+    loss_sum: float = 0.0            # sum of loss x batch size over those steps
+    seen: int = 0                    # images in those steps
+    generator: torch.Generator | None = None        # the epoch's order generator (saved mid-epoch)
+    resume_generator: torch.Tensor | None = None    # its saved state, restored when the epoch restarts
+
+
+def _start(cfg: TeacherConfig, seed: int, total_steps: int, workdir: Path, device: torch.device,
+           num_classes: int, identity: dict[str, Any]) -> TeacherState:
+    """A freshly initialised model, optimiser and schedule, or the newest checkpoint's."""
+    torch.manual_seed(seeding.derive(seed, "teacher", "init"))
+    model = models.build(cfg.model, num_classes).to(device)
+    optimizer = optim.sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
+    state = TeacherState(model, optimizer, optim.scheduler(optimizer, total_steps, warmup_steps=0))
+    saved = checkpoint.latest(workdir, map_location=device, identity=identity)
+    if saved is None:
+        return state
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    state.schedule.load_state_dict(saved["scheduler"])
+    checkpoint.set_rng_state(saved["rng"])
+    state.train_loss, state.epoch = list(saved["train_loss"]), saved["epoch"]
+    if saved.get("step_in_epoch"):  # saved on SIGTERM in the middle of an epoch
+        state.step_in_epoch = saved["step_in_epoch"]
+        state.loss_sum, state.seen = saved["epoch_totals"]
+        state.resume_generator = saved["generator"]
+    log.info("resumed at epoch %d step %d of %d epochs", state.epoch, state.step_in_epoch, cfg.epochs)
+    return state
+
+
+def _save(state: TeacherState, workdir: Path, identity: dict[str, Any], done: int) -> None:
+    """Checkpoint `done` global steps: `epoch` epochs finished plus `step_in_epoch` steps of the next,
+    with the epoch's generator and partial sums when that is not zero (a SIGTERM mid-epoch)."""
+    extra = {"generator": state.generator.get_state(), "epoch_totals": (state.loss_sum, state.seen)} \
+        if state.step_in_epoch and state.generator is not None else {}
+    checkpoint.save(workdir, done, {
+        "identity": identity, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.schedule.state_dict(), "rng": checkpoint.rng_state(), "train_loss": state.train_loss,
+        **extra})
+
+
+def _step(seed: int, state: TeacherState, x_uint8: np.ndarray, y: torch.Tensor, step: int,
+          device: torch.device, workdir: Path) -> float:
+    """One SGD step on a batch; returns its loss. Crops and flips are a function of (seed, epoch, step),
+    so a resumed epoch draws the same ones."""
+    x = to_float(random_crop_flip(x_uint8, seeding.numpy_rng(seed, "teacher", "augment", state.epoch, step)), device)
+    loss = F.cross_entropy(state.model(x), y.to(device))
+    if not torch.isfinite(loss).item():
+        raise NonFiniteLoss(
+            f"teacher: loss is {loss.item()} at epoch {state.epoch + 1} step {step} (lr "
+            f"{state.schedule.get_last_lr()[0]:.4g}); stopped without saving, the last good checkpoint in "
+            f"{workdir} is kept. Lower teacher.lr or check the data.")
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.schedule.step()
+    return loss.item()
+
+
+def _train_epoch(cfg: TeacherConfig, seed: int, train: tuple[np.ndarray, np.ndarray], state: TeacherState,
+                 steps_per_epoch: int, device: torch.device, workdir: Path, received: Callable[[], bool],
+                 save: Callable[[int], None]) -> None:
+    """The rest of epoch `state.epoch`, under the shared checkpoint rule after every step (global steps:
+    periodic checkpoints every `checkpoint_every` epochs fall on epoch ends)."""
+    train_x, labels = train[0], torch.as_tensor(train[1], dtype=torch.long)
+    batch = min(cfg.batch_size, len(train_x))
+    # One generator per epoch: order and augmentation of epoch e never depend on earlier epochs.
+    state.generator = seeding.torch_generator(seed, "teacher", "epoch", state.epoch)
+    order = torch.randperm(len(train_x), generator=state.generator)
+    if state.resume_generator is not None:  # continue the interrupted epoch where it stopped
+        state.generator.set_state(state.resume_generator)
+        state.resume_generator = None
+    state.model.train()
+    bar = tqdm(total=steps_per_epoch * batch, initial=state.step_in_epoch * batch, leave=False, unit="img",
+               desc=f"teacher epoch {state.epoch + 1}/{cfg.epochs}")
+    for step in range(state.step_in_epoch, steps_per_epoch):
+        idx = order[step * batch:(step + 1) * batch]
+        loss = _step(seed, state, train_x[idx.numpy()], labels[idx], step, device, workdir)
+        state.step_in_epoch, state.loss_sum, state.seen = step + 1, state.loss_sum + loss * len(idx), \
+            state.seen + len(idx)
+        bar.update(len(idx))
+        bar.set_postfix(loss=f"{state.loss_sum / state.seen:.3f}", refresh=False)
+        if step + 1 == steps_per_epoch:
+            bar.close()
+            state.train_loss.append(state.loss_sum / state.seen)
+            log.info("epoch %d/%d: train loss %.4f", state.epoch + 1, cfg.epochs, state.train_loss[-1])
+            state.epoch, state.step_in_epoch, state.loss_sum, state.seen = state.epoch + 1, 0, 0.0, 0
+        checkpoint_after_step(received(), state.epoch * steps_per_epoch + state.step_in_epoch,
+                              cfg.epochs * steps_per_epoch, cfg.checkpoint_every * steps_per_epoch, save, workdir,
+                              bar)
+
+
 def train_teacher(cfg: TeacherConfig, seed: int, train: tuple[np.ndarray, np.ndarray],
                   test: tuple[np.ndarray, np.ndarray], workdir: Path, device: torch.device,
                   num_classes: int = 10, data_ids: dict[str, str] | None = None
                   ) -> tuple[models.Classifier, dict[str, Any]]:
     """Train (resuming from --workdir if a checkpoint is there); return the model and its metrics."""
-    train_x, train_y = train
-    n = len(train_x)
+    n = len(train[0])
     steps_per_epoch = n // cfg.batch_size if n > cfg.batch_size else 1
-    batch = min(cfg.batch_size, n)
     total_steps = steps_per_epoch * cfg.epochs
     identity = {"config": dataclasses.asdict(cfg), "seed": seed, "data": data_ids or {}, "n_train": n}
-
-    torch.manual_seed(seeding.derive(seed, "teacher", "init"))
-    model = models.build(cfg.model, num_classes).to(device)
-    opt = optim.sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    sched = optim.scheduler(opt, total_steps, warmup_steps=0)
-    train_loss: list[float] = []
-    start_epoch = 0
-
-    resume_step, resume_totals, resume_generator = 0, (0.0, 0), None
-    state = checkpoint.latest(workdir, map_location=device, identity=identity)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        train_loss = list(state["train_loss"])
-        start_epoch = state["epoch"]
-        if state.get("step_in_epoch"):  # saved on SIGTERM in the middle of an epoch
-            resume_step, resume_totals = state["step_in_epoch"], tuple(state["epoch_totals"])
-            resume_generator = state["generator"]
-        log.info("resumed at epoch %d step %d of %d epochs", start_epoch, resume_step, cfg.epochs)
-
-    def save(epoch: int, step_in_epoch: int = 0, generator: torch.Generator | None = None,
-             totals: tuple[float, int] = (0.0, 0)) -> None:
-        """`epoch` epochs finished plus `step_in_epoch` steps of the next (SIGTERM checkpoints only)."""
-        extra = {"generator": generator.get_state(), "epoch_totals": totals} if step_in_epoch else {}
-        checkpoint.save(workdir, epoch * steps_per_epoch + step_in_epoch, {
-            "identity": identity, "epoch": epoch, "step_in_epoch": step_in_epoch, "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": checkpoint.rng_state(), "train_loss": train_loss, **extra})
-
-    labels = torch.as_tensor(train_y, dtype=torch.long)
+    state = _start(cfg, seed, total_steps, workdir, device, num_classes, identity)
     with SigtermFlag() as sigterm:
-        for epoch in range(start_epoch, cfg.epochs):
-            # One generator per epoch: order and augmentation of epoch e never depend on earlier epochs.
-            generator = seeding.torch_generator(seed, "teacher", "epoch", epoch)
-            order = torch.randperm(n, generator=generator)
-            first, (total, seen) = 0, (0.0, 0)
-            if resume_generator is not None:  # continue the interrupted epoch where it stopped
-                generator.set_state(resume_generator)
-                first, (total, seen), resume_generator = resume_step, resume_totals, None
-            model.train()
-            bar = tqdm(total=steps_per_epoch * batch, initial=first * batch, leave=False, unit="img",
-                       desc=f"teacher epoch {epoch + 1}/{cfg.epochs}")
-            for step in range(first, steps_per_epoch):
-                idx = order[step * batch:(step + 1) * batch]
-                # crops and flips are a function of (seed, epoch, step): a resumed epoch draws the same
-                x = to_float(random_crop_flip(train_x[idx.numpy()],
-                                              seeding.numpy_rng(seed, "teacher", "augment", epoch, step)), device)
-                y = labels[idx].to(device)
-                loss = F.cross_entropy(model(x), y)
-                if not torch.isfinite(loss).item():
-                    raise NonFiniteLoss(
-                        f"teacher: loss is {loss.item()} at epoch {epoch + 1} step {step} (lr "
-                        f"{sched.get_last_lr()[0]:.4g}); stopped without saving, the last good checkpoint in "
-                        f"{workdir} is kept. Lower teacher.lr or check the data.")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(idx)
-                seen += len(idx)
-                bar.update(len(idx))
-                bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
-                if sigterm.received and step + 1 < steps_per_epoch:
-                    save(epoch, step + 1, generator, (total, seen))
-                    bar.close()
-                    log.warning("SIGTERM: checkpoint at epoch %d step %d in %s; rerun the same command to "
-                                "resume", epoch + 1, step + 1, workdir)
-                    raise Preempted(SIGTERM_EXIT)
-            bar.close()
-            train_loss.append(total / seen)
-            log.info("epoch %d/%d: train loss %.4f", epoch + 1, cfg.epochs, train_loss[-1])
-            done = epoch + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.epochs or sigterm.received:
-                save(done)
-            if sigterm.received and done < cfg.epochs:
-                log.warning("SIGTERM: checkpoint after epoch %d in %s; rerun the same command to resume",
-                            done, workdir)
-                raise Preempted(SIGTERM_EXIT)
-
+        while state.epoch < cfg.epochs:
+            _train_epoch(cfg, seed, train, state, steps_per_epoch, device, workdir, lambda: sigterm.received,
+                         lambda done: _save(state, workdir, identity, done))
     test_x, test_y = test
-    test_acc = accuracy(model, test_x, test_y, 500, device)
+    test_acc = accuracy(state.model, test_x, test_y, 500, device)
     log.info("test accuracy %.4f on %d images", test_acc, len(test_x))
-    metrics = {"test_acc": test_acc, "train_loss": train_loss, "epochs": cfg.epochs,
+    metrics = {"test_acc": test_acc, "train_loss": state.train_loss, "epochs": cfg.epochs,
                "steps": total_steps, "n_train": n, "n_test": len(test_x), "model": cfg.model,
                "seed": seed, "config": dataclasses.asdict(cfg), "data": data_ids or {}}
-    return model.eval(), metrics
+    return state.model.eval(), metrics
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,8 +10,9 @@ GPU at paper scale) when the CVAE is retrained. DVC cannot give a stage a depend
 so its one threat_model stage depends on the whole folder of generator models and writes
     {"run": ..., "threat": "linf"}                                   for a norm ball (never changes), or
     {"run": ..., "threat": "cvae", "model_path", "model_sha256", "radius"}   for the learned set;
-train_robust depends on its own run's file only. The file is also what train_robust loads: the
-learned set's model is read from `model_path` and refused when its sha256 differs (a stale file).
+train_robust depends on its own run's file only. The file is also what train_robust loads
+(pipeline.latent_attack.load): the learned set's model is read from `model_path` and refused when its
+sha256 differs (a stale file).
 """
 
 from __future__ import annotations
@@ -19,50 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import Any
 
 from pipeline import params as params_mod
-from pipeline.attacks import random_start
 from pipeline.generators import cvae
+from pipeline.latent_attack import LEARNED
 from pipeline.shards import atomic_path, file_sha256
 
 log = logging.getLogger("pipeline.threat_model")
-LEARNED = params_mod.LEARNED_THREATS   # threats learned by a generator of the same name; the rest are norm balls
-
-
-@dataclass
-class LatentSet:
-    """A learned perturbation set S(x) = {g(mu_p(x) + sigma_p(x) u, x) : ||u||_2 <= radius} (pipeline/
-    generators/cvae.py) as an attack: projected gradient ascent of a loss of the model's logits over u."""
-    generator: cvae.CVAE
-    radius: float
-
-    @property
-    def latent_dim(self) -> int:
-        return self.generator.latent_dim
-
-    def random_start(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-        """PGD's L2 random start (uniform direction, radius uniform in [0, radius]) in the latent space."""
-        return random_start(torch.zeros(n, self.latent_dim, device=device), "l2", self.radius, generator)
-
-    def attack(self, model: torch.nn.Module, x: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor],
-               steps: int, start: torch.Tensor | None = None) -> torch.Tensor:
-        """The member of each image's set maximising objective(model(member)) after `steps` steps of
-        cvae.latent_pgd (step 2.5 radius / steps); the prior network runs once per batch."""
-        with torch.no_grad():
-            decode = self.generator.members(x)
-
-        def member(u: torch.Tensor) -> torch.Tensor:
-            return decode(u).clamp(0, 1)
-
-        u = cvae.latent_pgd(lambda v: objective(model(member(v))), self.latent_dim, len(x), self.radius, steps,
-                            x.device, start=start)
-        with torch.no_grad():
-            return member(u)
 
 
 def describe(cfg: dict[str, Any], run: str, generators_dir: Path) -> dict[str, Any]:
@@ -84,26 +50,6 @@ def write(description: dict[str, Any], out_dir: Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
     return path
-
-
-def load(path: Path, threat: str, device: torch.device | str = "cpu") -> LatentSet | None:
-    """Read a run's threat-model file: None for a norm ball, the LatentSet for a learned threat.
-    Refuses a file written for another threat or whose model has changed since (rerun the stage)."""
-    try:
-        description = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: unreadable threat-model file ({error})") from None
-    if description.get("threat") != threat:
-        raise ValueError(f"{path}: describes threat {description.get('threat')!r}, but the run trains under "
-                         f"{threat!r}; rerun `python -m pipeline.threat_model`")
-    if threat not in LEARNED:
-        return None
-    model_path = Path(description["model_path"])
-    if not model_path.exists() or file_sha256(model_path) != description["model_sha256"]:
-        raise ValueError(f"{path}: {model_path} is missing or changed since this file was written; rerun "
-                         "`python -m pipeline.threat_model`")
-    generator, state = cvae.load_model(model_path, device)
-    return LatentSet(generator, float(state["radius"]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,14 +19,21 @@ choosing best.pt; last.pt is the last EMA model. `evaluate.checkpoint` says whic
 (best by default, as the references' eval-aa.py loads weights-best.pt).
 
 `threat: cvae` trains inside a learned perturbation set (Wong and Kolter, 2021): the inner maximisation
-of TRADES or PGD-AT searches the CVAE's latent ball at its estimated radius (pipeline/threat_model.py,
-which --threat-model names), and validation uses the same latent attack.
+of TRADES or PGD-AT searches the CVAE's latent ball at its estimated radius (pipeline/latent_attack.py;
+the pipeline.threat_model file --threat-model names says which CVAE), and validation uses the same
+latent attack.
 
 Resumable: a checkpoint (model, EMA, optimiser, scheduler, RNG states, step = loader position, curve so
-far) goes to --workdir every `checkpoint_every` steps and on SIGTERM (then the process exits with 143);
-running the same command again resumes from it. Batches and attack noise are functions of (seed, step),
-so on CPU a resumed run ends with exactly the weights of an uninterrupted one. A non-finite loss stops
-the run with an error before anything is saved, keeping the last good checkpoint.
+far, the epoch's partial training sums) goes to --workdir every `checkpoint_every` steps, at the last
+step and on SIGTERM (then the process exits with 143), by the rule every training loop shares
+(pipeline/preemption.py); running the same command again resumes from it. Batches and attack noise
+are functions of (seed, step), so on CPU a resumed run ends with exactly the weights of an
+uninterrupted one. A non-finite loss stops the run with an error before anything is saved, keeping the
+last good checkpoint.
+
+Code layout: setup() (devices, data, model, resume) returns the fixed `Run` and the changing
+`TrainState`; train_robust() loops train_step() over the loader's batches, calls end_epoch() at each
+epoch's last step, and after every step applies the shared checkpoint rule.
 """
 
 from __future__ import annotations
@@ -48,18 +55,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import aux_bn, checkpoint, datasets, models, optim, seeding, shards, threat_model
+from pipeline import aux_bn, checkpoint, datasets, latent_attack, models, optim, seeding, shards
 from pipeline import cutmix as cutmix_mod
 from pipeline import loader as loader_mod
 from pipeline import params as params_mod
-from pipeline.attacks import BN_MODES, eval_mode, robust_accuracy
+from pipeline.attacks import BN_MODES, robust_accuracy
 from pipeline.ema import BUFFER_MODES, EMA
+from pipeline.inference import predict_labels, to_float
+from pipeline.latent_attack import LEARNED, LatentSet
 from pipeline.losses import START_MODES, AttackSpec, TwoViews, adversarial_loss
-from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag
+from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag, checkpoint_after_step
 from pipeline.shards import ShardError, atomic_path, file_sha256, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.train_robust")
@@ -104,8 +112,8 @@ class TrainRobustConfig:
     def __post_init__(self) -> None:
         if self.model not in models.MODELS:
             raise ValueError(f"train_robust.model: {self.model!r} not in {sorted(models.MODELS)}")
-        if self.loss not in ("trades", "pgd") or self.threat not in ("linf", "l2", *threat_model.LEARNED):
-            raise ValueError(f"train_robust.loss must be trades|pgd and threat linf|l2|{'|'.join(threat_model.LEARNED)}")
+        if self.loss not in ("trades", "pgd") or self.threat not in ("linf", "l2", *LEARNED):
+            raise ValueError(f"train_robust.loss must be trades|pgd and threat linf|l2|{'|'.join(LEARNED)}")
         if not 0 <= self.generated_fraction < 1:
             raise ValueError("train_robust.generated_fraction: must be in [0, 1)")
         if self.epoch_size < self.batch_size:
@@ -136,9 +144,42 @@ class TrainRobustConfig:
     def warmup_steps(self) -> int:
         return self.epoch_end(self.warmup_epochs)   # the references' steps_from_epochs(10) = 488
 
-    def attack(self, latent: threat_model.LatentSet | None = None) -> AttackSpec:
+    def attack(self, latent: LatentSet | None = None) -> AttackSpec:
         return AttackSpec(self.threat, self.eps_255 / 255, self.step_255 / 255, self.attack_steps,  # type: ignore[arg-type]
                           latent, self.attack_bn, self.attack_start)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """metrics.json of a finished run (main adds the checksums of the files it wrote); the field order is
+    the JSON key order."""
+    run: str
+    generator: str | None           # the run's generated data (None for the real-data baseline)
+    n_generated: int                # generated images the run could draw (after the selection)
+    generated_per_batch: int
+    model: str
+    loss: str
+    threat: str
+    eps_255: float | None           # None inside a learned set (latent_radius instead)
+    latent_radius: float | None
+    epochs: int
+    steps: int
+    seed: int
+    world_size: int
+    num_classes: int
+    variant: str | None
+    source_run: str
+    aux_bn: str
+    cutmix_alpha: float
+    val_robust_acc_best: float
+    best_epoch: int
+    val_robust_acc_last: float | None
+    val_clean_acc_last: float | None
+    train_loss: float | None        # the last epoch's mean training loss
+    config: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -147,7 +188,7 @@ class Result:
     ema_model: nn.Module
     best_state: dict[str, torch.Tensor]
     curve: list[dict[str, Any]]
-    metrics: dict[str, Any]
+    metrics: Metrics
 
 
 # --- distributed setup (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK) ---
@@ -179,12 +220,39 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     return ctx, device
 
 
+def sigterm_on_any_rank(received: bool, ctx: Dist, device: torch.device) -> bool:
+    """Whether any rank has received SIGTERM. Every rank must agree, or one would checkpoint and leave
+    while the others wait forever in save()'s collectives."""
+    if ctx.world_size == 1:
+        return received
+    flag = torch.tensor([float(received)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 # --- data ---
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """The files a run reads: the CLI's --train, --val, --generated, --labels, --selection, --threat-model."""
+    train: Path
+    val: Path
+    generated: list[Path]
+    labels: list[Path]
+    selection: Path | None = None
+    threat_file: Path | None = None
+
+
 def load_eval_set(path: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image set as float NCHW in [0, 1] and labels, on `device`.
+
+    Converted on the CPU and then moved, so the pixel values are the same on every device (a GPU divides
+    by a scalar as a multiplication by its reciprocal, which can round differently); channels_last, the
+    layout the stored NHWC pixels already have, so the conversion copies nothing.
+    """
     images, labels = read_imageset(path)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+    x = to_float(images, memory_format=torch.channels_last)
     return x.to(device), torch.from_numpy(labels).to(device)
 
 
@@ -216,20 +284,42 @@ def make_dataset(cfg: TrainRobustConfig, seed: int, train: Path, generated: list
     return loader_mod.MixedBatches(real, gen_pool, spec)
 
 
-# --- training ---
+def load_data(cfg: TrainRobustConfig, seed: int, name: str, inputs: Inputs, ctx: Dist,
+              device: torch.device) -> tuple[loader_mod.MixedBatches, tuple[torch.Tensor, torch.Tensor]]:
+    """The training batches and the validation split, after checking the run gets the data it names
+    (e.g. gaussian-cutmix trains on gaussian's shards; the baseline on real data only)."""
+    source = params_mod.split_run(name)[0]
+    if source == "baseline" and inputs.generated:
+        raise ValueError(f"run {name} trains on real data only; do not pass --generated")
+    if source != "baseline" and not inputs.generated:
+        raise ValueError(f"run {name!r} needs --generated shards")
+    check_provenance(inputs.generated, source, seed)
+    dataset = make_dataset(cfg, seed, inputs.train, inputs.generated, inputs.labels, inputs.selection, ctx)
+    return dataset, load_eval_set(inputs.val, device)
 
 
-def latent_robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, latent: threat_model.LatentSet,
-                          steps: int, batch_size: int) -> int:
-    """Images still correct under the latent cross-entropy attack (from u = 0, deterministic), in eval mode."""
-    correct = 0
-    with eval_mode(model):
-        for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            x_adv = latent.attack(model, xb, lambda logits: F.cross_entropy(logits, yb, reduction="sum"), steps)
-            with torch.no_grad():
-                correct += int((model(x_adv).argmax(1) == yb).sum())
-    return correct
+def load_threat(cfg: TrainRobustConfig, threat_file: Path | None, device: torch.device) -> LatentSet | None:
+    """The learned perturbation set the run trains in, or None for a norm ball."""
+    if threat_file is None and cfg.threat in LEARNED:
+        raise ValueError(f"train_robust.threat {cfg.threat} is a learned set: pass --threat-model "
+                         f"(python -m pipeline.threat_model writes it)")
+    return latent_attack.load(threat_file, cfg.threat, device) if threat_file is not None else None
+
+
+def run_identity(cfg: TrainRobustConfig, seed: int, name: str, inputs: Inputs) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: settings, seed and the checksums of every input
+    (stored HDF5 sha256 attributes: header reads only, cheap at 100M images)."""
+    return {
+        "config": dataclasses.asdict(cfg), "seed": seed, "run": name,
+        "train": read_attrs(inputs.train).get("sha256"), "val": read_attrs(inputs.val).get("sha256"),
+        "generated": shards.set_sha256(shards.expand(inputs.generated)) if inputs.generated else "",
+        "labels": shards.set_sha256(shards.expand(inputs.labels)) if inputs.labels else "",
+        "selection": file_sha256(inputs.selection) if inputs.selection else "",
+        "threat": file_sha256(inputs.threat_file) if inputs.threat_file else "",
+    }
+
+
+# --- validation ---
 
 
 def rank_share(n: int, ctx: Dist) -> slice:
@@ -238,7 +328,7 @@ def rank_share(n: int, ctx: Dist) -> slice:
 
 
 def validate(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], cfg: TrainRobustConfig,
-             seed: int, ctx: Dist = Dist(), latent: threat_model.LatentSet | None = None,
+             seed: int, ctx: Dist = Dist(), latent: LatentSet | None = None,
              autocast: contextlib.AbstractContextManager[Any] | None = None) -> tuple[float, float]:
     """(clean accuracy, PGD-val_pgd_steps robust accuracy) of `model` on the validation split, under
     the training threat (the latent attack in a learned set).
@@ -252,11 +342,9 @@ def validate(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], cfg: Trai
     x, y = x[part], y[part]
     rank_seed = seed if ctx.rank == 0 else seeding.derive(seed, "rank", ctx.rank)
     with autocast or nullcontext():
-        with torch.no_grad(), eval_mode(model):
-            clean = sum(int((model(x[i:i + cfg.val_batch_size]).argmax(1) == y[i:i + cfg.val_batch_size]).sum())
-                        for i in range(0, len(x), cfg.val_batch_size))
+        clean = int((predict_labels(model, x, cfg.val_batch_size, x.device) == y.cpu().numpy()).sum())
         if latent is not None:
-            robust = latent_robust_correct(model, x, y, latent, cfg.val_pgd_steps, cfg.val_batch_size)
+            robust = int(latent.robust_mask(model, x, y, cfg.val_pgd_steps, cfg.val_batch_size).sum())
         else:
             _, mask = robust_accuracy(model, x, y, cfg.threat, cfg.eps_255 / 255, cfg.val_pgd_steps,  # type: ignore[arg-type]
                                       cfg.val_batch_size, seed=rank_seed)
@@ -278,196 +366,291 @@ def inference_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return _state_to_cpu(plain.state_dict())
 
 
-def run_identity(cfg: TrainRobustConfig, seed: int, run: str, train: Path, val: Path, generated: list[Path],
-                 labels: list[Path], selection: Path | None, threat_file: Path | None) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: settings, seed and the checksums of every input
-    (stored HDF5 sha256 attributes: header reads only, cheap at 100M images)."""
-    return {
-        "config": dataclasses.asdict(cfg), "seed": seed, "run": run,
-        "train": read_attrs(train).get("sha256"), "val": read_attrs(val).get("sha256"),
-        "generated": shards.set_sha256(shards.expand(generated)) if generated else "",
-        "labels": shards.set_sha256(shards.expand(labels)) if labels else "",
-        "selection": file_sha256(selection) if selection else "",
-        "threat": file_sha256(threat_file) if threat_file else "",
-    }
+# --- training: the run's fixed setup, its changing state, one step, the end of an epoch ---
 
 
-def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, run: str, train: Path, val: Path,
-                 generated: list[Path], labels: list[Path], workdir: Path,
-                 selection: Path | None = None, stop_after: int | None = None,
-                 progress: bool = True, num_classes: int = 10, threat_file: Path | None = None) -> Result:
-    """Train (or resume) one run and return the EMA model, best EMA weights, curve and metrics.
+@dataclass
+class EpochSums:
+    """This epoch's training sums so far, on this rank: loss, cross-entropy and KL term (each times the
+    batch size), correct predictions and images.
 
-    `threat_file` is the run's pipeline.threat_model file (required for a learned threat).
-    `stop_after` ends the call after that many global steps as if preempted (tests use it).
-    """
-    ctx, device = init_distributed(device_name)
-    if threat_file is None and cfg.threat in threat_model.LEARNED:
-        raise ValueError(f"train_robust.threat {cfg.threat} is a learned set: pass --threat-model "
-                         f"(python -m pipeline.threat_model writes it)")
-    latent = threat_model.load(threat_file, cfg.threat, device) if threat_file is not None else None
-    cuda = device.type == "cuda"
-    source, variant = params_mod.split_run(run)   # e.g. gaussian-cutmix: gaussian's data, variant cutmix
-    if source == "baseline" and generated:
-        raise ValueError(f"run {run} trains on real data only; do not pass --generated")
-    if source != "baseline" and not generated:
-        raise ValueError(f"run {run!r} needs --generated shards")
-    check_provenance(generated, source, seed)
-    dataset = make_dataset(cfg, seed, train, generated, labels, selection, ctx)
-    n_generated = len(dataset.generated) if dataset.generated is not None else 0
-    val_set = load_eval_set(val, device)
+    One float64 tensor underneath, in that order, so data-parallel ranks add theirs in one all-reduce and
+    a checkpoint stores the tensor itself (`epoch_accumulators`)."""
+    values: torch.Tensor
 
-    torch.manual_seed(seeding.derive(seed, "train_robust", "init"))  # same init for every run
+    @classmethod
+    def zeros(cls, device: torch.device) -> EpochSums:
+        return cls(torch.zeros(5, dtype=torch.float64, device=device))
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.values[0]
+
+    @property
+    def ce(self) -> torch.Tensor:
+        return self.values[1]
+
+    @property
+    def kl(self) -> torch.Tensor:
+        return self.values[2]
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.values[3]
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self.values[4]
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], y: torch.Tensor) -> None:
+        """One batch: its mean loss and terms (adversarial_loss's) and its logits' correct predictions."""
+        n = len(y)
+        self.values += torch.stack([loss.detach().double() * n, parts["ce"].double() * n, parts["kl"].double() * n,
+                                    (parts["logits"].argmax(1) == y).sum().double(),
+                                    torch.tensor(n, dtype=torch.float64, device=self.values.device)])
+
+    def over_ranks(self, ctx: Dist) -> EpochSums:
+        """The sums of every rank together (a copy; this rank's own stay as they are)."""
+        totals = self.values.clone()
+        if ctx.world_size > 1:
+            dist.all_reduce(totals)
+        return EpochSums(totals)
+
+    def means(self) -> dict[str, float]:
+        """The curve's training columns: per-image means of the sums."""
+        return {"train_loss": (self.loss / self.count).item(), "train_ce": (self.ce / self.count).item(),
+                "train_kl": (self.kl / self.count).item(), "train_acc": (self.correct / self.count).item()}
+
+
+@dataclass
+class TrainState:
+    """Everything training changes, all of it in a checkpoint."""
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    best: dict[str, Any]              # {"acc", "epoch", "state"}: best.pt's validation and weights so far
+    sums: EpochSums
+    step: int = 0                     # global steps done, which is also the loader's position
+    curve: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # one row per finished epoch
+
+
+@dataclass
+class Run:
+    """What stays fixed while a run trains: settings, devices, data, the attack."""
+    cfg: TrainRobustConfig
+    seed: int
+    name: str                         # baseline, a generator, or <source>-<variant>
+    ctx: Dist
+    device: torch.device
+    workdir: Path
+    identity: dict[str, Any]          # what a checkpoint must match to be resumed (run_identity)
+    dataset: loader_mod.MixedBatches
+    val_set: tuple[torch.Tensor, torch.Tensor]
+    latent: LatentSet | None
+    attack: AttackSpec
+    forward: nn.Module                # the train-mode forward: TwoViews(model), DDP-wrapped when distributed
+    autocast: contextlib.AbstractContextManager[Any]
+    memory_format: torch.memory_format
+    num_classes: int
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def build_state(cfg: TrainRobustConfig, seed: int, num_classes: int, ctx: Dist, device: torch.device,
+                memory_format: torch.memory_format) -> TrainState:
+    """Model (the same initial weights for every run), its EMA, optimiser and schedule, on `device`."""
+    torch.manual_seed(seeding.derive(seed, "train_robust", "init"))
     model = models.build(cfg.model, num_classes, bn_momentum=cfg.bn_momentum)
     shadow = models.build(cfg.model, num_classes, bn_momentum=cfg.bn_momentum)
     if cfg.aux_bn != "none":  # main + auxiliary batch norms; the EMA averages both
         model, shadow = aux_bn.convert(model), aux_bn.convert(shadow)
     ema = EMA(model, cfg.ema_decay, shadow=shadow, buffers=cfg.ema_buffers)  # type: ignore[arg-type]
     if ctx.world_size > 1 and cfg.sync_bn:
-        if cuda:
+        if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif ctx.main:  # torch's SyncBatchNorm has no CPU kernel
             log.warning("train_robust.sync_bn: ignored on CPU (SyncBatchNorm needs CUDA); per-rank batch norm")
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     ema.model.to(device, memory_format=memory_format)
     optimizer = optim.sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    schedule = optim.scheduler(optimizer, cfg.total_steps, cfg.warmup_steps)
+    return TrainState(model, ema, optimizer, optim.scheduler(optimizer, cfg.total_steps, cfg.warmup_steps),
+                      best={"acc": -1.0, "epoch": 0, "state": inference_state(ema.model)},
+                      sums=EpochSums.zeros(device))
 
-    step, curve, best = 0, [], {"acc": -1.0, "epoch": 0, "state": inference_state(ema.model)}
-    acc = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, kl, correct, count this epoch
-    # a rerun with other settings or inputs starts afresh (the old checkpoints are moved aside), never
-    # resumes, let alone returns, the old run; another world size is an error (the batch split differs)
-    identity = run_identity(cfg, seed, run, train, val, generated, labels, selection, threat_file)
-    state = checkpoint.latest(workdir, map_location="cpu", identity=identity, move_aside=ctx.main)
-    if state is not None:
-        if state["world_size"] != ctx.world_size:
-            raise ValueError(f"{workdir}: checkpoint from {state['world_size']} ranks, this run has "
-                             f"{ctx.world_size}; rerun on {state['world_size']} or use a fresh --workdir")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        step, curve, best = state["step"], state["curve"], state["best"]
-        if ctx.main:  # the sums of every rank since the epoch began (save() reduces them)
-            acc = state["epoch_accumulators"].to(device)
-        if ctx.main:
-            log.info("resumed at step %d of %d", step, cfg.total_steps)
+
+def resume(state: TrainState, saved: dict[str, Any] | None, cfg: TrainRobustConfig, ctx: Dist,
+           device: torch.device, workdir: Path) -> None:
+    """Continue from a checkpoint of this same run (None: a fresh start). Another world size is an error:
+    the batch split over ranks differs."""
+    if saved is None:
+        return
+    if saved["world_size"] != ctx.world_size:
+        raise ValueError(f"{workdir}: checkpoint from {saved['world_size']} ranks, this run has "
+                         f"{ctx.world_size}; rerun on {saved['world_size']} or use a fresh --workdir")
+    state.model.load_state_dict(saved["model"])
+    state.ema.load_state_dict(saved["ema"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.schedule.load_state_dict(saved["scheduler"])
+    checkpoint.set_rng_state(saved["rng"])
+    state.step, state.curve, state.best = saved["step"], saved["curve"], saved["best"]
+    if ctx.main:  # the sums of every rank since the epoch began (save() reduces them); the others start at 0
+        state.sums = EpochSums(saved["epoch_accumulators"].to(device))
+        log.info("resumed at step %d of %d", state.step, cfg.total_steps)
+
+
+def setup(cfg: TrainRobustConfig, seed: int, device_name: str, name: str, inputs: Inputs, workdir: Path,
+          num_classes: int) -> tuple[Run, TrainState]:
+    """Everything before the first step: devices, the threat, data, model, and the newest checkpoint of
+    this same run if there is one.
+
+    A rerun with other settings or inputs starts afresh (rank 0 moves the old checkpoints aside), never
+    resumes, let alone returns, the old run."""
+    ctx, device = init_distributed(device_name)
+    latent = load_threat(cfg, inputs.threat_file, device)
+    dataset, val_set = load_data(cfg, seed, name, inputs, ctx, device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    state = build_state(cfg, seed, num_classes, ctx, device, memory_format)
+    identity = run_identity(cfg, seed, name, inputs)
+    resume(state, checkpoint.latest(workdir, map_location="cpu", identity=identity, move_aside=ctx.main),
+           cfg, ctx, device, workdir)
     # The attack runs on the plain model (eval mode, no parameter gradients); the train-mode forwards
     # go through one call of `forward`, DDP-wrapped when distributed.
-    forward: nn.Module = TwoViews(model)
+    forward: nn.Module = TwoViews(state.model)
     if ctx.world_size > 1:
         # with auxiliary batch norms a step may leave one set unused (source mode, a batch without one source)
-        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if cuda else None,
-                                                      find_unused_parameters=cfg.aux_bn != "none")
-    model.train()
+        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda"
+                                                      else None, find_unused_parameters=cfg.aux_bn != "none")
+    state.model.train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    return Run(cfg, seed, name, ctx, device, workdir, identity, dataset, val_set, latent, cfg.attack(latent),
+               forward, autocast, memory_format, num_classes), state
 
-    def save() -> None:
-        totals = acc.clone()
-        if ctx.world_size > 1:  # this epoch's sums over every rank, restored on rank 0 only
-            dist.all_reduce(totals)
-        if ctx.main:
-            checkpoint.save(workdir, step, {
-                "step": step, "total_steps": cfg.total_steps, "world_size": ctx.world_size,
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": schedule.state_dict(), "rng": checkpoint.rng_state(), "curve": curve,
-                "best": best, "epoch_accumulators": totals.cpu(), "config": dataclasses.asdict(cfg), "run": run,
-                "identity": identity})
-        if ctx.world_size > 1:
-            dist.barrier()
 
+def save(run: Run, state: TrainState) -> None:
+    """Checkpoint the state at its step (rank 0 writes). Every rank calls it: the epoch's sums are
+    reduced over the ranks first, so rank 0 stores, and on resume restores, the sum of all of them."""
+    totals = state.sums.over_ranks(run.ctx)
+    if run.ctx.main:
+        checkpoint.save(run.workdir, state.step, {
+            "step": state.step, "total_steps": run.cfg.total_steps, "world_size": run.ctx.world_size,
+            "model": state.model.state_dict(), "ema": state.ema.state_dict(),
+            "optimizer": state.optimizer.state_dict(), "scheduler": state.schedule.state_dict(),
+            "rng": checkpoint.rng_state(), "curve": state.curve, "best": state.best,
+            "epoch_accumulators": totals.values.cpu(), "config": dataclasses.asdict(run.cfg), "run": run.name,
+            "identity": run.identity})
+    if run.ctx.world_size > 1:
+        dist.barrier()
+
+
+def train_step(run: Run, state: TrainState, images: torch.Tensor, y: torch.Tensor,
+               is_generated: torch.Tensor) -> torch.Tensor:
+    """One optimiser step on a loader batch (uint8 NCHW); returns the loss. The attack's noise and the
+    CutMix boxes come from (seed, run, step, rank), so a resumed run draws what an uninterrupted one did."""
+    cfg, device, step = run.cfg, run.device, state.step
+    x = to_float(images, device, layout="NCHW", memory_format=run.memory_format, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    smoothing = is_generated.to(device).float() * cfg.label_smoothing
+    attack_rng = seeding.torch_generator(run.seed, "train_robust", run.name, "attack", step, run.ctx.rank,
+                                         device=device)
+    mix = None
+    if cfg.cutmix_alpha > 0:
+        x, mix = cutmix_mod.cutmix(x, y, smoothing, cutmix_mod.selection(cfg.cutmix_apply_to, is_generated),
+                                   cfg.cutmix_alpha, seeding.numpy_rng(run.seed, "train_robust", run.name, "cutmix",
+                                                                       step, run.ctx.rank))
+    routes = aux_bn.routes_for(cfg.aux_bn, is_generated.to(device))
+    with run.autocast:
+        loss, parts = adversarial_loss(cfg.loss, state.model, x, y, cfg.beta, run.attack,  # type: ignore[arg-type]
+                                       smoothing, attack_rng, run.forward, mix, routes)
+    if not torch.isfinite(loss).item():
+        raise NonFiniteLoss(f"run {run.name}: loss is {loss.item()} at step {step} (lr "
+                            f"{state.schedule.get_last_lr()[0]:.4g}); stopped without saving, the last good "
+                            f"checkpoint in {run.workdir} is kept. Lower train_robust.lr or check the data.")
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.schedule.step()
+    state.ema.update(state.model)
+    state.sums.add(loss, parts, y)
+    state.step += 1
+    return loss
+
+
+def end_epoch(run: Run, state: TrainState) -> None:
+    """At an epoch's last step: its curve row (training means over every rank, validation of the EMA
+    model), best.pt's weights when validation improved, and fresh sums for the next epoch."""
+    epoch = len(state.curve) + 1
+    row: dict[str, Any] = {"epoch": epoch, "step": state.step, "lr": state.schedule.get_last_lr()[0],
+                           **state.sums.over_ranks(run.ctx).means()}
+    row["val_clean_acc"], row["val_robust_acc"] = validate(
+        state.ema.model, run.val_set, run.cfg, seeding.derive(run.seed, "train_robust", "val"), run.ctx, run.latent,
+        run.autocast)
+    if run.ctx.main:
+        if row["val_robust_acc"] > state.best["acc"]:
+            state.best = {"acc": row["val_robust_acc"], "epoch": epoch, "state": inference_state(state.ema.model)}
+        log.info("epoch %d/%d: train loss %.4f, val clean %.3f, val PGD-%d %.3f", epoch, run.cfg.epochs,
+                 row["train_loss"], row["val_clean_acc"], run.cfg.val_pgd_steps, row["val_robust_acc"])
+    state.curve.append(row)
+    state.sums.values.zero_()
+
+
+def final_metrics(run: Run, state: TrainState) -> Metrics:
+    """The finished run's metrics.json fields."""
+    cfg, last = run.cfg, (state.curve[-1] if state.curve else {})
+    source, variant = params_mod.split_run(run.name)
+    generated = run.dataset.generated
+    return Metrics(
+        run=run.name, generator=None if source == "baseline" else source,
+        n_generated=len(generated) if generated is not None else 0,
+        generated_per_batch=run.dataset.spec.n_generated, model=cfg.model, loss=cfg.loss, threat=cfg.threat,
+        eps_255=None if run.latent else cfg.eps_255, latent_radius=run.latent.radius if run.latent else None,
+        epochs=cfg.epochs, steps=cfg.total_steps, seed=run.seed, world_size=run.ctx.world_size,
+        num_classes=run.num_classes, variant=variant, source_run=source,
+        aux_bn=cfg.aux_bn, cutmix_alpha=cfg.cutmix_alpha, val_robust_acc_best=state.best["acc"],
+        best_epoch=state.best["epoch"], val_robust_acc_last=last.get("val_robust_acc"),
+        val_clean_acc_last=last.get("val_clean_acc"), train_loss=last.get("train_loss"),
+        config=dataclasses.asdict(cfg))
+
+
+def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, name: str, train: Path, val: Path,
+                 generated: list[Path], labels: list[Path], workdir: Path,
+                 selection: Path | None = None, stop_after: int | None = None,
+                 progress: bool = True, num_classes: int = 10, threat_file: Path | None = None) -> Result:
+    """Train (or resume) run `name` and return the EMA model, best EMA weights, curve and metrics.
+
+    setup() builds or resumes the state, train_step() takes one step, end_epoch() closes an epoch at its
+    last step, and after every step the checkpoint rule all training loops share
+    (preemption.checkpoint_after_step: every `checkpoint_every` steps, at the last step, on SIGTERM)
+    saves, with SIGTERM agreed over the ranks. `threat_file` is the run's pipeline.threat_model file
+    (required for a learned threat). `stop_after` ends the call after that many global steps as if
+    preempted (tests use it). The input files come one argument each, as the CLI flags name them;
+    setup() groups them as `Inputs`.
+    """
+    run, state = setup(cfg, seed, device_name, name, Inputs(train, val, generated, labels, selection, threat_file),
+                       workdir, num_classes)
     stop = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
-    batches = loader_mod.loader(dataset, step, stop, cfg.num_workers, pin_memory=cuda)
-    attack = cfg.attack(latent)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    bar = tqdm(total=cfg.total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="img",
-               unit_scale=True, disable=not (progress and ctx.main), desc=f"train_robust {run}")
+    batches = loader_mod.loader(run.dataset, state.step, stop, cfg.num_workers, pin_memory=run.cuda)
+    bar = tqdm(total=cfg.total_steps * cfg.batch_size, initial=state.step * cfg.batch_size, unit="img",
+               unit_scale=True, disable=not (progress and run.ctx.main), desc=f"train_robust {name}")
     with SigtermFlag() as sigterm:
         for images, y, is_generated in batches:
-            x = images.to(device, non_blocking=True).float().div_(255)
-            x = x.contiguous(memory_format=memory_format)
-            y = y.to(device, non_blocking=True)
-            smoothing = is_generated.to(device).float() * cfg.label_smoothing
-            attack_rng = seeding.torch_generator(seed, "train_robust", run, "attack", step, ctx.rank,
-                                                 device=device)
-            mix = None
-            if cfg.cutmix_alpha > 0:
-                x, mix = cutmix_mod.cutmix(x, y, smoothing, cutmix_mod.selection(cfg.cutmix_apply_to, is_generated),
-                                           cfg.cutmix_alpha, seeding.numpy_rng(seed, "train_robust", run, "cutmix",
-                                                                               step, ctx.rank))
-            routes = aux_bn.routes_for(cfg.aux_bn, is_generated.to(device))
-            with autocast:
-                loss, parts = adversarial_loss(cfg.loss, model, x, y, cfg.beta, attack,  # type: ignore[arg-type]
-                                               smoothing, attack_rng, forward, mix, routes)
-            if not torch.isfinite(loss).item():
-                raise NonFiniteLoss(f"run {run}: loss is {loss.item()} at step {step} (lr "
-                                    f"{schedule.get_last_lr()[0]:.4g}); stopped without saving, the last good "
-                                    f"checkpoint in {workdir} is kept. Lower train_robust.lr or check the data.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            ema.update(model)
-            with torch.no_grad():
-                n = len(y)
-                acc += torch.stack([loss.detach().double() * n, parts["ce"].double() * n, parts["kl"].double() * n,
-                                    (parts["logits"].argmax(1) == y).sum().double(),
-                                    torch.tensor(n, dtype=torch.float64, device=device)])
-            step += 1
+            loss = train_step(run, state, images, y, is_generated)
             bar.update(cfg.batch_size)
-            if ctx.main and step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.get_last_lr()[0]:.3g}")
-            if step == cfg.epoch_end(len(curve) + 1):
-                totals = acc.clone()
-                if ctx.world_size > 1:
-                    dist.all_reduce(totals)
-                epoch = len(curve) + 1
-                row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": schedule.get_last_lr()[0],
-                                       "train_loss": (totals[0] / totals[4]).item(),
-                                       "train_ce": (totals[1] / totals[4]).item(),
-                                       "train_kl": (totals[2] / totals[4]).item(),
-                                       "train_acc": (totals[3] / totals[4]).item()}
-                row["val_clean_acc"], row["val_robust_acc"] = validate(
-                    ema.model, val_set, cfg, seeding.derive(seed, "train_robust", "val"), ctx, latent, autocast)
-                if ctx.main:
-                    if row["val_robust_acc"] > best["acc"]:
-                        best = {"acc": row["val_robust_acc"], "epoch": epoch,
-                                "state": inference_state(ema.model)}
-                    log.info("epoch %d/%d: train loss %.4f, val clean %.3f, val PGD-%d %.3f",
-                             epoch, cfg.epochs, row["train_loss"], row["val_clean_acc"], cfg.val_pgd_steps,
-                             row["val_robust_acc"])
-                curve.append(row)
-                acc.zero_()
-            preempted = sigterm.received
-            if ctx.world_size > 1:  # every rank must agree, or one would wait forever in save()'s barrier
-                flag = torch.tensor([float(preempted)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                preempted = bool(flag.item())
-            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted:
-                save()
-            if preempted:
-                bar.close()
-                log.warning("SIGTERM: checkpoint at step %d in %s; rerun the same command to resume", step, workdir)
-                raise Preempted(SIGTERM_EXIT)
+            if run.ctx.main and state.step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{state.schedule.get_last_lr()[0]:.3g}")
+            if state.step == cfg.epoch_end(len(state.curve) + 1):
+                end_epoch(run, state)
+            checkpoint_after_step(sigterm_on_any_rank(sigterm.received, run.ctx, run.device), state.step,
+                                  cfg.total_steps, cfg.checkpoint_every, lambda _: save(run, state), workdir, bar)
     bar.close()
-    if step < cfg.total_steps:
-        save()
+    if state.step < cfg.total_steps:  # stop_after ended the batches early: as if preempted there
+        save(run, state)
         raise Preempted(SIGTERM_EXIT)
-    last = curve[-1] if curve else {}
-    metrics = {
-        "run": run, "generator": None if source == "baseline" else source, "n_generated": n_generated,
-        "generated_per_batch": dataset.spec.n_generated, "model": cfg.model, "loss": cfg.loss,
-        "threat": cfg.threat, "eps_255": None if latent else cfg.eps_255,
-        "latent_radius": latent.radius if latent else None, "epochs": cfg.epochs, "steps": cfg.total_steps,
-        "seed": seed, "world_size": ctx.world_size, "num_classes": num_classes, "variant": variant,
-        "source_run": source, "aux_bn": cfg.aux_bn, "cutmix_alpha": cfg.cutmix_alpha,
-        "val_robust_acc_best": best["acc"], "best_epoch": best["epoch"],
-        "val_robust_acc_last": last.get("val_robust_acc"), "val_clean_acc_last": last.get("val_clean_acc"),
-        "train_loss": last.get("train_loss"), "config": dataclasses.asdict(cfg),
-    }
-    return Result(aux_bn.main_only(ema.model) if cfg.aux_bn != "none" else ema.model, best["state"], curve,
-                  metrics)
+    ema_model = aux_bn.main_only(state.ema.model) if cfg.aux_bn != "none" else state.ema.model
+    return Result(ema_model, state.best["state"], state.curve, final_metrics(run, state))
 
 
 # --- outputs ---
@@ -501,28 +684,29 @@ def write_figure(path: Path, curve: list[dict[str, Any]], run: str) -> None:
 
 
 def write_outputs(result: Result, cfg: TrainRobustConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """last.pt (last EMA), best.pt, curve.csv, metrics.json (last, so it marks completion). Each model
-    file names itself (`checkpoint`: last or best), so an evaluation can say what it attacked."""
-    name, classes = cfg.model, result.metrics["num_classes"]
+    """last.pt (last EMA), best.pt, curve.csv, metrics.json (last, so it marks completion); returns what
+    metrics.json holds. Each model file names itself (`checkpoint`: last or best), so an evaluation can
+    say what it attacked."""
+    name, classes, metrics = cfg.model, result.metrics.num_classes, result.metrics
     extra = {"config": dataclasses.asdict(cfg), "run": args.run}
     models.save_checkpoint(args.out_model, result.ema_model, name, classes,
                            {**extra, "checkpoint": "last", "epoch": cfg.epochs,
-                            "val_robust_acc": result.metrics["val_robust_acc_last"]})
+                            "val_robust_acc": metrics.val_robust_acc_last})
     best = models.build(name, classes)
     best.load_state_dict(result.best_state)
     models.save_checkpoint(args.out_best, best, name, classes,
-                           {**extra, "checkpoint": "best", "val_robust_acc": result.metrics["val_robust_acc_best"],
-                            "epoch": result.metrics["best_epoch"]})
+                           {**extra, "checkpoint": "best", "val_robust_acc": metrics.val_robust_acc_best,
+                            "epoch": metrics.best_epoch})
     write_curve(args.out_curve, result.curve)
     if args.out_figure:
         write_figure(args.out_figure, result.curve, args.run)
     generated = shards.expand(args.generated) if args.generated else []
-    metrics = {**result.metrics, "model_sha256": file_sha256(args.out_model),
+    written = {**metrics.to_json(), "model_sha256": file_sha256(args.out_model),
                "best_sha256": file_sha256(args.out_best),
                "generated_sha256": shards.set_sha256(generated) if generated else ""}
     with atomic_path(args.out_metrics) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+        tmp.write_text(json.dumps(written, indent=2) + "\n")
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -563,9 +747,9 @@ def main(argv: list[str] | None = None) -> None:
     except (NonFiniteLoss, ShardError, ValueError) as error:  # bad input or divergence: one clear line
         sys.exit(f"error: {error}")
     if int(os.environ.get("RANK", "0")) == 0:
-        metrics = write_outputs(result, cfg, args)
-        log.info("%s: best val robust acc %.4f (epoch %d), last %.4f", args.run,
-                 metrics["val_robust_acc_best"], metrics["best_epoch"], metrics["val_robust_acc_last"])
+        write_outputs(result, cfg, args)
+        log.info("%s: best val robust acc %.4f (epoch %d), last %.4f", args.run, result.metrics.val_robust_acc_best,
+                 result.metrics.best_epoch, result.metrics.val_robust_acc_last)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

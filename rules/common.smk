@@ -39,8 +39,10 @@ def stage_params(stage):
     `train_robust` is its own (its variant's settings laid over), so adding or changing one variant reruns
     only that variant's jobs; the DAG's axes are not declared, so adding a generator or a threat reruns
     none of the finished jobs."""
+
     def params(wildcards):
         return dag.job_params(stage, config, dict(wildcards.items()))
+
     return params
 
 
@@ -113,8 +115,10 @@ def launcher(resources, threads):
     gpus = int(resources.get("gpu", 0) or 0)
     if gpus > 1:
         per_rank = max(1, int(threads) // gpus)
-        return (f"OMP_NUM_THREADS={per_rank} MKL_NUM_THREADS={per_rank} "
-                f"torchrun --standalone --nproc_per_node {gpus} -m pipeline.train_robust --")
+        return (
+            f"OMP_NUM_THREADS={per_rank} MKL_NUM_THREADS={per_rank} "
+            f"torchrun --standalone --nproc_per_node {gpus} -m pipeline.train_robust --"
+        )
     return f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} python -m pipeline.train_robust"
 
 

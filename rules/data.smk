@@ -16,7 +16,4 @@ rule data:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        THREADS + "python -m pipeline.data"
-        " --params {params.params_file}"
-        " --out-dir {params.out_dir}"
-        " 2> {log}"
+        THREADS + "python -m pipeline.data --params {params.params_file} --out-dir {params.out_dir} 2> {log}"

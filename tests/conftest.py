@@ -1,8 +1,8 @@
-"""Shared fixtures: tiny params built from the shipped default, and the shipped demo CIFAR-10 subset."""
+"""Shared fixtures: tiny params built from the shipped default, the shipped demo CIFAR-10 subset, small
+training sets and generated shards, and whole-DAG runs. Plain functions and constants: tests/helpers.py."""
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
@@ -11,24 +11,16 @@ import torch
 import yaml
 
 from pipeline import params as params_mod
+from pipeline.shards import read_imageset, write_imageset
+from tests.helpers import BIN, DEMO_ARCHIVE, REPO, make_generated, make_workdir, run, tiny_config
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO_ARCHIVE = REPO / "data" / "demo" / "cifar-10-demo-python.tar.gz"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
-def tiny_overrides() -> dict:
-    """The smallest settings that still exercise every code path (tests/params.yaml holds them)."""
-    return yaml.safe_load((REPO / "tests" / "params.yaml").read_text())
 
 
 @pytest.fixture
 def tiny_params() -> dict:
     """A validated params dict: configs/default.yaml with tests/params.yaml laid over it."""
-    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
-    cfg = params_mod.deep_merge(default, tiny_overrides())
-    cfg["data"]["archive"] = str(DEMO_ARCHIVE)
-    return params_mod.validate(copy.deepcopy(cfg))
+    return tiny_config()
 
 
 @pytest.fixture
@@ -50,12 +42,41 @@ def cifar_sets(tmp_path_factory) -> dict[str, Path]:
     default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     cfg = params_mod.section(data.DataConfig, default["data"])
     sets = data.split(cfg, 0, *data.read_batches(DEMO_ARCHIVE))
-    from pipeline.shards import write_imageset
     paths = {}
     for name, (images, labels) in sets.items():
         paths[name] = out / f"{name}.h5"
         write_imageset(paths[name], images, labels)
     return paths
+
+
+# --- small sets for training-stage tests (module scope: each module that uses them makes its own) ---
+
+
+@pytest.fixture(scope="module")
+def small_sets(cifar_sets, tmp_path_factory) -> dict[str, Path]:
+    """The first 256 training and 16 validation images of the demo sets (keeps each run to seconds)."""
+    out = tmp_path_factory.mktemp("small")
+    sets = {}
+    for name, n in (("train", 256), ("val", 16)):
+        images, labels = read_imageset(cifar_sets[name])
+        sets[name] = out / f"{name}.h5"
+        write_imageset(sets[name], images[:n], labels[:n])
+    return sets
+
+
+@pytest.fixture(scope="module")
+def small_train(tmp_path_factory, cifar_sets) -> Path:
+    """The first 160 demo training images (CVAE training)."""
+    path = tmp_path_factory.mktemp("cvae") / "train.h5"
+    images, labels = read_imageset(cifar_sets["train"])
+    write_imageset(path, images[:160], labels[:160])
+    return path
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> tuple[Path, Path]:
+    """3 shards of 40 random images and their pseudo-label sidecars: (shard dir, label dir)."""
+    return make_generated(tmp_path_factory.mktemp("gen"), n_shards=3, per_shard=40)
 
 
 # --- whole-DAG runs, shared by the workflow, DVC-remote and SLURM tests (each costs minutes) ---
@@ -64,8 +85,6 @@ def cifar_sets(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def snakemake_run(tmp_path_factory) -> Path:
     """A test-scale copy of the workflow after `snakemake --cores 2 results/cifar10_table.csv`."""
-    from tests.test_workflow import BIN, make_workdir, run
-
     workdir = make_workdir(tmp_path_factory.mktemp("snakemake"))
     run([str(BIN / "snakemake"), "--cores", "2", "results/cifar10_table.csv"], workdir)
     return workdir
@@ -81,8 +100,6 @@ def dvc_remote(tmp_path_factory) -> Path:
 def dvc_repo(tmp_path_factory, dvc_remote) -> Path:
     """A git repo holding a test-scale copy of the workflow after `dvc repro`, committed (no `dvc init`:
     the committed .dvc/config came with the workflow files, as in a fresh clone)."""
-    from tests.test_workflow import BIN, make_workdir, run
-
     repo = make_workdir(tmp_path_factory.mktemp("dvc") / "origin")
     run(["git", "init", "-q", "-b", "main"], repo)
     run(["git", "config", "user.email", "ci@example.com"], repo)

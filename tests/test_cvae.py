@@ -3,32 +3,18 @@ the latent ball (projection, PGD, truncated prior) and the `cvae` generator's sh
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 from pipeline import checkpoint, corruptions, generate, shards
 from pipeline import params as P
-from pipeline.classifier_training import to_float
 from pipeline.generators import cvae
-from pipeline.shards import read_imageset, write_imageset
+from pipeline.inference import to_float
+from pipeline.shards import read_imageset
+from tests.helpers import cvae_cfg
 
 CPU = torch.device("cpu")
-
-
-def tiny_cfg(tiny_params: dict, **overrides) -> cvae.Config:
-    cfg = P.section(cvae.Config, tiny_params["train_generator"]["cvae"])
-    return dataclasses.replace(cfg, **overrides)
-
-
-@pytest.fixture(scope="module")
-def small_train(tmp_path_factory, cifar_sets):
-    path = tmp_path_factory.mktemp("cvae") / "train.h5"
-    images, labels = read_imageset(cifar_sets["train"])
-    write_imageset(path, images[:160], labels[:160])
-    return path
 
 
 @pytest.mark.parametrize("kind", corruptions.KINDS)
@@ -44,7 +30,7 @@ def test_each_corruption_changes_the_image_and_is_seeded(kind, cifar_sets):
 
 
 def test_elbo_falls_and_a_killed_run_resumes_exactly(tiny_params, small_train, tmp_path, monkeypatch):
-    cfg = tiny_cfg(tiny_params, train_steps=40, checkpoint_every=20, holdout=32, batch_size=32, latent_steps=3)
+    cfg = cvae_cfg(tiny_params, train_steps=40, checkpoint_every=20, holdout=32, batch_size=32, latent_steps=3)
     cvae.train(cfg, small_train, tmp_path / "work-a", tmp_path / "a.pt", 0, CPU)
     a = torch.load(tmp_path / "a.pt", weights_only=False)
     losses = [row["loss"] for row in a["curve"]]
@@ -106,7 +92,7 @@ def test_truncated_prior_samples_lie_in_the_ball():
 
 
 def test_cvae_generator_shards_are_deterministic_and_keep_labels(tiny_params, small_train, tmp_path):
-    cfg = tiny_cfg(tiny_params, train_steps=4, checkpoint_every=4, holdout=16, batch_size=16, latent_steps=2)
+    cfg = cvae_cfg(tiny_params, train_steps=4, checkpoint_every=4, holdout=16, batch_size=16, latent_steps=2)
     model = tmp_path / "model.pt"
     cvae.train(cfg, small_train, tmp_path / "work", model, 0, CPU)
     params = dict(tiny_params)
@@ -131,7 +117,7 @@ def test_latent_threat_evaluation_and_its_table_row(tiny_params, write_params, s
     from pipeline import evaluate_latent, models
     from pipeline import table as T
 
-    cfg = tiny_cfg(tiny_params, train_steps=30, checkpoint_every=30, holdout=32, batch_size=32, latent_steps=3)
+    cfg = cvae_cfg(tiny_params, train_steps=30, checkpoint_every=30, holdout=32, batch_size=32, latent_steps=3)
     generator_path = tmp_path / "models" / "generators" / "cvae" / "model.pt"
     cvae.train(cfg, small_train, tmp_path / "work", generator_path, 0, CPU)
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline import data, shards
-from tests.conftest import DEMO_ARCHIVE
+from tests.helpers import DEMO_ARCHIVE
 
 
 def test_demo_archive_is_real_cifar10_layout():

@@ -22,8 +22,7 @@ import yaml
 
 from pipeline import data, datasets, models, shards, teacher
 from pipeline import params as P
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import BIN, DEMO_ARCHIVE, env, make_workdir
 
 
 def md5(path: Path) -> str:
@@ -83,7 +82,6 @@ def test_svhn_layout_is_read_exactly_and_ten_means_zero(svhn):
 
 
 def test_a_cifar10_archive_is_refused_as_cifar100():
-    from tests.conftest import DEMO_ARCHIVE
     with pytest.raises(datasets.ArchiveError, match="cifar-100-python/train"):
         data.read_batches(DEMO_ARCHIVE, "cifar100")
 
@@ -167,13 +165,11 @@ def test_cifar100_teacher_and_robust_model_have_100_outputs(cifar100, tiny_param
                              tmp_path / "data" / "val.h5", [], [], tmp_path / "robust", progress=False,
                              num_classes=100)
     assert result.ema_model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
-    assert result.metrics["num_classes"] == 100
+    assert result.metrics.num_classes == 100
 
 
 def test_snakemake_targets_the_datasets_table(tmp_path):
     """A dry run of the DAG on SVHN: every stage planned, the target is results/svhn_table.csv."""
-    from tests.test_workflow import BIN, env, make_workdir
-
     workdir = make_workdir(tmp_path)
     folder = tmp_path / "svhn-files"
     folder.mkdir()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_workflow import BIN, run
+from tests.helpers import BIN, run
 
 pytestmark = pytest.mark.slow
 

@@ -13,6 +13,7 @@ from torch import nn
 from pipeline import evaluate as E
 from pipeline import models
 from pipeline import params as P
+from pipeline.inference import to_float
 from pipeline.shards import read_arrays, read_imageset, write_arrays
 
 CPU = torch.device("cpu")
@@ -21,7 +22,7 @@ CPU = torch.device("cpu")
 def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, epochs: int, lr: float) -> nn.Module:
     """Plain (non-robust) SGD training: the model has real clean accuracy and no robustness."""
     torch.manual_seed(0)
-    x, y = E.to_tensor(images), torch.from_numpy(labels)
+    x, y = to_float(images), torch.from_numpy(labels)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
     model.train()
     for _ in range(epochs):

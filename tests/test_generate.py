@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import generate, params as params_mod, shards
+from pipeline import generate, shards
+from pipeline import params as params_mod
 from pipeline.generators import SampleSettings, ddpm, gaussian, imported
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +284,7 @@ def test_failed_sampling_leaves_no_shard(gaussian_model, tiny_params, tmp_path, 
     assert not out.exists() and not out.parent.exists()  # sampling comes before any file is opened
 
 
+@pytest.mark.slow
 def test_killed_cli_leaves_no_final_file(ddpm_model, tiny_params, write_params, tmp_path):
     cfg = with_generate(tiny_params, n_images=400, shard_size=400, batch_size=4, sampling_steps=20)
     out = tmp_path / "gen" / "shard-00000.h5"

@@ -11,19 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoint, models
+from pipeline import checkpoint, latent_attack, models
 from pipeline import params as P
 from pipeline import threat_model as tm
 from pipeline import train_robust as tr
 from pipeline.generators import cvae
-from tests.test_cvae import small_train, tiny_cfg as cvae_cfg  # noqa: F401 (fixture)
-from tests.test_train_robust import same_weights, small_sets, tiny_cfg  # noqa: F401 (fixtures)
+from tests.helpers import cvae_cfg, robust_cfg, same_weights
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def generators_dir(tmp_path_factory, small_train):  # noqa: F811
+def generators_dir(tmp_path_factory, small_train):
     """models/generators/cvae/model.pt of a briefly trained CVAE (radius and errors estimated)."""
     root = tmp_path_factory.mktemp("generators")
     params = P.validate(P.preset("default"))
@@ -48,27 +47,27 @@ def test_threat_model_files_change_only_for_runs_in_the_learned_set(generators_d
     latent = json.loads((out / "baseline-latent_at.json").read_text())
     _, state = cvae.load_model(generators_dir / "cvae" / "model.pt")
     assert latent["threat"] == "cvae" and latent["radius"] == pytest.approx(state["radius"])
-    assert tm.load(out / "gaussian.json", "linf") is None
-    latent_set = tm.load(out / "baseline-latent_at.json", "cvae")
+    assert latent_attack.load(out / "gaussian.json", "linf") is None
+    latent_set = latent_attack.load(out / "baseline-latent_at.json", "cvae")
     assert latent_set.radius == pytest.approx(state["radius"]) and latent_set.latent_dim == 32
 
     with pytest.raises(ValueError, match="describes threat 'linf'"):   # a stale file for this run's threat
-        tm.load(out / "gaussian.json", "cvae")
+        latent_attack.load(out / "gaussian.json", "cvae")
     changed = copy.deepcopy(latent)
     changed["model_sha256"] = "0" * 64                                  # the CVAE was retrained since
     (out / "changed.json").write_text(json.dumps(changed))
     with pytest.raises(ValueError, match="changed since"):
-        tm.load(out / "changed.json", "cvae")
+        latent_attack.load(out / "changed.json", "cvae")
     with pytest.raises(FileNotFoundError, match="generator model is missing"):
         tm.describe(cfg, "cvae-latent_at", tmp_path / "no-generators")
 
 
-def test_latent_attack_returns_members_that_raise_the_loss(generators_dir, small_train):  # noqa: F811
+def test_latent_attack_returns_members_that_raise_the_loss(generators_dir, small_train):
     from pipeline.shards import read_imageset
-    from pipeline.classifier_training import to_float
+    from pipeline.inference import to_float
 
     generator, state = cvae.load_model(generators_dir / "cvae" / "model.pt")
-    latent = tm.LatentSet(generator, float(state["radius"]))
+    latent = latent_attack.LatentSet(generator, float(state["radius"]))
     images, labels = read_imageset(small_train)
     x, y = to_float(images[:32]), torch.from_numpy(labels[:32])
     torch.manual_seed(0)
@@ -89,10 +88,10 @@ def test_latent_attack_returns_members_that_raise_the_loss(generators_dir, small
     assert (norms <= latent.radius + 1e-5).all() and norms.max() > 0.9 * latent.radius
 
 
-@pytest.mark.parametrize("loss", ["trades", "pgd"])
-def test_latent_adversarial_training_resumes_exactly(loss, tiny_params, small_sets, generators_dir,  # noqa: F811
+@pytest.mark.parametrize("loss", [pytest.param("trades", marks=pytest.mark.slow), "pgd"])  # trades: ~10 s
+def test_latent_adversarial_training_resumes_exactly(loss, tiny_params, small_sets, generators_dir,
                                                      tmp_path):
-    cfg = tiny_cfg(tiny_params, threat="cvae", loss=loss, attack_steps=2)
+    cfg = robust_cfg(tiny_params, threat="cvae", loss=loss, attack_steps=2)
     threat_file = tm.write(tm.describe(latent_params(), "baseline-latent_at", generators_dir), tmp_path)
 
     def train(workdir, stop_after=None):
@@ -104,18 +103,18 @@ def test_latent_adversarial_training_resumes_exactly(loss, tiny_params, small_se
         train(tmp_path / "split", stop_after=2)
     resumed = train(tmp_path / "split")
     assert same_weights(whole.ema_model.state_dict(), resumed.ema_model.state_dict())
-    assert whole.metrics["threat"] == "cvae" and whole.metrics["eps_255"] is None
-    assert whole.metrics["latent_radius"] == pytest.approx(tm.load(threat_file, "cvae").radius)
+    assert whole.metrics.threat == "cvae" and whole.metrics.eps_255 is None
+    assert whole.metrics.latent_radius == pytest.approx(latent_attack.load(threat_file, "cvae").radius)
     assert len(whole.curve) == cfg.epochs and 0 <= whole.curve[-1]["val_robust_acc"] <= 1
     # the step really attacks in the set: training differs from plain (pixel linf) TRADES/PGD-AT
-    plain = tr.train_robust(tiny_cfg(tiny_params, loss=loss, attack_steps=2), 0, "cpu", "baseline",
+    plain = tr.train_robust(robust_cfg(tiny_params, loss=loss, attack_steps=2), 0, "cpu", "baseline",
                             small_sets["train"], small_sets["val"], [], [], tmp_path / "plain", progress=False)
     assert not same_weights(whole.ema_model.state_dict(), plain.ema_model.state_dict())
     assert checkpoint.latest(tmp_path / "whole")["config"]["threat"] == "cvae"
 
 
-def test_a_learned_threat_needs_its_file(tiny_params, small_sets, tmp_path):  # noqa: F811
-    cfg = tiny_cfg(tiny_params, threat="cvae")
+def test_a_learned_threat_needs_its_file(tiny_params, small_sets, tmp_path):
+    cfg = robust_cfg(tiny_params, threat="cvae")
     with pytest.raises(ValueError, match="pass --threat-model"):
         tr.train_robust(cfg, 0, "cpu", "baseline", small_sets["train"], small_sets["val"], [], [], tmp_path,
                         progress=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,23 +10,7 @@ import torch
 
 from pipeline import loader
 from pipeline.shards import ShardError, read_attrs, read_imageset, write_arrays, write_imageset
-
-
-def make_generated(root: Path, n_shards: int, per_shard: int, seed: int = 0) -> tuple[Path, Path]:
-    """Shards of random images (label -1, like an unconditional generator) plus pseudo-label sidecars."""
-    rng = np.random.default_rng(seed)
-    for i in range(n_shards):
-        shard = root / "gen" / f"shard-{i:05d}.h5"
-        # Pixel (0, 0, 0) encodes the shard, (0, 1, 0) the row mod 256: lets tests see where an image came from.
-        images = rng.integers(0, 256, (per_shard, 32, 32, 3), dtype=np.uint8)
-        images[:, 0, 0, 0] = i
-        images[:, 0, 1, 0] = np.arange(per_shard) % 256
-        write_imageset(shard, images, -np.ones(per_shard, dtype=np.int64))
-        write_arrays(root / "labels" / shard.name,
-                     {"label": rng.integers(0, 10, per_shard).astype(np.int64),
-                      "confidence": np.ones(per_shard, dtype=np.float32)},
-                     {"shard": shard.name, "shard_sha256": read_attrs(shard)["sha256"]})
-    return root / "gen", root / "labels"
+from tests.helpers import make_generated
 
 
 @pytest.fixture

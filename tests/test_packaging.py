@@ -6,7 +6,7 @@ import tomllib
 
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_conda_environment_installs_the_project_and_restates_no_dependency():

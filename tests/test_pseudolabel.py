@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline import models, pseudolabel
+from pipeline.labels import load_labels
 from pipeline.shards import ShardError, read_attrs, read_imageset, write_imageset
 
 
@@ -37,7 +38,7 @@ def test_both_cli_forms_write_identical_aligned_sidecars(tiny_params, write_para
                       "--shard-dir", str(shard_dir), "--out-dir", str(tmp_path / "all")])
     assert one.read_bytes() == (tmp_path / "all" / "shard-00000.h5").read_bytes()
 
-    arrays = pseudolabel.load_labels(shard_dir / "shard-00000.h5", one)
+    arrays = load_labels(shard_dir / "shard-00000.h5", one)
     assert arrays["label"].dtype == np.int64 and arrays["confidence"].dtype == np.float32
     assert len(arrays["label"]) == 60 and "probs" not in arrays
     assert np.all((arrays["confidence"] >= 0.1 - 1e-6) & (arrays["confidence"] <= 1))  # max of 10 probs
@@ -60,14 +61,14 @@ def test_misaligned_sidecar_is_detected_naming_both_files(tiny_params, write_par
     pseudolabel.main(["--params", str(params), "--teacher", str(teacher_file),
                       "--shard-dir", str(shard_dir), "--out-dir", str(out)])
     with pytest.raises(ShardError, match="shard-00001.h5.*shard-00000.h5|shard-00000.h5.*shard-00001.h5"):
-        pseudolabel.load_labels(shard_dir / "shard-00000.h5", out / "shard-00001.h5")
+        load_labels(shard_dir / "shard-00000.h5", out / "shard-00001.h5")
     # A regenerated shard (new bytes under the same name) no longer matches its old sidecar.
     x, y = read_imageset(shard_dir / "shard-00000.h5")
     write_imageset(shard_dir / "shard-00000.h5", x[::-1].copy(), y[::-1].copy())
     with pytest.raises(ShardError, match="do not match"):
-        pseudolabel.load_labels(shard_dir / "shard-00000.h5", out / "shard-00000.h5")
+        load_labels(shard_dir / "shard-00000.h5", out / "shard-00000.h5")
     with pytest.raises(ShardError, match="another teacher"):
-        pseudolabel.load_labels(shard_dir / "shard-00001.h5", out / "shard-00001.h5", teacher_sha256="0" * 64)
+        load_labels(shard_dir / "shard-00001.h5", out / "shard-00001.h5", teacher_sha256="0" * 64)
 
 
 def test_save_probs_and_corrupt_sidecar(tiny_params, write_params, teacher_file, shard_dir, tmp_path):
@@ -76,11 +77,11 @@ def test_save_probs_and_corrupt_sidecar(tiny_params, write_params, teacher_file,
     out = tmp_path / "labels" / "shard-00001.h5"
     pseudolabel.main(["--params", str(params), "--teacher", str(teacher_file),
                       "--shard", str(shard_dir / "shard-00001.h5"), "--out", str(out)])
-    arrays = pseudolabel.load_labels(shard_dir / "shard-00001.h5", out)
+    arrays = load_labels(shard_dir / "shard-00001.h5", out)
     assert arrays["probs"].shape == (40, 10)
     assert np.allclose(arrays["probs"].sum(1), 1, atol=1e-5)
     assert np.array_equal(arrays["probs"].argmax(1), arrays["label"])
     with h5py.File(out, "r+") as h5:
         h5["label"][0] = (h5["label"][0] + 1) % 10
     with pytest.raises(ShardError, match="checksum"):
-        pseudolabel.load_labels(shard_dir / "shard-00001.h5", out)
+        load_labels(shard_dir / "shard-00001.h5", out)

@@ -14,7 +14,7 @@ from pipeline import cutmix as cm
 from pipeline import params as P
 from pipeline import train_robust as tr
 from pipeline.losses import mixed_cross_entropy, smoothed_cross_entropy
-from tests.test_train_robust import generated, small_sets, tiny_cfg  # noqa: F401 (fixtures)
+from tests.helpers import robust_cfg
 
 # --- auxiliary batch norm ---
 
@@ -41,7 +41,7 @@ def test_mask_route_sends_each_row_through_its_own_batch_norm(order):
 
 
 def test_advprop_training_keeps_two_sets_of_statistics_and_infers_with_main(tiny_params, small_sets, tmp_path):
-    cfg = tiny_cfg(tiny_params, aux_bn="adversarial", attack_steps=2)
+    cfg = robust_cfg(tiny_params, aux_bn="adversarial", attack_steps=2)
     model = aux_bn.convert(models.build("small_cnn"))
     result = tr.train_robust(cfg, 0, "cpu", "baseline", small_sets["train"], small_sets["val"], [], [],
                              tmp_path, progress=False)
@@ -62,8 +62,8 @@ def test_advprop_training_keeps_two_sets_of_statistics_and_infers_with_main(tiny
     best.load_state_dict(result.best_state)                 # best.pt loads into the registry model too
 
 
-def test_source_mode_sends_generated_rows_through_aux(tiny_params, small_sets, generated, tmp_path):  # noqa: F811
-    cfg = tiny_cfg(tiny_params, aux_bn="source")
+def test_source_mode_sends_generated_rows_through_aux(tiny_params, small_sets, generated, tmp_path):
+    cfg = robust_cfg(tiny_params, aux_bn="source")
     tr.train_robust(cfg, 0, "cpu", "gaussian", small_sets["train"], small_sets["val"], [generated[0]],
                     [generated[1]], tmp_path, progress=False)
     state = checkpoint.latest(tmp_path)["model"]
@@ -122,8 +122,8 @@ def test_cutmix_selection_by_source():
     assert cm.selection("both", is_generated).all()
 
 
-def test_resume_with_cutmix_and_aux_bn_equals_uninterrupted(tiny_params, small_sets, generated, tmp_path):  # noqa: F811
-    cfg = tiny_cfg(tiny_params, checkpoint_every=1, cutmix_alpha=1.0, aux_bn="adversarial")
+def test_resume_with_cutmix_and_aux_bn_equals_uninterrupted(tiny_params, small_sets, generated, tmp_path):
+    cfg = robust_cfg(tiny_params, checkpoint_every=1, cutmix_alpha=1.0, aux_bn="adversarial")
 
     def run(workdir, stop_after=None):
         return tr.train_robust(cfg, 0, "cpu", "gaussian-cutmix", small_sets["train"], small_sets["val"],
@@ -135,7 +135,7 @@ def test_resume_with_cutmix_and_aux_bn_equals_uninterrupted(tiny_params, small_s
     resumed = run(tmp_path / "cut")
     a, b = whole.ema_model.state_dict(), resumed.ema_model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert whole.metrics["variant"] == "cutmix" and whole.metrics["generator"] == "gaussian"
+    assert whole.metrics.variant == "cutmix" and whole.metrics.generator == "gaussian"
 
 
 # --- variants: extra runs of the DAG ---

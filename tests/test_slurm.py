@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_workflow import BIN, REPO, env, make_workdir, read_table
+from tests.helpers import BIN, REPO, env, make_workdir, read_table
 
 CLUSTER = REPO / "cluster"
 TABLE = "results/cifar10_table.csv"

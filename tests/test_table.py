@@ -18,9 +18,9 @@ from pipeline import evaluate as E
 from pipeline import models, paper_reference
 from pipeline import params as P
 from pipeline import table as T
+from pipeline.inference import to_float
 from pipeline.shards import file_sha256, read_arrays, read_attrs, read_imageset, write_imageset
-
-from tests.conftest import REPO, tiny_overrides
+from tests.helpers import REPO, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def evaluated(tmp_path_factory, cifar_sets):
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(P.validate(cfg)))
     images, labels = read_imageset(cifar_sets["train"])
-    train_x, train_y = E.to_tensor(images), torch.from_numpy(labels)
+    train_x, train_y = to_float(images), torch.from_numpy(labels)
     rng = np.random.default_rng(0)
     for i in range(2):
         write_imageset(root / "data" / "generated" / "gaussian" / f"shard-{i:05d}.h5",

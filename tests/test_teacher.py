@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from pipeline import checkpoint, models, teacher
@@ -16,6 +17,7 @@ def run_cli(params, sets, workdir, out_dir):
     return json.loads((out_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_teacher_cli_beats_chance_on_real_cifar(tiny_params, write_params, cifar_sets, tmp_path):
     tiny_params["teacher"].update(epochs=2, checkpoint_every=1)
     metrics = run_cli(write_params(tiny_params), cifar_sets, tmp_path / "work", tmp_path / "out")

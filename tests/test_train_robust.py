@@ -15,37 +15,8 @@ import pytest
 import torch
 
 from pipeline import checkpoint, losses, models
-from pipeline import params as params_mod
 from pipeline import train_robust as tr
-from pipeline.shards import read_imageset, write_imageset
-from tests.test_loader import make_generated
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-# 2 epochs x 2 steps of 8 images, 1-step attacks: the smallest run that crosses an epoch boundary.
-TINY = {"epoch_size": 16, "batch_size": 8, "epochs": 2, "attack_steps": 1, "val_pgd_steps": 1}
-
-
-def tiny_cfg(tiny_params: dict, **overrides) -> tr.TrainRobustConfig:
-    return params_mod.section(tr.TrainRobustConfig, {**tiny_params["train_robust"], **TINY, **overrides})
-
-
-@pytest.fixture(scope="module")
-def generated(tmp_path_factory):
-    return make_generated(tmp_path_factory.mktemp("gen"), n_shards=3, per_shard=40)
-
-
-@pytest.fixture(scope="module")
-def small_sets(cifar_sets, tmp_path_factory):
-    """The first 256 training and 16 validation images of the demo sets (keeps each run to seconds)."""
-    out = tmp_path_factory.mktemp("small")
-    sets = {}
-    for name, n in (("train", 256), ("val", 16)):
-        images, labels = read_imageset(cifar_sets[name])
-        sets[name] = out / f"{name}.h5"
-        write_imageset(sets[name], images[:n], labels[:n])
-    return sets
+from tests.helpers import REPO, TINY_ROBUST, make_generated, robust_cfg, same_weights
 
 
 def run(cfg, small_sets, generated, workdir, stop_after=None, name="gaussian"):
@@ -55,12 +26,8 @@ def run(cfg, small_sets, generated, workdir, stop_after=None, name="gaussian"):
                            workdir, stop_after=stop_after, progress=False)
 
 
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_resumed_run_equals_uninterrupted(tiny_params, small_sets, generated, tmp_path):
-    cfg = tiny_cfg(tiny_params, checkpoint_every=2)      # 2 epochs x 2 steps; stop mid-epoch at 3
+    cfg = robust_cfg(tiny_params, checkpoint_every=2)      # 2 epochs x 2 steps; stop mid-epoch at 3
     whole = run(cfg, small_sets, generated, tmp_path / "whole")
     with pytest.raises(tr.Preempted) as stopped:
         run(cfg, small_sets, generated, tmp_path / "cut", stop_after=3)
@@ -70,12 +37,12 @@ def test_resumed_run_equals_uninterrupted(tiny_params, small_sets, generated, tm
     assert same_weights(whole.ema_model.state_dict(), resumed.ema_model.state_dict())
     assert same_weights(whole.best_state, resumed.best_state)
     assert whole.curve == resumed.curve
-    assert len(whole.curve) == 2 and whole.metrics["steps"] == 4
+    assert len(whole.curve) == 2 and whole.metrics.steps == 4
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_params, small_sets, generated, tmp_path,
                                                            monkeypatch):
-    cfg = tiny_cfg(tiny_params, checkpoint_every=1)
+    cfg = robust_cfg(tiny_params, checkpoint_every=1)
     real_loss, calls = losses.adversarial_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -88,11 +55,11 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_params, small_
         run(cfg, small_sets, generated, tmp_path)
     assert checkpoint.latest(tmp_path)["step"] == 2
     monkeypatch.setattr(tr, "adversarial_loss", real_loss)
-    assert run(cfg, small_sets, generated, tmp_path).metrics["steps"] == 4
+    assert run(cfg, small_sets, generated, tmp_path).metrics.steps == 4
 
 
 def test_sigterm_checkpoints_then_exits_nonzero(tiny_params, small_sets, generated, tmp_path, monkeypatch):
-    cfg = tiny_cfg(tiny_params, checkpoint_every=100)
+    cfg = robust_cfg(tiny_params, checkpoint_every=100)
     real_loss, calls = losses.adversarial_loss, {"n": 0}
 
     def preempting(*args, **kwargs):
@@ -121,7 +88,7 @@ def cli_args(params: Path, small_sets, out: Path, name: str, generated=None) -> 
 
 def test_cli_baseline_and_generator_runs(tiny_params, write_params, small_sets, generated, tmp_path):
     cfg = dict(tiny_params)
-    cfg["train_robust"] = {**cfg["train_robust"], **TINY}
+    cfg["train_robust"] = {**cfg["train_robust"], **TINY_ROBUST}
     params = write_params(cfg)
     metrics = {}
     for name in ("baseline", "gaussian"):
@@ -151,7 +118,7 @@ def test_cli_baseline_and_generator_runs(tiny_params, write_params, small_sets, 
 
 
 def test_baseline_refuses_generated_and_generator_needs_it(tiny_params, small_sets, generated, tmp_path):
-    cfg = tiny_cfg(tiny_params)
+    cfg = robust_cfg(tiny_params)
     with pytest.raises(ValueError, match="real data only"):
         tr.train_robust(cfg, 0, "cpu", "baseline", small_sets["train"], small_sets["val"], [generated[0]],
                         [generated[1]], tmp_path, progress=False)
@@ -166,9 +133,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes(tiny_params, write_params, small_sets, generated, tmp_path):
     cfg = dict(tiny_params)
-    cfg["train_robust"] = {**cfg["train_robust"], **TINY, "sync_bn": True}   # ignored on CPU, with a warning
+    cfg["train_robust"] = {**cfg["train_robust"], **TINY_ROBUST, "sync_bn": True}   # ignored on CPU, with a warning
     params = write_params(cfg)
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -185,8 +153,8 @@ def test_ddp_two_gloo_processes(tiny_params, write_params, small_sets, generated
 
 def test_a_rerun_with_other_settings_starts_afresh(tiny_params, small_sets, generated, tmp_path):
     """A job rerun because its params changed must not resume (or return) the finished old run."""
-    run(tiny_cfg(tiny_params), small_sets, generated, tmp_path / "work")
-    changed = tiny_cfg(tiny_params, beta=1.0)
+    run(robust_cfg(tiny_params), small_sets, generated, tmp_path / "work")
+    changed = robust_cfg(tiny_params, beta=1.0)
     rerun = run(changed, small_sets, generated, tmp_path / "work")
     fresh = run(changed, small_sets, generated, tmp_path / "fresh")
     assert same_weights(rerun.ema_model.state_dict(), fresh.ema_model.state_dict())
@@ -201,19 +169,19 @@ def test_a_rerun_with_other_settings_starts_afresh(tiny_params, small_sets, gene
 def test_step_count_and_warm_up_are_the_references(tiny_params):
     """epochs * epoch_size // batch_size steps (DeepMind's steps_from_epochs), not
     epochs * (epoch_size // batch_size): 19,531 steps and 488 warm-up steps at paper scale."""
-    paper = tiny_cfg(tiny_params, epochs=400, epoch_size=50_000, batch_size=1024, warmup_epochs=10)
+    paper = robust_cfg(tiny_params, epochs=400, epoch_size=50_000, batch_size=1024, warmup_epochs=10)
     assert paper.total_steps == 19_531 and paper.warmup_steps == 488
     assert [paper.epoch_end(e) for e in (1, 2, 3)] == [48, 97, 146]
 
 
 def test_epochs_end_where_their_samples_do(tiny_params, small_sets, generated, tmp_path):
     """20 samples per epoch at batch 8: epochs end at steps 2 and 5 (40 // 8), one row each."""
-    result = run(tiny_cfg(tiny_params, epoch_size=20), small_sets, generated, tmp_path)
-    assert result.metrics["steps"] == 5 and [row["step"] for row in result.curve] == [2, 5]
+    result = run(robust_cfg(tiny_params, epoch_size=20), small_sets, generated, tmp_path)
+    assert result.metrics.steps == 5 and [row["step"] for row in result.curve] == [2, 5]
 
 
 def test_robust_model_uses_the_references_batchnorm_momentum(tiny_params):
-    cfg = tiny_cfg(tiny_params)
+    cfg = robust_cfg(tiny_params)
     assert cfg.bn_momentum == 0.01 and cfg.attack_bn == "batch" and cfg.attack_start == "uniform"
     assert cfg.ema_buffers == "copy"
     model = models.build("wrn-16-4", bn_momentum=cfg.bn_momentum)
@@ -230,7 +198,7 @@ def test_validation_batches_and_splits_over_ranks(tiny_params, monkeypatch):
             sizes.append(len(x))
             return torch.zeros(len(x), 10) + x.flatten(1)[:, :10]
 
-    cfg = tiny_cfg(tiny_params, val_batch_size=4, val_pgd_steps=1)
+    cfg = robust_cfg(tiny_params, val_batch_size=4, val_pgd_steps=1)
     x, y = torch.rand(10, 3, 32, 32), torch.randint(0, 10, (10,))
     tr.validate(Spy(), (x, y), cfg, 0)
     assert max(sizes) == 4
@@ -238,11 +206,12 @@ def test_validation_batches_and_splits_over_ranks(tiny_params, monkeypatch):
     assert sorted(i for share in shares for i in range(10)[share]) == list(range(10))
 
 
+@pytest.mark.slow
 def test_ddp_resume_counts_every_rank_once(tiny_params, write_params, small_sets, generated, tmp_path):
     """Two gloo ranks stopped mid-epoch and resumed give the uninterrupted run's curve: the epoch's
     partial sums of both ranks are saved once and restored once."""
     cfg = dict(tiny_params)
-    cfg["train_robust"] = {**cfg["train_robust"], **TINY, "checkpoint_every": 100}
+    cfg["train_robust"] = {**cfg["train_robust"], **TINY_ROBUST, "checkpoint_every": 100}
     params = write_params(cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -277,7 +246,7 @@ def test_the_select_index_class_balances_the_generated_draws(tiny_params, small_
     assert len(set(stats["per_class_after"])) == 1
     selection = tmp_path / "index.npy"
     np.save(selection, index)
-    cfg = tiny_cfg(tiny_params, batch_size=64, generated_fraction=0.5, epoch_size=1024)
+    cfg = robust_cfg(tiny_params, batch_size=64, generated_fraction=0.5, epoch_size=1024)
 
     def epoch_counts(chosen):
         dataset = tr.make_dataset(cfg, 0, small_sets["train"], [gen], [labels_dir], chosen, tr.Dist())

@@ -5,59 +5,17 @@ The DAG runs in a copy of the workflow files with params.yaml = configs/default.
 
 from __future__ import annotations
 
-import csv
 import re
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 from pipeline import params as P
+from tests.helpers import BIN, make_workdir, read_table, run
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-WORKFLOW_FILES = ["Snakefile", "rules", "profiles", "envs", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
-                  "configs", "data/demo"]
 pytestmark = pytest.mark.slow
-
-
-def env() -> dict[str, str]:
-    environment = dict(os.environ)
-    environment["PATH"] = f"{BIN}{os.pathsep}{environment.get('PATH', '')}"
-    environment.setdefault("OMP_NUM_THREADS", "1")
-    return environment
-
-
-def make_workdir(path: Path) -> Path:
-    for name in WORKFLOW_FILES:
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, path / name)
-        else:
-            shutil.copy(REPO / name, path / name)
-    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
-    overlay = yaml.safe_load((REPO / "tests" / "params.yaml").read_text())
-    (path / "params.yaml").write_text(yaml.safe_dump(P.validate(P.deep_merge(default, overlay))))
-    return path
-
-
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True)
-    if result.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((cwd / "logs").rglob("*.log"))) \
-            if (cwd / "logs").exists() else ""
-        pytest.fail(f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}\n{logs}")
-    return result
-
-
-def read_table(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_snakemake_builds_a_sane_table(snakemake_run):

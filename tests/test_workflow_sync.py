@@ -21,8 +21,8 @@ import yaml
 
 from pipeline import dag
 from pipeline import params as P
+from tests.helpers import BIN, REPO, env, make_workdir
 from tests.params_reads import Reads, mismatches, stage_reads
-from tests.test_workflow import BIN, REPO, env, make_workdir
 
 MODULE = re.compile(r"python -m (pipeline\.\w+(?: grid| summary)?)")
 STANZA_STAGES = {stanza.name: stanza.stage for stanza in dag.stanzas()}
@@ -143,12 +143,14 @@ def dvc_stages(workdir) -> list[DvcStage]:
     return stages
 
 
+@pytest.mark.slow
 def test_same_stage_modules(workdir, dvc_stages):
     snake_modules, _ = snakemake_jobs(workdir)
     dvc_modules = {MODULE.search(stage.cmd).group(1) for stage in dvc_stages}
     assert dvc_modules - {"pipeline.params"} == snake_modules
 
 
+@pytest.mark.slow
 def test_same_outputs(workdir, dvc_stages):
     _, snake_outputs = snakemake_jobs(workdir)
     dvc_outputs = {out for stage in dvc_stages for out in stage.outs}
@@ -249,16 +251,19 @@ def lookup(cfg: dict, key: str) -> object:
     return value
 
 
+@pytest.mark.slow
 def test_each_dvc_stage_declares_the_keys_it_reads(dvc_jobs):
     problems = [problem for job in dvc_jobs for problem in job.problems()]
     assert not problems, "\n".join(problems[:30])
 
 
+@pytest.mark.slow
 def test_each_snakemake_job_declares_the_keys_it_reads(snakemake_jobs_reads):
     problems = [problem for job in snakemake_jobs_reads for problem in job.problems()]
     assert not problems, "\n".join(problems[:30])
 
 
+@pytest.mark.slow
 def test_removing_any_declared_key_is_caught(dvc_jobs, snakemake_jobs_reads):
     """Each declared key is needed: without it the job reads something it does not declare, so removing a
     key from the table (or from dvc.yaml) fails the tests above."""
@@ -267,6 +272,7 @@ def test_removing_any_declared_key_is_caught(dvc_jobs, snakemake_jobs_reads):
     assert unnoticed == []
 
 
+@pytest.mark.slow
 def test_every_snakemake_job_runs_torch_on_its_own_threads(workdir):
     """Each job's command caps OpenMP/MKL at the job's `threads` (concurrent jobs would oversubscribe the
     cores otherwise), and a job asking for more threads than `--cores` gets the cores it was given."""

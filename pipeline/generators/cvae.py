@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import checkpoint, corruptions, seeding
-from pipeline.classifier_training import to_float
+from pipeline.inference import to_float
 from pipeline.generators.base import SampleSettings, tiled, to_uint8
 from pipeline.preemption import NonFiniteLoss, SigtermFlag, checkpoint_after_step
 from pipeline.shards import ShardError, file_sha256, read_attrs, read_imageset
@@ -245,7 +245,7 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
             optimizer.step()
             curve.append({"step": step + 1, "loss": loss.item(), "recon": recon.item(), "kl": kl.item()})
             bar.set_postfix(loss=f"{loss.item():.2f}", refresh=False)
-            checkpoint_after_step(sigterm, step + 1, cfg.train_steps, cfg.checkpoint_every, save, workdir, bar)
+            checkpoint_after_step(sigterm.received, step + 1, cfg.train_steps, cfg.checkpoint_every, save, workdir, bar)
     model.eval()
     held_clean, held_perturbed = to_float(clean_all[held_rows], device), to_float(perturbed_all[held_rows], device)
     radius = estimate_radius(model, held_clean, held_perturbed)

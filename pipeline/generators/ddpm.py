@@ -184,7 +184,7 @@ def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, devi
             ema_update(ema, unet, cfg.ema_decay, step)
             loss_value = loss.item()
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-            checkpoint_after_step(sigterm, step + 1, cfg.train_steps, cfg.checkpoint_every, save, workdir, bar)
+            checkpoint_after_step(sigterm.received, step + 1, cfg.train_steps, cfg.checkpoint_every, save, workdir, bar)
     log.info("trained %d steps, last loss %.4f", cfg.train_steps, loss_value)
     model = {"kind": NAME, "unet_config": dict(ema.config), "state_dict": ema.state_dict(),
              "num_train_timesteps": cfg.num_train_timesteps, "beta_start": BETA_START, "beta_end": BETA_END,

@@ -1,76 +1,103 @@
 """Kill a stage CLI mid-way, rerun the same command, and compare with an uninterrupted run.
 
-`interrupt` starts a command, waits until `ready(workdir)` says it has made progress worth losing (a
-checkpoint written, a temporary file present), then sends the signal. Rerunning the same command is
-all a user (or Snakemake's retry, or SLURM's requeue) does.
+`interrupt` starts a stage command under tests/faults/stop_at.py, which freezes the process (SIGSTOP)
+right after it gives its first file matching a marker (a checkpoint, a shard, a sidecar, a chunk) its
+final name: progress worth losing. The signal goes in then, followed by SIGCONT, so where the signal
+lands does not depend on the machine's speed. A stage that finishes without writing the marker fails
+the test (it would prove nothing). Rerunning the same command is all a user (or Snakemake's retry, or
+SLURM's requeue) does.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import subprocess
-import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
-import yaml
 
-from pipeline import params as params_mod
-from tests.conftest import DEMO_ARCHIVE, REPO, tiny_overrides
+from tests import helpers
 
-BIN = Path(sys.executable).parent
+STOP_AT = Path(__file__).resolve().parent / "stop_at.py"
 
 
 def env() -> dict[str, str]:
-    environment = dict(os.environ)
-    environment["PATH"] = f"{BIN}{os.pathsep}{environment.get('PATH', '')}"
-    environment["OMP_NUM_THREADS"] = "1"  # bit-identical CPU results need the same thread count
+    """helpers.env() with one OpenMP thread whatever the caller's environment: the reference, the
+    interrupted and the resumed runs must use the same thread count to agree bit for bit."""
+    environment = helpers.env()
+    environment["OMP_NUM_THREADS"] = "1"
     return environment
 
 
 def run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
+    return helpers.run(args, cwd, environment=env())
 
 
-def interrupt(args: list[str], ready: Callable[[], bool], sig: signal.Signals,
-              timeout: float = 300.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `args`, send `sig` once `ready()` is true; return the finished process (it must not succeed
-    silently: if it completed before the signal, the test is skipped as inconclusive)."""
-    process = subprocess.Popen(args, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if process.poll() is not None:
-            out, err = process.communicate()
+@dataclass(frozen=True)
+class Marker:
+    """The first file named `pattern` (a glob) that a stage gives its final name in `directory`."""
+
+    directory: Path
+    pattern: str
+
+
+def files_matching(directory: Path, pattern: str) -> Marker:
+    return Marker(Path(directory), pattern)
+
+
+def _state(pid: int) -> str:
+    """'stopped', 'exited' or 'running', without reaping the process (Popen still collects it)."""
+    found = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    if found is None or found.si_pid == 0:
+        return "running"
+    return "stopped" if found.si_code == os.CLD_STOPPED else "exited"
+
+
+def interrupt(args: list[str], at: Marker, sig: signal.Signals, timeout: float = 300.0,
+              cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `args` (`python -m pipeline.<stage> ...`), send `sig` once the stage has written `at`; return
+    the finished process. `signalled_at` on the result is the wall time the signal was sent."""
+    if args[1:2] != ["-m"]:
+        raise ValueError(f"interrupt runs `python -m <module> ...` commands, got {args[:3]}")
+    wrapped = [args[0], str(STOP_AT), str(at.directory), at.pattern, *args[1:]]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        # Files, not pipes: nobody reads while the stage runs, and a full pipe would block it.
+        process = subprocess.Popen(wrapped, cwd=cwd, env=env(), stdout=out, stderr=err, text=True)
+
+        def output() -> tuple[str, str]:
+            out.seek(0)
+            err.seek(0)
+            return out.read(), err.read()
+
+        deadline = time.monotonic() + timeout
+        while (state := _state(process.pid)) == "running":
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                pytest.fail(f"no {at.pattern} in {at.directory} within {timeout:.0f} s:\n{output()[1][-4000:]}")
+            time.sleep(0.02)
+        if state == "exited":
+            process.wait()
+            stderr = output()[1][-4000:]
             if process.returncode == 0:
-                pytest.skip("the stage finished before it could be interrupted (inconclusive)")
-            pytest.fail(f"stage failed before the fault was injected:\n{err[-4000:]}")
-        if time.monotonic() > deadline:
+                pytest.fail(f"the stage finished without writing {at.pattern} in {at.directory}, so it was "
+                            f"never interrupted: give it more steps, shards or chunks, or fix the marker:\n{stderr}")
+            pytest.fail(f"the stage failed before the fault was injected ({process.returncode}):\n{stderr}")
+        signalled_at = time.time()
+        process.send_signal(sig)
+        if sig != signal.SIGKILL:
+            os.kill(process.pid, signal.SIGCONT)   # a stopped process handles the signal once continued
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
             process.kill()
-            pytest.fail("stage made no progress before the timeout")
-        time.sleep(0.05)
-    signalled_at = time.time()
-    process.send_signal(sig)
-    out, err = process.communicate(timeout=timeout)
-    result = subprocess.CompletedProcess(args, process.returncode, out, err)
-    result.signalled_at = signalled_at  # wall time the signal was sent, to date files written after it
+            process.wait()
+            pytest.fail(f"the stage did not end within {timeout:.0f} s of {sig.name}:\n{output()[1][-4000:]}")
+        stdout, stderr = output()
+    result = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+    result.signalled_at = signalled_at  # type: ignore[attr-defined]  # to date files written after it
     return result
-
-
-def files_matching(directory: Path, pattern: str) -> Callable[[], bool]:
-    return lambda: Path(directory).is_dir() and any(Path(directory).glob(pattern))
-
-
-def tiny_config() -> dict:
-    """tests/conftest.py's tiny params (a function-scoped fixture there), for module-scoped fixtures."""
-    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
-    cfg = params_mod.deep_merge(default, tiny_overrides())
-    cfg["data"]["archive"] = str(DEMO_ARCHIVE)
-    return params_mod.validate(copy.deepcopy(cfg))

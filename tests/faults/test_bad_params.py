@@ -7,14 +7,13 @@ any job starts (the Snakefile and DVC's first stage both call it).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline import params as P
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
 
 

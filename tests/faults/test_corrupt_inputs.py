@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from pipeline import checkpoint, evaluate, models, pseudolabel
+from pipeline.labels import load_labels
 from pipeline import params as params_mod
 from pipeline import train_robust as tr
 from pipeline.shards import ShardError, read_attrs, read_imageset, write_arrays, write_imageset
@@ -132,9 +133,9 @@ def test_sidecar_of_another_shard_is_refused(tmp_path):
     sidecar = tmp_path / "labels" / "shard-00000.h5"
     write_arrays(sidecar, {"label": np.zeros(16, dtype=np.int64), "confidence": np.ones(16, dtype=np.float32)},
                  {"shard": a.name, "shard_sha256": read_attrs(a)["sha256"]})
-    pseudolabel.load_labels(a, sidecar)                    # its own shard: fine
+    load_labels(a, sidecar)                    # its own shard: fine
     with pytest.raises(ShardError, match=str(sidecar)):
-        pseudolabel.load_labels(b, sidecar)
+        load_labels(b, sidecar)
 
 
 def test_checkpoint_of_another_architecture_to_evaluate(tiny_params, write_params, cifar_sets, tmp_path):

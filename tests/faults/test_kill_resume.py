@@ -17,7 +17,10 @@ import yaml
 
 from pipeline import checkpoint
 from pipeline.shards import read_imageset, write_imageset
-from tests.faults.harness import files_matching, interrupt, run, tiny_config
+from tests.faults.harness import files_matching, interrupt, run
+from tests.helpers import tiny_config
+
+pytestmark = pytest.mark.slow   # stage subprocesses, each run several times
 
 TINY = {"epoch_size": 16, "batch_size": 8, "epochs": 4, "attack_steps": 1, "val_pgd_steps": 1,
         "checkpoint_every": 2, "warmup_epochs": 0, "num_workers": 0}

@@ -20,7 +20,10 @@ import yaml
 
 from pipeline import checkpoint, models, shards
 from pipeline.shards import read_arrays, read_imageset, write_imageset
-from tests.faults.harness import files_matching, interrupt, run, tiny_config
+from tests.faults.harness import files_matching, interrupt, run
+from tests.helpers import same_weights, tiny_config
+
+pytestmark = pytest.mark.slow   # stage subprocesses, each run several times
 
 SIGNALS = pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 
@@ -28,10 +31,6 @@ SIGNALS = pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=[
 def write(cfg: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def same_state(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +72,7 @@ def test_ddpm_training_killed_then_rerun_equals_uninterrupted(root, ddpm_setup, 
     assert checkpoint.latest(tmp_path / "work")["step"] < 12
     run(args)
     model = torch.load(tmp_path / "model.pt", weights_only=False)
-    assert same_state(model["state_dict"], reference["state_dict"])   # EMA UNet, bit for bit
+    assert same_weights(model["state_dict"], reference["state_dict"])   # EMA UNet, bit for bit
 
 
 # --- sampling: `--shard all` writes 4 DDPM shards one after the other ---

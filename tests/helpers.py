@@ -1,0 +1,135 @@
+"""Functions and constants shared by the test modules (fixtures live in tests/conftest.py).
+
+Test modules import from here, never from one another.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline import params as params_mod
+from pipeline.shards import read_attrs, write_arrays, write_imageset
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_ARCHIVE = REPO / "data" / "demo" / "cifar-10-demo-python.tar.gz"
+BIN = Path(sys.executable).parent   # the venv's snakemake, dvc and python
+# What a test-scale copy of the workflow needs (make_workdir).
+WORKFLOW_FILES = ["Snakefile", "rules", "profiles", "envs", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
+                  "configs", "data/demo"]
+
+
+# --- params ---
+
+
+def tiny_overrides() -> dict:
+    """The smallest settings that still exercise every code path (tests/params.yaml holds them)."""
+    return yaml.safe_load((REPO / "tests" / "params.yaml").read_text())
+
+
+def tiny_config() -> dict:
+    """A validated params dict: configs/default.yaml with tests/params.yaml laid over it, reading the
+    shipped demo archive (the `tiny_params` fixture, callable from fixtures of any scope)."""
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    cfg = params_mod.deep_merge(default, tiny_overrides())
+    cfg["data"]["archive"] = str(DEMO_ARCHIVE)
+    return params_mod.validate(copy.deepcopy(cfg))
+
+
+# 2 epochs x 2 steps of 8 images, 1-step attacks: the smallest robust run that crosses an epoch boundary.
+TINY_ROBUST = {"epoch_size": 16, "batch_size": 8, "epochs": 2, "attack_steps": 1, "val_pgd_steps": 1}
+
+
+def robust_cfg(tiny_params: dict, **overrides):
+    """train_robust's config section at TINY_ROBUST scale, with `overrides`."""
+    from pipeline import train_robust
+
+    return params_mod.section(train_robust.TrainRobustConfig,
+                              {**tiny_params["train_robust"], **TINY_ROBUST, **overrides})
+
+
+def cvae_cfg(tiny_params: dict, **overrides):
+    """The CVAE generator's config section of `tiny_params`, with `overrides`."""
+    from pipeline.generators import cvae
+
+    return dataclasses.replace(params_mod.section(cvae.Config, tiny_params["train_generator"]["cvae"]),
+                               **overrides)
+
+
+# --- data and models ---
+
+
+def make_generated(root: Path, n_shards: int, per_shard: int, seed: int = 0) -> tuple[Path, Path]:
+    """Shards of random images (label -1, like an unconditional generator) plus pseudo-label sidecars."""
+    rng = np.random.default_rng(seed)
+    for i in range(n_shards):
+        shard = root / "gen" / f"shard-{i:05d}.h5"
+        # Pixel (0, 0, 0) encodes the shard, (0, 1, 0) the row mod 256: lets tests see where an image came from.
+        images = rng.integers(0, 256, (per_shard, 32, 32, 3), dtype=np.uint8)
+        images[:, 0, 0, 0] = i
+        images[:, 0, 1, 0] = np.arange(per_shard) % 256
+        write_imageset(shard, images, -np.ones(per_shard, dtype=np.int64))
+        write_arrays(root / "labels" / shard.name,
+                     {"label": rng.integers(0, 10, per_shard).astype(np.int64),
+                      "confidence": np.ones(per_shard, dtype=np.float32)},
+                     {"shard": shard.name, "shard_sha256": read_attrs(shard)["sha256"]})
+    return root / "gen", root / "labels"
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """Two state dicts with the same keys and bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- commands and test-scale workflow copies ---
+
+
+def env() -> dict[str, str]:
+    """The environment for commands: the venv's tools first on PATH, one OpenMP thread unless set."""
+    environment = dict(os.environ)
+    environment["PATH"] = f"{BIN}{os.pathsep}{environment.get('PATH', '')}"
+    environment.setdefault("OMP_NUM_THREADS", "1")
+    return environment
+
+
+def run(args: list[str], cwd: Path | None = None, environment: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess:
+    """Run a command; fail the test with its output (and the tail of any job logs under cwd/logs)."""
+    result = subprocess.run(args, cwd=cwd, env=environment or env(), capture_output=True, text=True)
+    if result.returncode != 0:
+        logs_dir = Path(cwd) / "logs" if cwd is not None else None
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(logs_dir.rglob("*.log"))) \
+            if logs_dir is not None and logs_dir.exists() else ""
+        pytest.fail(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                    f"{result.stderr[-4000:]}\n{logs}")
+    return result
+
+
+def make_workdir(path: Path) -> Path:
+    """A copy of the workflow files in `path` with params.yaml = configs/default.yaml + tests/params.yaml."""
+    for name in WORKFLOW_FILES:
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, path / name)
+        else:
+            shutil.copy(REPO / name, path / name)
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    overlay = yaml.safe_load((REPO / "tests" / "params.yaml").read_text())
+    (path / "params.yaml").write_text(yaml.safe_dump(params_mod.validate(params_mod.deep_merge(default, overlay))))
+    return path
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
