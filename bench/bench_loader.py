@@ -65,7 +65,7 @@ class PeakRSS:
             self.peak = max(self.peak, tree_rss())
             time.sleep(0.05)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self._thread.start()
         return self
 
@@ -85,6 +85,7 @@ class InMemory:
 
     def __getitem__(self, step: int):
         import torch
+
         from pipeline import augment
         rng = np.random.default_rng(step)
         idx = rng.integers(0, len(self.images), self.batch)
@@ -142,7 +143,8 @@ def main() -> None:
             print(f"# wrote {size} generated images in {time.perf_counter() - t:.0f} s", flush=True)
             for kind in (["in_memory"] if size == args.sizes[0] else []) + ["mixed"]:
                 out = subprocess.run([sys.executable, __file__, "--workers", str(args.workers), "--batch",
-                                      str(args.batch), "--steps", str(args.steps), "--child", kind, str(real), str(gen)],
+                                      str(args.batch), "--steps", str(args.steps), "--child", kind, str(real),
+                                      str(gen)],
                                      capture_output=True, text=True, check=True)
                 row = {"n_generated": size, **json.loads(out.stdout.strip().splitlines()[-1])}
                 rows.append(row)

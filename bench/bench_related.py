@@ -24,8 +24,8 @@ from pipeline import aux_bn, models, optim
 from pipeline import cutmix as cm
 from pipeline.ema import EMA
 from pipeline.generators import cvae
-from pipeline.losses import AttackSpec, TwoViews, adversarial_loss
 from pipeline.latent_attack import LatentSet
+from pipeline.losses import AttackSpec, TwoViews, adversarial_loss
 
 EPS, STEP, STEPS, BETA = 8 / 255, 2 / 255, 10, 6.0
 OPTIONS = {"plain": ("none", 0.0, False), "advprop": ("adversarial", 0.0, False),

@@ -36,8 +36,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,7 @@ def make_ours(model: nn.Module, cfg: TrainRobustConfig, x: torch.Tensor, y: torc
     models.set_bn_momentum(model, cfg.bn_momentum)
     optimizer = optim.sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     schedule = optim.scheduler(optimizer, cfg.total_steps, cfg.warmup_steps)
-    ema = EMA(model, cfg.ema_decay, shadow=copy.deepcopy(model), buffers=cfg.ema_buffers)  # type: ignore[arg-type]
+    ema = EMA(model, cfg.ema_decay, shadow=copy.deepcopy(model), buffers=cfg.ema_buffers)
     forward = TwoViews(model)
     attack = cfg.attack()
     acc = torch.zeros(5, dtype=torch.float64)
@@ -81,7 +81,7 @@ def make_ours(model: nn.Module, cfg: TrainRobustConfig, x: torch.Tensor, y: torc
     def step() -> None:
         smoothing = is_generated.float() * cfg.label_smoothing
         attack_rng = torch.Generator().manual_seed(state["step"])
-        loss, parts = adversarial_loss(cfg.loss, model, x, y, cfg.beta, attack,  # type: ignore[arg-type]
+        loss, parts = adversarial_loss(cfg.loss, model, x, y, cfg.beta, attack,
                                        smoothing, attack_rng, forward)
         if not torch.isfinite(loss).item():
             raise RuntimeError(f"non-finite loss at step {state['step']}")

@@ -63,17 +63,11 @@ CSV_COLUMNS = ["generator", "feature_space", "n_train", "n_test", "n_generated",
 class AnalysisConfig:
     """Mirror of params.yaml `analysis:`."""
     n_samples: int          # images drawn from each of train, test and the generated set (all if fewer)
-    feature_space: str      # teacher (penultimate, default), pixels (diagnostic) or lpips (local weights)
+    feature_space: feat.FeatureSpace  # teacher (penultimate, default), pixels (diagnostic) or lpips (local weights)
     lpips_weights: str      # local LPIPS weights (file or folder) when feature_space is lpips
     mixup_alpha: float      # Beta(alpha, alpha) mixing weight of the mixup row (small: near one image)
     batch_size: int         # images per feature-extraction batch (memory only)
     block_size: int         # query rows per block of the exact search (memory: block x N floats)
-
-    def __post_init__(self) -> None:
-        if self.feature_space not in feat.FEATURE_SPACES:
-            raise ValueError(f"analysis.feature_space: {self.feature_space!r} not in {feat.FEATURE_SPACES}")
-        if self.n_samples < 2 or self.batch_size < 1 or self.block_size < 1 or self.mixup_alpha <= 0:
-            raise ValueError("analysis: n_samples >= 2, batch_size, block_size >= 1, mixup_alpha > 0")
 
 
 # --- exact 1-NN in blocks ---------------------------------------------------------------------------
@@ -147,11 +141,13 @@ def read_rows(shard_files: list[Path], indices: np.ndarray) -> tuple[np.ndarray,
             continue
         if len(local) * 4 >= sizes[i]:
             x, y = read_imageset(path, verify=True)
-            images.append(x[local]); labels.append(y[local])
+            images.append(x[local])
+            labels.append(y[local])
         else:
             try:
                 with h5py.File(path, "r") as h5:
-                    images.append(h5["images"][local]); labels.append(h5["labels"][local])
+                    images.append(h5["images"][local])
+                    labels.append(h5["labels"][local])
             except (OSError, KeyError) as error:
                 raise ShardError(f"{path}: unreadable rows ({error})") from None
     return np.concatenate(images), np.concatenate(labels)
@@ -207,7 +203,7 @@ def teacher_stats(model: torch.nn.Module, images: np.ndarray, conditioning: np.n
 
 def analyse(cfg: AnalysisConfig, seed: int, generator: str, train: tuple[np.ndarray, np.ndarray],
             test: tuple[np.ndarray, np.ndarray], generated: tuple[np.ndarray, np.ndarray],
-            teacher: torch.nn.Module | None, device: torch.device) -> dict[str, Any]:
+            teacher: models.Classifier | None, device: torch.device) -> dict[str, Any]:
     """Sample train/test, extract features, search; `generated` is already the generated sample."""
     train_idx = train_pool_indices(len(train[0]), cfg.n_samples, seed)
     test_idx = sample_indices(len(test[0]), cfg.n_samples, seeding.numpy_rng(seed, "analysis", "test"))

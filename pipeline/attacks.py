@@ -8,8 +8,9 @@ previous state.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ Threat = Literal["linf", "l2"]
 # Batch-norm statistics an attack inside training sees: `batch` = the attacked batch's own statistics,
 # running statistics left untouched (the references); `running` = eval mode (the running statistics).
 BnMode = Literal["batch", "running"]
-BN_MODES: tuple[BnMode, ...] = ("batch", "running")
+BN_MODES: tuple[BnMode, ...] = get_args(BnMode)
 
 
 @contextmanager

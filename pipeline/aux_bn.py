@@ -18,13 +18,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Union
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-MODES = ("none", "adversarial", "source")
-Route = Union[str, torch.Tensor, None]   # "main", "aux", a bool mask (True rows -> aux), or None (= main)
+# Which inputs the auxiliary batch norms see (train_robust.aux_bn): none, adversarial (AdvProp) or source
+# (the generated rows).
+AuxBnMode = Literal["none", "adversarial", "source"]
+MODES: tuple[AuxBnMode, ...] = get_args(AuxBnMode)
+Route = str | torch.Tensor | None   # "main", "aux", a bool mask (True rows -> aux), or None (= main)
 
 
 class DualBatchNorm2d(nn.Module):
@@ -101,7 +104,7 @@ def main_only(model: nn.Module) -> nn.Module:
     return plain
 
 
-def routes_for(mode: str, is_generated: torch.Tensor) -> tuple[Route, Route] | None:
+def routes_for(mode: AuxBnMode, is_generated: torch.Tensor) -> tuple[Route, Route] | None:
     """(clean route, adversarial route) of one batch for `train_robust.aux_bn`; None when off."""
     if mode == "none":
         return None

@@ -86,7 +86,7 @@ def latest(workdir: Path, map_location: str | torch.device = "cpu", identity: di
     superseded-<hash>/ (by the caller with `move_aside`, e.g. rank 0 only) and None is returned.
     """
     workdir = Path(workdir)
-    for step, path in reversed(_checkpoints(workdir)):
+    for _, path in reversed(_checkpoints(workdir)):
         try:
             state = torch.load(path, map_location=map_location, weights_only=False)
         except Exception as error:  # cut short by a kill or a full disk: fall back to the previous one

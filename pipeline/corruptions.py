@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ from PIL import Image
 
 from pipeline.inference import to_float
 
-KINDS = ("noise", "blur", "contrast", "fog", "jpeg")
+Corruption = Literal["noise", "blur", "contrast", "fog", "jpeg"]   # FAMILIES' keys
+KINDS: tuple[Corruption, ...] = get_args(Corruption)
 
 
 def _to_float(image: np.ndarray) -> torch.Tensor:

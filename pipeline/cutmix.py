@@ -14,11 +14,13 @@ exactly as the uninterrupted one did.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-APPLY_TO = ("real", "generated", "both")
+ApplyTo = Literal["real", "generated", "both"]   # rows of a batch CutMix may touch
+APPLY_TO: tuple[ApplyTo, ...] = get_args(ApplyTo)
 
 
 @dataclass(frozen=True)
@@ -53,14 +55,14 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, smoothing: torch.Tensor, selected: 
     lam = torch.from_numpy(1.0 - (bottom - top) * (right - left) / (height * width)).float()
     # One vectorised paste for the whole batch (no per-image loop): rows outside their box keep x.
     hh, ww = torch.arange(height).view(1, -1, 1), torch.arange(width).view(1, 1, -1)
-    t, b, l, r = (torch.from_numpy(v).view(-1, 1, 1) for v in (top, bottom, left, right))
-    inside = ((hh >= t) & (hh < b) & (ww >= l) & (ww < r)).unsqueeze(1).to(x.device)   # N x 1 x H x W
+    box_t, box_b, box_l, box_r = (torch.from_numpy(v).view(-1, 1, 1) for v in (top, bottom, left, right))
+    inside = ((hh >= box_t) & (hh < box_b) & (ww >= box_l) & (ww < box_r)).unsqueeze(1).to(x.device)  # N x 1 x H x W
     index = torch.from_numpy(partner).to(x.device)
     mixed = torch.where(inside, x[index], x)
     return mixed, Mix(y[index.to(y.device)], smoothing[index.to(smoothing.device)], lam.to(x.device))
 
 
-def selection(apply_to: str, is_generated: torch.Tensor) -> torch.Tensor:
+def selection(apply_to: ApplyTo, is_generated: torch.Tensor) -> torch.Tensor:
     """Rows CutMix may touch under `train_robust.cutmix_apply_to`."""
     if apply_to == "both":
         return torch.ones_like(is_generated, dtype=torch.bool)

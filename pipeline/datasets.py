@@ -47,8 +47,10 @@ def _cifar_reader(folder: str, train_members: list[str], test_member: str, label
             try:
                 handle = tar.extractfile(f"{folder}/{member}")
             except KeyError:
+                handle = None
+            if handle is None:  # absent (KeyError), or present but not a regular file (extractfile gives None)
                 raise ArchiveError(f"{path}: no {folder}/{member} in archive (not the official python "
-                                   "layout of this data set)") from None
+                                   "layout of this data set)")
             batch = pickle.load(handle, encoding="latin1")
             images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             return np.ascontiguousarray(images), np.asarray(batch[label_key], dtype=np.int64)

@@ -17,14 +17,13 @@ copied, since averaging a counter is meaningless.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import nn
 
-
 BufferMode = Literal["copy", "average"]
-BUFFER_MODES: tuple[BufferMode, ...] = ("copy", "average")
+BUFFER_MODES: tuple[BufferMode, ...] = get_args(BufferMode)
 
 
 def ema_decay(decay: float, t: int) -> float:
@@ -34,7 +33,8 @@ def ema_decay(decay: float, t: int) -> float:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside DistributedDataParallel (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
+    # cast: DDP's `module` is the wrapped Module; nn.Module.__getattr__ is typed Tensor | Module
+    return cast(nn.Module, model.module) if hasattr(model, "module") else model
 
 
 class EMA:

@@ -34,7 +34,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -45,10 +45,12 @@ from pipeline import attacks, models, seeding
 from pipeline import params as params_mod
 from pipeline.attacks import Threat
 from pipeline.inference import predict_labels, to_float
+from pipeline.models import CheckpointKind
+from pipeline.params import LearnedThreat
 from pipeline.shards import ShardError, atomic_path, file_sha256, read_arrays, read_attrs, read_imageset, write_arrays
 
 log = logging.getLogger("pipeline.evaluate")
-NORMS: dict[str, str] = {"linf": "Linf", "l2": "L2"}  # our threat names -> AutoAttack's
+NORMS: dict[Threat, str] = {"linf": "Linf", "l2": "L2"}  # our threat names -> AutoAttack's
 # Flags that point at gradient masking (the others say the evaluation itself is broken).
 # Heuristic: against an adversarially trained model a working attack removes most of the accuracy
 # left at the smallest sweep eps by the largest (robust-accuracy-vs-eps curves fall steeply past the
@@ -61,26 +63,19 @@ MASKING_FLAGS = {"autoattack_above_pgd", "robust_above_clean", "pgd_far_above_au
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Mirror of params.yaml `evaluate:`; every field is required (no second defaults)."""
-    threats: list[str]            # threat models evaluated by the DAG (one job each)
-    learned_threats: list[str]    # learned perturbation sets, evaluated by pipeline.evaluate_latent
-    eps_255: dict[str, float]     # radius per threat, in 1/255 pixel units (paper: linf 8, l2 128)
+    threats: list[Threat]         # threat models evaluated by the DAG (one job each)
+    learned_threats: list[LearnedThreat]  # learned perturbation sets, evaluated by pipeline.evaluate_latent
+    eps_255: dict[Threat, float]  # radius per threat, in 1/255 pixel units (paper: linf 8, l2 128)
     n_eval: int                   # first n test images attacked (paper: 10000)
     batch_size: int               # images per attack batch (memory only)
     chunk_size: int               # images per resumable AutoAttack call
-    version: str                  # AutoAttack version ("standard")
+    version: Literal["standard"]  # AutoAttack version
     pgd_steps: int                # steps of the PGD baseline (step 2.5 eps / steps)
     sweep_factors: list[float]    # multiples of eps of the masking sweep
     n_sweep: int                  # first n test images of the sweep
     tolerance: float              # accuracy slack (fraction) before a check fires
     max_pgd_gap: float            # PGD minus AutoAttack accuracy that flags masking
-    checkpoint: str               # best (validation-selected, the references') or last: which model.pt is attacked
-
-    def __post_init__(self) -> None:
-        for threat in self.threats:
-            if threat not in NORMS:
-                raise ValueError(f"evaluate.threats: unknown threat {threat!r}; known: {sorted(NORMS)}")
-        if sorted(self.sweep_factors) != list(self.sweep_factors):
-            raise ValueError("evaluate.sweep_factors: must be increasing")
+    checkpoint: CheckpointKind    # best (validation-selected, the references') or last: which model.pt is attacked
 
 
 @dataclass

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from pipeline.inference import map_batches
+from pipeline.models import Classifier
 
 FeatureSpace = Literal["teacher", "pixels", "lpips"]
-FEATURE_SPACES = ("teacher", "pixels", "lpips")
 LPIPS_CHANNELS = (64, 192, 384, 256, 256)
 # AlexNet `features` indices that end each LPIPS slice (after the ReLU): relu1..relu5.
 LPIPS_SLICES = ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12))
@@ -48,13 +48,15 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
     return unit_normalise(flat)
 
 
-def teacher_features(model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device,
+def teacher_features(model: Classifier, images: np.ndarray, batch_size: int, device: torch.device,
                      desc: str | None = None) -> np.ndarray:
     return unit_normalise(map_batches(model.features, model, images, batch_size, device, desc))
 
 
 class LPIPSEmbedding(nn.Module):
     """AlexNet-LPIPS as an explicit embedding: ||e(x) - e(y)||^2 == LPIPS(x, y)."""
+    shift: torch.Tensor   # buffers, declared for the type checker (register_buffer sets them)
+    scale: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()

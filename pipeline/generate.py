@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import generators
+from pipeline import generators, shards
 from pipeline import params as params_mod
-from pipeline import shards
-from pipeline.generators import SampleSettings, Sampler
+from pipeline.generators import GeneratorName, Sampler, SampleSettings
+from pipeline.generators.ddpm import DdpmVariance, SamplerName
 from pipeline.models import resolve_device
 
 log = logging.getLogger("pipeline.generate")
@@ -44,14 +44,14 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 @dataclass(frozen=True)
 class GenerateConfig:
     """Mirror of params.yaml `generate:`."""
-    generators: list[str]   # generators the DAG expands over
+    generators: list[GeneratorName]  # generators the DAG expands over
     n_images: int           # generated images per generator
     shard_size: int         # images per shard (one job per shard)
     batch_size: int         # images per network call (ddpm: part of the shard's identity, see above)
-    sampler: str            # ddpm sampler: ddpm (ancestral), ddim or dpmsolver
+    sampler: SamplerName    # ddpm sampler: ddpm (ancestral), ddim or dpmsolver
     sampling_steps: int     # ddpm sampling steps
-    ddpm_variance: str      # ancestral sampler's variance: fixedlarge (Ho et al.) or fixedsmall; ddim and
-                            # dpmsolver draw no per-step noise and ignore it (see generators/ddpm.py)
+    ddpm_variance: DdpmVariance  # ancestral sampler's variance: fixedlarge (Ho et al.) or fixedsmall; ddim
+                                 # and dpmsolver draw no per-step noise and ignore it (see generators/ddpm.py)
     grid_images: int        # images in the sample grid PNG
 
 

@@ -27,6 +27,7 @@ import signal
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -182,7 +183,7 @@ class _Layout:
         self.h5: h5py.File | None = None   # open only for filtered sets
 
     @classmethod
-    def open(cls, path: Path) -> "_Layout":
+    def open(cls, path: Path) -> _Layout:
         h5 = h5py.File(path, "r", rdcc_nbytes=0)   # no chunk cache: reads are random
         ds = h5["images"]
         row_shape = tuple(ds.shape[1:])
@@ -304,6 +305,7 @@ class MixedBatches(Dataset):
         real = stream_indices(step * spec.n_real, spec.n_real, len(self.real), spec.seed, "real")
         gen = np.zeros(0, dtype=np.int64)
         if spec.n_generated:
+            assert self.generated is not None  # __init__ refuses n_generated without generated images
             gen = stream_indices(step * spec.n_generated, spec.n_generated, len(self.generated),
                                  spec.seed, "generated")
         positions = np.arange(spec.batch_size)
@@ -316,7 +318,8 @@ class MixedBatches(Dataset):
         real, gen, positions = self.members(step)
         parts = [self.read(self.real, real)]
         labels = [self.real.labels[real]]
-        if len(gen):
+        if len(gen):  # only when the spec asks for generated images, so the pool exists (__init__)
+            assert self.generated is not None
             parts.append(self.read(self.generated, gen))
             labels.append(self.generated.labels[gen])
         images = np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -342,6 +345,6 @@ def _worker_init(_: int) -> None:
 def loader(dataset: Dataset, start_step: int, stop_step: int, num_workers: int,
            pin_memory: bool = False, prefetch_factor: int = 4) -> DataLoader:
     """Batches for steps [start_step, stop_step) in order; resuming is starting at another step."""
-    kwargs = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers else {}
+    kwargs: dict[str, Any] = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers else {}
     return DataLoader(dataset, batch_size=None, sampler=range(start_step, stop_step),
                       num_workers=num_workers, pin_memory=pin_memory, **kwargs)

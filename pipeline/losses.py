@@ -10,8 +10,9 @@ from x + 0.001 N(0, I), the original TRADES code). A loss returns tensors and le
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +21,19 @@ from torch import nn
 from pipeline.attacks import BnMode, Threat, attack_mode, pgd, random_start
 from pipeline.aux_bn import Route, routed
 from pipeline.cutmix import Mix
+from pipeline.params import LearnedThreat
 
 if TYPE_CHECKING:
     from pipeline.latent_attack import LatentSet
 
 LossName = Literal["trades", "pgd"]
+# What training attacks in: a norm ball, or a learned perturbation set (its latent ball, pipeline/latent_attack.py).
+TrainThreat = Threat | LearnedThreat
 # Where the inner maximisation starts: uniform in the ball (DeepMind's linf_initialize_fn,
 # adversarial_robustness/jax/experiment.py L94; the PyTorch port's TRADES, gowal21uncovering/utils/trades.py
 # L33) or x + 0.001 N(0, I) (the original TRADES code, and the port's L2 TRADES, trades.py L48).
 StartMode = Literal["uniform", "gaussian"]
-START_MODES: tuple[StartMode, ...] = ("uniform", "gaussian")
+START_MODES: tuple[StartMode, ...] = get_args(StartMode)
 # Train-mode forward of one or more inputs, returning their logits. Under DDP it is one call of the
 # wrapped model (see TwoViews), since DDP expects exactly one forward per backward.
 Forward = Callable[..., tuple[torch.Tensor, ...]]
@@ -72,13 +76,20 @@ class AttackSpec:
     perturbation set, threat `cvae`) the search runs in its latent ball instead and eps/step_size are
     unused: the radius is the set's own and the step 2.5 radius / steps. `bn` and `start`: see the
     module docstring (the defaults are the references')."""
-    threat: Threat | Literal["cvae"]
+    threat: TrainThreat
     eps: float
     step_size: float
     steps: int
     latent: LatentSet | None = None
     bn: BnMode = "batch"
     start: StartMode = "uniform"
+
+
+def norm_ball(threat: TrainThreat) -> Threat:
+    """`threat` where a norm-ball attack runs. Callers take that branch only without a latent set, and a
+    learned threat always comes with one (train_robust refuses it otherwise), so this narrows the type the
+    annotations cannot tie to `latent`."""
+    return cast(Threat, threat)
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: torch.Tensor | float = 0.0,
@@ -128,7 +139,7 @@ def attack_start(x: torch.Tensor, attack: AttackSpec, generator: torch.Generator
             return attack.latent.random_start(len(x), generator, x.device)
         return 0.001 * torch.randn((len(x), attack.latent.latent_dim), generator=generator, device=x.device)
     if attack.start == "uniform":
-        return x + random_start(x, attack.threat, attack.eps, generator)  # type: ignore[arg-type]
+        return x + random_start(x, norm_ball(attack.threat), attack.eps, generator)
     return x + 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
@@ -147,8 +158,7 @@ def trades_attack(model: nn.Module, x: torch.Tensor, attack: AttackSpec,
 
         if attack.latent is not None:
             return attack.latent.attack(model, x, kl, attack.steps, start=start)
-        return pgd(model, x, kl, attack.threat, attack.eps, attack.step_size, attack.steps,  # type: ignore[arg-type]
-                   start=start)
+        return pgd(model, x, kl, norm_ball(attack.threat), attack.eps, attack.step_size, attack.steps, start=start)
 
 
 def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, beta: float, attack: AttackSpec,
@@ -173,13 +183,13 @@ def pgd_at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Atta
     route = routes[1] if routes else None
     start = attack_start(x, attack, generator)
     with attack_mode(model, attack.bn), routed(model, route):
-        def ce(logits: torch.Tensor) -> torch.Tensor:
+        def summed_ce(logits: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(logits, y, reduction="sum")
 
         if attack.latent is not None:
-            x_adv = attack.latent.attack(model, x, ce, attack.steps, start)
+            x_adv = attack.latent.attack(model, x, summed_ce, attack.steps, start)
         else:
-            x_adv = pgd(model, x, ce, attack.threat, attack.eps, attack.step_size, attack.steps,  # type: ignore[arg-type]
+            x_adv = pgd(model, x, summed_ce, norm_ball(attack.threat), attack.eps, attack.step_size, attack.steps,
                         start=start)
     views = forward or _plain(model)
     (logits_adv,) = views(x_adv, routes=(route,)) if routes else views(x_adv)

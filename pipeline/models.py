@@ -6,8 +6,10 @@ WideResNet follows Gowal et al. (2021): pre-activation WRN-d-w with SiLU activat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -17,6 +19,9 @@ CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
 class Normalize(nn.Module):
+    mean: torch.Tensor   # buffers, declared for the type checker (register_buffer sets them)
+    std: torch.Tensor
+
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
@@ -102,12 +107,15 @@ def preact_resnet18(num_classes: int = 10) -> Classifier:
     return Classifier(nn.Sequential(*layers), 512, num_classes)
 
 
+# The registry's names, for the config fields that choose a model (the schema's `model` enum); equal to
+# MODELS' keys (tests/test_config_schema.py).
+ModelName = Literal["small_cnn", "preact_resnet18", "wrn-16-4", "wrn-28-10", "wrn-70-16"]
 MODELS: dict[str, Callable[[int], Classifier]] = {
     "small_cnn": small_cnn,
     "preact_resnet18": preact_resnet18,
-    "wrn-16-4": lambda num_classes=10: wide_resnet(16, 4, num_classes),
-    "wrn-28-10": lambda num_classes=10: wide_resnet(28, 10, num_classes),
-    "wrn-70-16": lambda num_classes=10: wide_resnet(70, 16, num_classes),
+    "wrn-16-4": partial(wide_resnet, 16, 4),
+    "wrn-28-10": partial(wide_resnet, 28, 10),
+    "wrn-70-16": partial(wide_resnet, 70, 16),
 }
 
 
@@ -161,7 +169,11 @@ def load_checkpoint(path, device: torch.device | str = "cpu", expected: str | No
     return model.to(device).eval()
 
 
-def checkpoint_kind(path: Path | str, expected: str | None = None) -> dict[str, Any]:
+# The two model files of a robust-training run: best (chosen on the validation split) and last.
+CheckpointKind = Literal["best", "last"]
+
+
+def checkpoint_kind(path: Path | str, expected: CheckpointKind | None = None) -> dict[str, Any]:
     """Which of a run's checkpoints a model file is: {"checkpoint": "last" | "best" | "", "checkpoint_epoch":
     the epoch it was taken at or None}, as train_robust stores them. `expected` (evaluate.checkpoint) must
     match when the file names itself, so an evaluation never attacks another checkpoint than it reports."""

@@ -15,17 +15,21 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 import jsonschema
 import yaml
 
 from pipeline import datasets
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 SCHEMA_PATH = Path(__file__).with_name("params.schema.yaml")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-T = TypeVar("T")
-LEARNED_THREATS = ("cvae",)   # threats learned by the generator of the same name (pipeline/threat_model.py)
+T = TypeVar("T", bound="DataclassInstance")
+LearnedThreat = Literal["cvae"]   # threats learned by the generator of the same name (pipeline/threat_model.py)
+LEARNED_THREATS: tuple[LearnedThreat, ...] = get_args(LearnedThreat)
 
 
 class ParamsError(ValueError):
@@ -81,6 +85,8 @@ def _check_runs(cfg: dict[str, Any]) -> None:
 
 
 def _check_cross_keys(cfg: dict[str, Any]) -> None:
+    """The rules the schema cannot express (between keys, or over a list's order). The only place they are
+    checked: stage config dataclasses are built from validated sections and do not repeat them."""
     generate, robust = cfg["generate"], cfg["train_robust"]
     if generate["generators"] and robust["generated_fraction"] == 0:
         raise ParamsError(
@@ -99,8 +105,16 @@ def _check_cross_keys(cfg: dict[str, Any]) -> None:
         raise ParamsError("analysis.lpips_weights: required when analysis.feature_space is lpips")
     if robust["warmup_epochs"] >= robust["epochs"]:
         raise ParamsError("train_robust.warmup_epochs: must be smaller than train_robust.epochs")
+    if robust["epoch_size"] < robust["batch_size"]:
+        raise ParamsError("train_robust.epoch_size: smaller than one batch (train_robust.batch_size)")
     if robust["step_255"] > robust["eps_255"]:
         raise ParamsError("train_robust.step_255: larger than train_robust.eps_255")
+    sweep = cfg["evaluate"]["sweep_factors"]
+    if sorted(sweep) != list(sweep):
+        raise ParamsError("evaluate.sweep_factors: must be increasing")
+    ddpm = cfg["train_generator"]["ddpm"]
+    if ddpm["attention"] and len(ddpm["block_out_channels"]) < 2:
+        raise ParamsError("train_generator.ddpm.attention: needs a 16x16 level (2+ block_out_channels)")
     if cfg["data"]["n_train"] and cfg["data"]["val_size"] >= cfg["data"]["n_train"]:
         raise ParamsError("data.val_size: must be smaller than data.n_train")
     _check_variants(cfg)
@@ -170,8 +184,11 @@ def preset(name: str, configs_dir: Path = CONFIGS_DIR, dataset: str | None = Non
 
 
 def section(cfg_type: type[T], values: dict[str, Any]) -> T:
-    """Build a stage config dataclass from its params section; unknown or missing keys are errors."""
-    names = {field.name for field in dataclasses.fields(cfg_type)}  # type: ignore[arg-type]
+    """Build a stage config dataclass from its params section; unknown or missing keys are errors.
+
+    The dataclasses repeat no check: `values` come from a params mapping `validate` accepted, and every rule
+    lives once, in the schema (types, ranges, enums) or in `_check_cross_keys` (rules between keys)."""
+    names = {field.name for field in dataclasses.fields(cfg_type)}
     unknown, missing = set(values) - names, names - set(values)
     if unknown or missing:
         raise ParamsError(f"{cfg_type.__name__}: unknown keys {sorted(unknown)}, missing {sorted(missing)}")

@@ -39,10 +39,6 @@ class PseudolabelConfig:
     batch_size: int     # images per teacher forward pass (memory only; labels do not depend on it)
     save_probs: bool    # also store the full softmax probabilities (N x classes float32)
 
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError("pseudolabel.batch_size: must be >= 1")
-
 
 def label_arrays(probs: np.ndarray, save_probs: bool) -> dict[str, np.ndarray]:
     arrays = {"label": probs.argmax(1).astype(np.int64), "confidence": probs.max(1).astype(np.float32)}

@@ -38,10 +38,6 @@ class SelectConfig:
     class_balance: bool     # cut every class to the size of the smallest (after top_fraction)
     top_fraction: float     # share of each class kept, most confident first (1.0 keeps all)
 
-    def __post_init__(self) -> None:
-        if not 0 < self.top_fraction <= 1:
-            raise ValueError("select.top_fraction: must be in (0, 1]")
-
 
 def select(cfg: SelectConfig, labels: np.ndarray, confidence: np.ndarray,
            num_classes: int | None = None) -> np.ndarray:

@@ -137,7 +137,8 @@ def analysis_values(data: dict[str, Any], path: Path) -> dict[str, float]:
     """complementarity train/test/self and coverage train/test, nested or flat keys."""
     out = {}
     for group, parts in [("complementarity", ("train", "test", "self")), ("coverage", ("train", "test"))]:
-        nested = data.get(group) if isinstance(data.get(group), dict) else {}
+        found = data.get(group)
+        nested = found if isinstance(found, dict) else {}
         for part in parts:
             value = nested.get(part, data.get(f"{group}_{part}"))
             if value is None:
@@ -221,11 +222,11 @@ def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list
                              r["variant"] != "none", r["variant"], r["threat"]))
     seen = set()
     for row in rows:
-        key = (row["run"], row["threat"])
-        if key in seen:
+        run_threat = (row["run"], row["threat"])
+        if run_threat in seen:
             raise TableError(f"two evaluations of run {row['run']} under {row['threat']} "
                              f"(one is {row['evaluation_path']})")
-        seen.add(key)
+        seen.add(run_threat)
     return rows
 
 
@@ -282,8 +283,8 @@ def markdown(rows: list[dict[str, Any]], dataset: str) -> str:
              "| PGD (steps) | teacher | compl. test | coverage test | epochs | checkpoint | n eval | flags |",
              "|---|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['generator']} | {r['variant']} | {r['train_threat']} | {r['n_generated']:,} | {r['model']} | {r['threat']} "
-                     f"| {r['eps']} "
+        lines.append(f"| {r['generator']} | {r['variant']} | {r['train_threat']} | {r['n_generated']:,} "
+                     f"| {r['model']} | {r['threat']} | {r['eps']} "
                      f"| {_pct(r['clean_acc'])} | {_pct(r['autoattack_acc'])} | {_pct(r['pgd_acc'])} "
                      f"({r['pgd_steps']}) | {_pct(r['teacher_acc'])} | "
                      f"{'' if r['complementarity_test'] == '' else format(r['complementarity_test'], '.4f')} | "
@@ -375,8 +376,9 @@ def figure(path: Path, rows: list[dict[str, Any]], dataset: str) -> None:
         right.annotate(f"{r['generator']} {r['threat']}", (100 * r["clean_acc"], 100 * r["autoattack_acc"]),
                        fontsize=7, xytext=(3, 3), textcoords="offset points")
     for ref in (ref for threat in threats for ref in paper_reference.matching(dataset, threat)):
+        # only the threat models we evaluated, only checked values
         if ref.clean_acc is not None and any(r["threat"] == ref.threat and (r["train_threat"] or r["threat"])
-                                             == ref.trained_under for r in rows):  # only the threat models we evaluated, only checked values
+                                             == ref.trained_under for r in rows):
             right.scatter(100 * ref.clean_acc, 100 * ref.autoattack_acc, marker="*", s=120, color="grey")
             right.annotate(f"{ref.label} ({ref.threat})", (100 * ref.clean_acc, 100 * ref.autoattack_acc),
                            fontsize=7, color="grey", xytext=(-4, -10), textcoords="offset points", ha="right")

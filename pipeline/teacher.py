@@ -46,7 +46,7 @@ log = logging.getLogger("pipeline.teacher")
 @dataclass(frozen=True)
 class TeacherConfig:
     """Mirror of params.yaml `teacher:`; every field is required (no second defaults)."""
-    model: str              # architecture from pipeline.models.MODELS (paper: wrn-28-10)
+    model: models.ModelName  # architecture from pipeline.models.MODELS (paper: wrn-28-10)
     epochs: int             # passes over the training set
     batch_size: int         # images per SGD step (the last incomplete batch of an epoch is dropped)
     lr: float               # peak SGD learning rate at this batch size, cosine-decayed per step to 0
@@ -54,14 +54,6 @@ class TeacherConfig:
     nesterov: bool          # Nesterov momentum
     weight_decay: float     # on conv/linear weights only (not batch norm, not biases)
     checkpoint_every: int   # epochs between resumable checkpoints in --workdir
-
-    def __post_init__(self) -> None:
-        if self.model not in models.MODELS:
-            raise ValueError(f"teacher.model: unknown {self.model!r}; known: {sorted(models.MODELS)}")
-        if self.epochs < 1 or self.batch_size < 2 or self.checkpoint_every < 1:
-            raise ValueError("teacher.epochs, teacher.checkpoint_every >= 1 and teacher.batch_size >= 2")
-        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError("teacher.lr > 0, teacher.weight_decay >= 0, 0 <= teacher.momentum < 1")
 
 
 @dataclass

@@ -6,7 +6,8 @@
 
 Reads `base:` and `train_generator.<generator>:`. Generators see the training split only (never val
 or test). The DDPM resumes from the newest checkpoint in --workdir (not an output: rerunning the same
-command continues a killed run; on SIGTERM it checkpoints first, then exits 143); gaussian and import finish in one pass and leave the work dir empty.
+command continues a killed run; on SIGTERM it checkpoints first, then exits 143); gaussian and import
+finish in one pass and leave the work dir empty.
 """
 
 from __future__ import annotations

@@ -62,11 +62,14 @@ from pipeline import aux_bn, checkpoint, datasets, latent_attack, models, optim,
 from pipeline import cutmix as cutmix_mod
 from pipeline import loader as loader_mod
 from pipeline import params as params_mod
-from pipeline.attacks import BN_MODES, robust_accuracy
-from pipeline.ema import BUFFER_MODES, EMA
+from pipeline.attacks import BnMode, robust_accuracy
+from pipeline.aux_bn import AuxBnMode
+from pipeline.cutmix import ApplyTo
+from pipeline.ema import EMA, BufferMode
 from pipeline.inference import predict_labels, to_float
 from pipeline.latent_attack import LEARNED, LatentSet
-from pipeline.losses import START_MODES, AttackSpec, TwoViews, adversarial_loss
+from pipeline.losses import AttackSpec, LossName, StartMode, TrainThreat, TwoViews, adversarial_loss, norm_ball
+from pipeline.models import ModelName
 from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag, checkpoint_after_step
 from pipeline.shards import ShardError, atomic_path, file_sha256, read_attrs, read_imageset
 
@@ -78,9 +81,9 @@ CURVE_FIELDS = ["epoch", "step", "lr", "train_loss", "train_ce", "train_kl", "tr
 @dataclass(frozen=True)
 class TrainRobustConfig:
     """Mirror of params.yaml `train_robust:`; every field is required (no second defaults)."""
-    model: str                  # models.MODELS name
-    loss: str                   # trades or pgd
-    threat: str                 # linf, l2 or cvae (the learned perturbation set; eps/step unused)
+    model: ModelName
+    loss: LossName
+    threat: TrainThreat         # linf, l2 or cvae (the learned perturbation set; eps/step unused)
     beta: float                 # TRADES weight of the KL term (paper: 6)
     eps_255: float              # attack radius in 1/255 units
     step_255: float             # attack step in 1/255 units
@@ -101,33 +104,13 @@ class TrainRobustConfig:
     checkpoint_every: int       # steps between resumable checkpoints
     num_workers: int            # DataLoader worker processes
     sync_bn: bool               # SyncBatchNorm across ranks
-    aux_bn: str                 # none, adversarial (AdvProp) or source (real vs generated); pipeline/aux_bn.py
+    aux_bn: AuxBnMode           # none, adversarial (AdvProp) or source (real vs generated); pipeline/aux_bn.py
     cutmix_alpha: float         # CutMix Beta(alpha, alpha) box areas; 0 = off (pipeline/cutmix.py)
-    cutmix_apply_to: str        # real, generated or both rows of each batch
-    attack_bn: str              # batch (the references) or running: batch-norm statistics of the inner attack
-    attack_start: str           # uniform (the references) or gaussian (x + 0.001 N(0, I)): the attack's start
+    cutmix_apply_to: ApplyTo    # real, generated or both rows of each batch
+    attack_bn: BnMode           # batch (the references) or running: batch-norm statistics of the inner attack
+    attack_start: StartMode     # uniform (the references) or gaussian (x + 0.001 N(0, I)): the attack's start
     bn_momentum: float          # running-statistics momentum of every batch norm (the references: 0.01)
-    ema_buffers: str            # copy (the references: the trained model's statistics) or average
-
-    def __post_init__(self) -> None:
-        if self.model not in models.MODELS:
-            raise ValueError(f"train_robust.model: {self.model!r} not in {sorted(models.MODELS)}")
-        if self.loss not in ("trades", "pgd") or self.threat not in ("linf", "l2", *LEARNED):
-            raise ValueError(f"train_robust.loss must be trades|pgd and threat linf|l2|{'|'.join(LEARNED)}")
-        if not 0 <= self.generated_fraction < 1:
-            raise ValueError("train_robust.generated_fraction: must be in [0, 1)")
-        if self.epoch_size < self.batch_size:
-            raise ValueError("train_robust.epoch_size: smaller than one batch")
-        if self.warmup_epochs >= self.epochs:
-            raise ValueError("train_robust.warmup_epochs: must be smaller than epochs")
-        if self.aux_bn not in aux_bn.MODES:
-            raise ValueError(f"train_robust.aux_bn: {self.aux_bn!r} not in {aux_bn.MODES}")
-        if self.cutmix_apply_to not in cutmix_mod.APPLY_TO or self.cutmix_alpha < 0:
-            raise ValueError(f"train_robust.cutmix_apply_to in {cutmix_mod.APPLY_TO}, cutmix_alpha >= 0")
-        if self.attack_bn not in BN_MODES or self.attack_start not in START_MODES:
-            raise ValueError(f"train_robust.attack_bn in {BN_MODES}, attack_start in {START_MODES}")
-        if self.ema_buffers not in BUFFER_MODES:
-            raise ValueError(f"train_robust.ema_buffers: {self.ema_buffers!r} not in {BUFFER_MODES}")
+    ema_buffers: BufferMode     # copy (the references: the trained model's statistics) or average
 
     def epoch_end(self, epoch: int) -> int:
         """Global step at which epoch `epoch` (1-based) ends: epoch * epoch_size // batch_size, so an
@@ -145,8 +128,8 @@ class TrainRobustConfig:
         return self.epoch_end(self.warmup_epochs)   # the references' steps_from_epochs(10) = 488
 
     def attack(self, latent: LatentSet | None = None) -> AttackSpec:
-        return AttackSpec(self.threat, self.eps_255 / 255, self.step_255 / 255, self.attack_steps,  # type: ignore[arg-type]
-                          latent, self.attack_bn, self.attack_start)  # type: ignore[arg-type]
+        return AttackSpec(self.threat, self.eps_255 / 255, self.step_255 / 255, self.attack_steps,
+                          latent, self.attack_bn, self.attack_start)
 
 
 @dataclass(frozen=True)
@@ -346,7 +329,7 @@ def validate(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], cfg: Trai
         if latent is not None:
             robust = int(latent.robust_mask(model, x, y, cfg.val_pgd_steps, cfg.val_batch_size).sum())
         else:
-            _, mask = robust_accuracy(model, x, y, cfg.threat, cfg.eps_255 / 255, cfg.val_pgd_steps,  # type: ignore[arg-type]
+            _, mask = robust_accuracy(model, x, y, norm_ball(cfg.threat), cfg.eps_255 / 255, cfg.val_pgd_steps,
                                       cfg.val_batch_size, seed=rank_seed)
             robust = int(mask.sum())
     counts = torch.tensor([clean, robust, len(x)], dtype=torch.float64, device=x.device)
@@ -464,18 +447,20 @@ def build_state(cfg: TrainRobustConfig, seed: int, num_classes: int, ctx: Dist, 
                 memory_format: torch.memory_format) -> TrainState:
     """Model (the same initial weights for every run), its EMA, optimiser and schedule, on `device`."""
     torch.manual_seed(seeding.derive(seed, "train_robust", "init"))
-    model = models.build(cfg.model, num_classes, bn_momentum=cfg.bn_momentum)
-    shadow = models.build(cfg.model, num_classes, bn_momentum=cfg.bn_momentum)
+    model: nn.Module = models.build(cfg.model, num_classes, bn_momentum=cfg.bn_momentum)
+    shadow: nn.Module = models.build(cfg.model, num_classes, bn_momentum=cfg.bn_momentum)
     if cfg.aux_bn != "none":  # main + auxiliary batch norms; the EMA averages both
         model, shadow = aux_bn.convert(model), aux_bn.convert(shadow)
-    ema = EMA(model, cfg.ema_decay, shadow=shadow, buffers=cfg.ema_buffers)  # type: ignore[arg-type]
+    ema = EMA(model, cfg.ema_decay, shadow=shadow, buffers=cfg.ema_buffers)
     if ctx.world_size > 1 and cfg.sync_bn:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif ctx.main:  # torch's SyncBatchNorm has no CPU kernel
             log.warning("train_robust.sync_bn: ignored on CPU (SyncBatchNorm needs CUDA); per-rank batch norm")
-    model.to(device, memory_format=memory_format)
-    ema.model.to(device, memory_format=memory_format)
+    # Module.to takes a device and a memory format in one call (torch/nn/modules/module.py, _parse_to); the
+    # stubs' overloads list them apart
+    model.to(device, memory_format=memory_format)  # type: ignore[call-overload]
+    ema.model.to(device, memory_format=memory_format)  # type: ignore[call-overload]
     optimizer = optim.sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     return TrainState(model, ema, optimizer, optim.scheduler(optimizer, cfg.total_steps, cfg.warmup_steps),
                       best={"acc": -1.0, "epoch": 0, "state": inference_state(ema.model)},
@@ -563,7 +548,7 @@ def train_step(run: Run, state: TrainState, images: torch.Tensor, y: torch.Tenso
                                                                        step, run.ctx.rank))
     routes = aux_bn.routes_for(cfg.aux_bn, is_generated.to(device))
     with run.autocast:
-        loss, parts = adversarial_loss(cfg.loss, state.model, x, y, cfg.beta, run.attack,  # type: ignore[arg-type]
+        loss, parts = adversarial_loss(cfg.loss, state.model, x, y, cfg.beta, run.attack,
                                        smoothing, attack_rng, run.forward, mix, routes)
     if not torch.isfinite(loss).item():
         raise NonFiniteLoss(f"run {run.name}: loss is {loss.item()} at step {step} (lr "

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.generators import cvae, ddpm, gaussian, imported
-from pipeline.generators.base import UNLABELLED, SampleSettings, Sampler
+from pipeline.generators.base import UNLABELLED, Sampler, SampleSettings
 
+GeneratorName = Literal["gaussian", "ddpm", "import", "cvae"]   # GENERATORS' keys
 GENERATORS: dict[str, ModuleType] = {"gaussian": gaussian, "ddpm": ddpm, "import": imported, "cvae": cvae}
 
-__all__ = ["GENERATORS", "UNLABELLED", "SampleSettings", "Sampler", "get", "load"]
+__all__ = ["GENERATORS", "GeneratorName", "UNLABELLED", "SampleSettings", "Sampler", "get", "load"]
 
 
 def get(name: str) -> ModuleType:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -50,7 +51,7 @@ def tiled(start: int, stop: int, tile: int,
     return np.concatenate(images), np.concatenate(labels)
 
 
-def to_uint8(x: "Any") -> np.ndarray:
+def to_uint8(x: Any) -> np.ndarray:
     """[0, 1] float tensor N x C x H x W -> uint8 N x H x W x C, rounding to nearest."""
     import torch
 

@@ -21,9 +21,10 @@ truncated prior by its own generator seeded by (seed, "cvae", i), and keeps that
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +33,9 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import checkpoint, corruptions, seeding
-from pipeline.inference import to_float
+from pipeline.corruptions import Corruption
 from pipeline.generators.base import SampleSettings, tiled, to_uint8
+from pipeline.inference import to_float
 from pipeline.preemption import NonFiniteLoss, SigtermFlag, checkpoint_after_step
 from pipeline.shards import ShardError, file_sha256, read_attrs, read_imageset
 
@@ -53,7 +55,7 @@ class Config:
     train_steps: int
     holdout: int                # pairs held out for the radius and the two errors
     pairs_path: str             # .npz with `clean` and `perturbed` (e.g. from CIFAR-10-C); "" = own corruptions
-    corruptions: list[str]      # families of pipeline/corruptions.py used when pairs_path is ""
+    corruptions: list[Corruption]  # families of pipeline/corruptions.py used when pairs_path is ""
     latent_steps: int           # projected-gradient steps in the latent ball (approximation error)
     checkpoint_every: int
 
@@ -192,8 +194,8 @@ def held_out_errors(model: CVAE, clean: torch.Tensor, perturbed: torch.Tensor, e
     approx, sampled, identity = [], [], []
     for i in range(0, len(clean), batch):
         x, x_tilde = clean[i:i + batch], perturbed[i:i + batch]
-        u = latent_pgd(lambda v: -(model.at(x, v) - x_tilde).pow(2).flatten(1).sum(1), model.latent_dim,
-                       len(x), eps, steps, x.device)
+        u = latent_pgd(lambda v: -(model.at(x, v) - x_tilde).pow(2).flatten(1).sum(1),  # noqa: B023 (called here)
+                       model.latent_dim, len(x), eps, steps, x.device)
         generators = [seeding.torch_generator(seed, NAME, "sufficient", i + k) for k in range(len(x))]
         with torch.no_grad():
             approx.append((model.at(x, u).clamp(0, 1) - x_tilde).pow(2).flatten(1).mean(1))

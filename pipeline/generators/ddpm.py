@@ -24,22 +24,28 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+
+# diffusers' package __init__ declares these names for type checkers through its placeholder classes
+# (diffusers/utils/dummy_pt_objects.py), which lack the real ones' methods: the `type: ignore`s on UNet2DModel
+# and DDPMScheduler uses below are for that.
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from tqdm import tqdm
 
 from pipeline import checkpoint, seeding
-from pipeline.preemption import NonFiniteLoss, SigtermFlag, checkpoint_after_step
 from pipeline.generators.base import UNLABELLED, SampleSettings, tiled, to_uint8
+from pipeline.preemption import NonFiniteLoss, SigtermFlag, checkpoint_after_step
 from pipeline.shards import file_sha256, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.generators.ddpm")
 NAME = "ddpm"
 GRAD_CLIP = 1.0                       # Ho et al. clip the gradient norm at 1
 BETA_START, BETA_END = 1e-4, 0.02     # Ho et al. linear schedule
+# generate.sampler: ancestral (ddpm), or the deterministic ddim and dpmsolver; SAMPLERS' keys
+SamplerName = Literal["ddpm", "ddim", "dpmsolver"]
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
 # Variance of p(x_{t-1} | x_t) in the ancestral (`ddpm`) sampler, as hojonathanho/diffusion names it
 # (diffusion_tf/diffusion_utils_2.py, commit 1e0dceb, lines 138-144), mapped to DDPMScheduler's variance_type:
@@ -56,6 +62,7 @@ SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolver
 # (abar_t / abar_{t-1} then 1 - that), which puts its beta_t within 5e-4 relative of the float64 value, the
 # same float32 arithmetic as its fixed_small. With fewer sampling steps than training timesteps, beta_t
 # becomes 1 - abar_t / abar_{t'} for the previous sampled timestep t', the respaced chain's beta.
+DdpmVariance = Literal["fixedlarge", "fixedsmall"]   # VARIANCE_TYPES' keys
 VARIANCE_TYPES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
 
 
@@ -74,10 +81,6 @@ class Config:
     train_steps: int               # optimisation steps (paper: 800000)
     ema_decay: float               # (paper: 0.9999), warm-up form min(decay, (1+t)/(10+t))
     checkpoint_every: int          # steps between resumable checkpoints in the work dir
-
-    def __post_init__(self) -> None:
-        if self.attention and len(self.block_out_channels) < 2:
-            raise ValueError("train_generator.ddpm.attention: needs a 16x16 level (2+ block_out_channels)")
 
 
 def build_unet(cfg: Config) -> UNet2DModel:
@@ -119,7 +122,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
     """EMA with warm-up: min(decay, (1+t)/(10+t)), so short runs are not dominated by the init."""
     rate = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
-        ema_params = list(ema.parameters())
+        ema_params: list[torch.Tensor] = list(ema.parameters())
         torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - rate)
 
 
@@ -138,14 +141,14 @@ def train_step_batch(images: torch.Tensor, seed: int, step: int, batch_size: int
 
 def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, device: torch.device) -> None:
     """Train (resuming from the newest checkpoint in workdir) and write the EMA UNet to `out`."""
-    images, _ = read_imageset(train_h5)  # labels unused: unconditional model
-    images = torch.from_numpy(images)
+    array, _ = read_imageset(train_h5)  # labels unused: unconditional model
+    images = torch.from_numpy(array)
     torch.manual_seed(seeding.derive(seed, "train_generator/ddpm/init"))
-    unet = build_unet(cfg).to(device)
+    unet = build_unet(cfg).to(device)  # type: ignore[attr-defined]  # diffusers' placeholder type
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
     scheduler = noise_scheduler(cfg.num_train_timesteps)
-    alphas = scheduler.alphas_cumprod.to(device)
+    alphas = scheduler.alphas_cumprod.to(device)  # type: ignore[attr-defined]  # diffusers' placeholder type
     start = 0
     identity = {"config": asdict(cfg), "seed": seed, "train_sha256": read_attrs(train_h5).get("sha256")}
     state = checkpoint.latest(workdir, map_location=device, identity=identity)
@@ -231,7 +234,7 @@ class DDPMSampler:
         x = noise * scheduler.init_noise_sigma
         with torch.inference_mode():
             for t in scheduler.timesteps:
-                eps = self.unet(scheduler.scale_model_input(x, t), t).sample
+                eps = self.unet(scheduler.scale_model_input(x, t), t).sample  # type: ignore[operator]  # placeholder
                 x = scheduler.step(eps, t, x, generator=generators).prev_sample
         return (x / 2 + 0.5).clamp(0, 1)
 

@@ -3,8 +3,8 @@
 Fit: per class, the mean and full 3072 x 3072 covariance of the training images (pixels in [0, 1], HWC
 order) plus `ridge` on the diagonal, stored as the mean and the Cholesky factor L (packed lower
 triangle, float32: 190 MB for CIFAR-10's ten classes, 1.9 GB for CIFAR-100; the fit holds K float64
-factors, 7.5 GB for CIFAR-100). Sample: image i has class i % K (balanced, no RNG needed) and pixels clip(mean + L z, 0, 1) with z drawn from its own generator seeded by
-(seed, "gaussian", i).
+factors, 7.5 GB for CIFAR-100). Sample: image i has class i % K (balanced, no RNG needed) and pixels
+clip(mean + L z, 0, 1) with z drawn from its own generator seeded by (seed, "gaussian", i).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoint import save_atomic
-
 from pipeline import seeding
+from pipeline.checkpoint import save_atomic
 from pipeline.generators.base import SampleSettings, tiled, to_uint8
 from pipeline.shards import file_sha256, read_attrs, read_imageset
 

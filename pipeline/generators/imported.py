@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import save_atomic
-
 from pipeline.generators.base import SampleSettings
 from pipeline.shards import file_sha256
 
@@ -111,6 +110,7 @@ class ArrayReader:
     def _read_stream(self, start: int, stop: int) -> np.ndarray:
         if self._stream is None or start < self._stream_row:  # reopen: a zip stream only goes forward
             self.close()
+            assert self.member is not None  # only zip members are compressed, so only they are streamed
             self._archive = zipfile.ZipFile(self.path)
             self._stream = self._archive.open(self.member)
             _read_header(self._stream, self.where)
@@ -128,7 +128,7 @@ class ArrayReader:
         buffer = bytearray(n)
         view, got = memoryview(buffer), 0
         while got < n:
-            chunk = self._stream.readinto(view[got:])  # type: ignore[attr-defined]
+            chunk = self._stream.readinto(view[got:])  # type: ignore[attr-defined]  # a ZipExtFile; typed IO[bytes]
             if not chunk:
                 raise SourceError(f"{self.where}: truncated (ended {n - got} bytes early)")
             got += chunk
