@@ -17,9 +17,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-# Unit tests only (minutes on 2 cores): no workflow runs, stage subprocesses, SLURM, DVC remotes or DDP.
+# Unit tests only (under 3 min on 2 cores): no workflow runs, stage subprocesses, SLURM, DVC remotes or
+# DDP. One thread per process: it stays fast on a machine shared with other jobs.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not shared"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not shared"
 
 # Every check runs; the target fails if any of them does.
 lint: install

@@ -14,7 +14,17 @@ from pipeline import params as params_mod
 from pipeline.shards import read_imageset, write_imageset
 from tests.helpers import BIN, DEMO_ARCHIVE, REPO, make_generated, make_workdir, run, tiny_config
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+def _threads() -> int:
+    """OMP_NUM_THREADS when set (make test-fast sets 1: on a busy machine two threads per process keep
+    waiting on each other for a core, many times slower than one), else one or two."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return max(1, min(2, os.cpu_count() or 1))
+
+
+torch.set_num_threads(_threads())
 
 
 @pytest.fixture

@@ -63,8 +63,8 @@ def test_threat_model_files_change_only_for_runs_in_the_learned_set(generators_d
 
 
 def test_latent_attack_returns_members_that_raise_the_loss(generators_dir, small_train):
-    from pipeline.shards import read_imageset
     from pipeline.inference import to_float
+    from pipeline.shards import read_imageset
 
     generator, state = cvae.load_model(generators_dir / "cvae" / "model.pt")
     latent = latent_attack.LatentSet(generator, float(state["radius"]))
@@ -88,7 +88,7 @@ def test_latent_attack_returns_members_that_raise_the_loss(generators_dir, small
     assert (norms <= latent.radius + 1e-5).all() and norms.max() > 0.9 * latent.radius
 
 
-@pytest.mark.parametrize("loss", [pytest.param("trades", marks=pytest.mark.slow), "pgd"])  # trades: ~10 s
+@pytest.mark.parametrize("loss", ["trades", "pgd"])
 def test_latent_adversarial_training_resumes_exactly(loss, tiny_params, small_sets, generators_dir,
                                                      tmp_path):
     cfg = robust_cfg(tiny_params, threat="cvae", loss=loss, attack_steps=2)

@@ -9,8 +9,14 @@ import torch
 from torch import nn
 
 from pipeline import models
-from pipeline.losses import (AttackSpec, pgd_at_loss, smoothed_cross_entropy, trades_attack, trades_loss,
-                             trades_objective)
+from pipeline.losses import (
+    AttackSpec,
+    pgd_at_loss,
+    smoothed_cross_entropy,
+    trades_attack,
+    trades_loss,
+    trades_objective,
+)
 
 
 def test_trades_objective_matches_hand_computed_case():
@@ -118,8 +124,8 @@ def test_the_attack_normalises_by_batch_statistics_without_updating_them(loss):
             if loss == "trades":
                 results[running_mean, bn] = trades_attack(model, x, spec, generator=g)
             else:
-                from pipeline.losses import attack_start
                 from pipeline.attacks import attack_mode, pgd
+                from pipeline.losses import attack_start
                 with attack_mode(model, bn):
                     results[running_mean, bn] = pgd(
                         model, x, lambda logits: nn.functional.cross_entropy(logits, y, reduction="sum"),

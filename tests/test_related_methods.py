@@ -156,7 +156,8 @@ def test_variants_add_runs_with_their_settings(tiny_params):
 @pytest.mark.parametrize("change, fragment", [
     (lambda v: v["names"].append("missing"), "variants.settings: no entry for listed variant 'missing'"),
     (lambda v: v["settings"].update(bad={"nope": 1}), "variants.settings.bad: unknown train_robust keys"),
-    (lambda v: v["settings"].update(bad={"aux_bn": "sometimes"}), "(?s)variants.settings.bad: .*variants.settings.bad.aux_bn"),
+    (lambda v: v["settings"].update(bad={"aux_bn": "sometimes"}),
+     "(?s)variants.settings.bad: .*variants.settings.bad.aux_bn"),
     (lambda v: v["names"].append("Has-Dash"), "variants.names"),
 ])
 def test_bad_variants_are_named(tiny_params, change, fragment):

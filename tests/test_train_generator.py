@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, params as params_mod, train_generator
+from pipeline import checkpoint, train_generator
+from pipeline import params as params_mod
 from pipeline.generators import ddpm, gaussian, imported
 
 

@@ -17,9 +17,9 @@ import torch
 import yaml
 
 from pipeline import checkpoint, evaluate, models, pseudolabel
-from pipeline.labels import load_labels
 from pipeline import params as params_mod
 from pipeline import train_robust as tr
+from pipeline.labels import load_labels
 from pipeline.shards import ShardError, read_attrs, read_imageset, write_arrays, write_imageset
 
 TINY = {"epoch_size": 16, "batch_size": 8, "epochs": 2, "attack_steps": 1, "val_pgd_steps": 1,

@@ -48,7 +48,7 @@ def test_disk_full_while_writing_a_shard_keeps_the_previous_one(tiny_disk):
 
 def test_disk_full_while_checkpointing_keeps_the_last_good_checkpoint(tiny_disk):
     checkpoint.save(tiny_disk, 1, {"weights": torch.zeros(1000)})
-    with pytest.raises(Exception):
+    with pytest.raises((OSError, RuntimeError)):   # torch's archive writer raises RuntimeError
         checkpoint.save(tiny_disk, 2, {"weights": torch.zeros(1_000_000)})  # 4 MB
     state = checkpoint.latest(tiny_disk)
     assert state is not None and state["weights"].numel() == 1000
