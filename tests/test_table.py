@@ -105,12 +105,12 @@ def test_table_has_every_column_and_traceable_rows(project, monkeypatch):
     root = project["root"] / "results"
     rows = read_rows(root / "cifar10_table.csv")
     assert list(rows[0]) == T.COLUMNS
-    issue_columns = {"dataset", "generator", "n_generated", "model", "threat", "eps", "clean_acc",
+    required_columns = {"dataset", "generator", "n_generated", "model", "threat", "eps", "clean_acc",
                      "autoattack_acc", "pgd_acc", "pgd_steps", "teacher_acc", "complementarity_train",
                      "complementarity_test", "complementarity_self", "coverage_train", "coverage_test",
                      "epochs", "n_eval", "flags", "git_commit", "params_sha256", "model_sha256",
                      "generated_sha256"}
-    assert issue_columns <= set(rows[0])
+    assert required_columns <= set(rows[0])
     assert [(r["run"], r["threat"]) for r in rows] == [("baseline", "linf"), ("gaussian", "linf")]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     for row in rows:
