@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,74 +151,38 @@ def analysis_values(data: dict[str, Any], path: Path) -> dict[str, float]:
 # --- rows ---
 
 
+Keyed = dict[str, tuple[Path, dict[str, Any]]]   # name -> (file, its JSON)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every row is joined with: training metrics by run, analyses by generator, shard checksums,
+    and the provenance shared by all rows."""
+    cfg: dict[str, Any]
+    trains: Keyed
+    analysis: Keyed
+    generated: dict[str, str]
+    teacher_acc: float
+    commit: str
+    params_sha256: str
+
+
 def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list[Path], teacher_metrics: Path,
                analyses: list[Path], generated: dict[str, str], commit: str) -> list[dict[str, Any]]:
     """One row per evaluation JSON, joined with its run's training metrics and its generator's analysis."""
     if not evaluations:
         raise TableError("no evaluation JSON files given (--evaluations)")
-    teacher = read_json(teacher_metrics)
-    teacher_acc = float(need(teacher, "test_acc", teacher_metrics))
-    trains: dict[str, tuple[Path, dict[str, Any]]] = {}
+    teacher_acc = float(need(read_json(teacher_metrics), "test_acc", teacher_metrics))
+    trains: Keyed = {}
     for path in train_metrics:
         data = read_json(path)
-        run = str(data.get("run") or path.parent.name)
-        trains[run] = (path, data)
-    analysis: dict[str, tuple[Path, dict[str, Any]]] = {}
+        trains[str(data.get("run") or path.parent.name)] = (path, data)
+    analysis: Keyed = {}
     for path in analyses:
         data = read_json(path)
         analysis[str(data.get("generator") or path.stem)] = (path, data)
-    p_hash = params_sha256(cfg)
-    rows = []
-    for path in evaluations:
-        ev = read_json(path)
-        run, threat = str(need(ev, "run", path)), str(need(ev, "threat", path))
-        if run not in trains:
-            raise TableError(f"{path}: run {run!r} has no training metrics among --train-metrics "
-                             f"({', '.join(sorted(trains)) or 'none given'})")
-        train_path, train = trains[run]
-        source, variant = params_mod.split_run(run)   # variant runs (e.g. gaussian-cutmix) reuse a generator
-        generator = train.get("generator") or (None if source == BASELINE else source)
-        is_baseline = source == BASELINE or generator in (None, "", "none")
-        n_generated = 0 if is_baseline else int(need(train, "n_generated", train_path))
-        model_sha = str(need(ev, "model_sha256", path))
-        kind = str(ev.get("checkpoint") or "last")   # evaluations that do not say attacked the last model
-        trained_sha = train.get("best_sha256" if kind == "best" else "model_sha256")
-        if trained_sha and trained_sha != model_sha:
-            raise TableError(f"{path}: evaluated {kind} model sha256 {model_sha[:12]} differs from the {kind} "
-                             f"model {train_path} describes ({str(trained_sha)[:12]}): stale evaluation")
-        row: dict[str, Any] = {
-            "dataset": cfg["base"]["dataset"], "run": run, "generator": "none" if is_baseline else generator,
-            "variant": train.get("variant") or variant or "none",
-            "train_threat": train.get("threat") or "",   # linf, l2 or cvae (trained in the learned set)
-            "n_generated": n_generated, "model": need(train, "model", train_path),
-            # learned threat models (pipeline/evaluate_latent.py) have a latent radius, no pixel eps and no
-            # AutoAttack value; their pgd_acc is the latent attack's accuracy
-            "threat": threat, "eps": ev.get("eps_label") or f"{float(need(ev, 'eps_255', path)):g}/255",
-            "eps_255": "" if ev.get("eps_255") is None else f"{float(ev['eps_255']):g}",
-            "clean_acc": float(need(ev, "clean_acc", path)),
-            "autoattack_acc": "" if "eps_label" in ev else float(need(ev, "autoattack_acc", path)),
-            "corrupted_acc": float(ev["corrupted_acc"]) if "corrupted_acc" in ev else "",
-            "pgd_acc": float(need(ev, "pgd_acc", path)), "pgd_steps": int(need(ev, "pgd_steps", path)),
-            "teacher_acc": teacher_acc,
-            "epochs": need(train, "epochs", train_path), "checkpoint": kind,
-            "checkpoint_epoch": "" if ev.get("checkpoint_epoch") is None else int(ev["checkpoint_epoch"]),
-            "n_eval": int(need(ev, "n_eval", path)),
-            "flags": ";".join(need(ev, "flags", path)),
-            "gradient_masking_suspected": bool(ev.get("gradient_masking_suspected", False)),
-            "git_commit": commit, "params_sha256": p_hash, "model_sha256": model_sha,
-            "generated_sha256": "", "evaluation_path": str(path), "model_path": ev.get("model_path", ""),
-            "examples_path": ev.get("examples_path", ""),
-        }
-        for key in ("complementarity_train", "complementarity_test", "complementarity_self",
-                    "coverage_train", "coverage_test"):
-            row[key] = ""
-        if not is_baseline:
-            if generator not in analysis:
-                raise TableError(f"{path}: generator {generator!r} has no analysis JSON among --analysis "
-                                 f"({', '.join(sorted(analysis)) or 'none given'})")
-            row.update(analysis_values(analysis[generator][1], analysis[generator][0]))
-            row["generated_sha256"] = generated_checksum(generator, train, train_path, generated)
-        rows.append(row)
+    context = Context(cfg, trains, analysis, generated, teacher_acc, commit, params_sha256(cfg))
+    rows = [evaluation_row(path, context) for path in evaluations]
     rows.sort(key=lambda r: (r["generator"] != "none", r["generator"], r["n_generated"], r["model"],
                              r["variant"] != "none", r["variant"], r["threat"]))
     seen = set()
@@ -228,6 +193,58 @@ def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list
                              f"(one is {row['evaluation_path']})")
         seen.add(run_threat)
     return rows
+
+
+def evaluation_row(path: Path, context: Context) -> dict[str, Any]:
+    """The row of one evaluation JSON; refuses an evaluation of another model than its run describes."""
+    ev = read_json(path)
+    run, threat = str(need(ev, "run", path)), str(need(ev, "threat", path))
+    if run not in context.trains:
+        raise TableError(f"{path}: run {run!r} has no training metrics among --train-metrics "
+                         f"({', '.join(sorted(context.trains)) or 'none given'})")
+    train_path, train = context.trains[run]
+    source, variant = params_mod.split_run(run)   # variant runs (e.g. gaussian-cutmix) reuse a generator
+    generator = train.get("generator") or (None if source == BASELINE else source)
+    is_baseline = source == BASELINE or generator in (None, "", "none")
+    model_sha = str(need(ev, "model_sha256", path))
+    kind = str(ev.get("checkpoint") or "last")   # evaluations that do not say attacked the last model
+    trained_sha = train.get("best_sha256" if kind == "best" else "model_sha256")
+    if trained_sha and trained_sha != model_sha:
+        raise TableError(f"{path}: evaluated {kind} model sha256 {model_sha[:12]} differs from the {kind} "
+                         f"model {train_path} describes ({str(trained_sha)[:12]}): stale evaluation")
+    row: dict[str, Any] = {
+        "dataset": context.cfg["base"]["dataset"], "run": run, "generator": "none" if is_baseline else generator,
+        "variant": train.get("variant") or variant or "none",
+        "train_threat": train.get("threat") or "",   # linf, l2 or cvae (trained in the learned set)
+        "n_generated": 0 if is_baseline else int(need(train, "n_generated", train_path)),
+        "model": need(train, "model", train_path),
+        # learned threat models (pipeline/evaluate_latent.py) have a latent radius, no pixel eps and no
+        # AutoAttack value; their pgd_acc is the latent attack's accuracy
+        "threat": threat, "eps": ev.get("eps_label") or f"{float(need(ev, 'eps_255', path)):g}/255",
+        "eps_255": "" if ev.get("eps_255") is None else f"{float(ev['eps_255']):g}",
+        "clean_acc": float(need(ev, "clean_acc", path)),
+        "autoattack_acc": "" if "eps_label" in ev else float(need(ev, "autoattack_acc", path)),
+        "corrupted_acc": float(ev["corrupted_acc"]) if "corrupted_acc" in ev else "",
+        "pgd_acc": float(need(ev, "pgd_acc", path)), "pgd_steps": int(need(ev, "pgd_steps", path)),
+        "teacher_acc": context.teacher_acc,
+        "epochs": need(train, "epochs", train_path), "checkpoint": kind,
+        "checkpoint_epoch": "" if ev.get("checkpoint_epoch") is None else int(ev["checkpoint_epoch"]),
+        "n_eval": int(need(ev, "n_eval", path)),
+        "flags": ";".join(need(ev, "flags", path)),
+        "gradient_masking_suspected": bool(ev.get("gradient_masking_suspected", False)),
+        "git_commit": context.commit, "params_sha256": context.params_sha256, "model_sha256": model_sha,
+        "generated_sha256": "", "evaluation_path": str(path), "model_path": ev.get("model_path", ""),
+        "examples_path": ev.get("examples_path", ""),
+        **dict.fromkeys(("complementarity_train", "complementarity_test", "complementarity_self",
+                         "coverage_train", "coverage_test"), ""),
+    }
+    if not is_baseline:
+        if generator not in context.analysis:
+            raise TableError(f"{path}: generator {generator!r} has no analysis JSON among --analysis "
+                             f"({', '.join(sorted(context.analysis)) or 'none given'})")
+        row.update(analysis_values(context.analysis[generator][1], context.analysis[generator][0]))
+        row["generated_sha256"] = generated_checksum(generator, train, train_path, context.generated)
+    return row
 
 
 def generated_checksum(generator: str, train: dict[str, Any], train_path: Path, generated: dict[str, str]) -> str:
