@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         kind = models.checkpoint_kind(args.model, expected=cfg.checkpoint)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    model_name = torch.load(args.model, map_location="cpu", mmap=True, weights_only=False)["model"]
+    model_name = section["model"]   # load_checkpoint refused a file holding any other architecture
     images, labels = read_imageset(args.test, verify=True)
     test_sha256 = read_attrs(args.test)["sha256"]
     log.info("run %s, %s eps %g/255, model %s (sha256 %s), device %s", run, args.threat,

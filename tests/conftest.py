@@ -12,7 +12,7 @@ import yaml
 
 from pipeline import params as params_mod
 from pipeline.shards import read_imageset, write_imageset
-from tests.helpers import BIN, DEMO_ARCHIVE, REPO, make_generated, make_workdir, run, tiny_config
+from tests.helpers import BIN, DEMO_ARCHIVE, REPO, first_images, make_generated, make_workdir, run, tiny_config
 
 
 def _threads() -> int:
@@ -65,13 +65,7 @@ def cifar_sets(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def small_sets(cifar_sets, tmp_path_factory) -> dict[str, Path]:
     """The first 256 training and 16 validation images of the demo sets (keeps each run to seconds)."""
-    out = tmp_path_factory.mktemp("small")
-    sets = {}
-    for name, n in (("train", 256), ("val", 16)):
-        images, labels = read_imageset(cifar_sets[name])
-        sets[name] = out / f"{name}.h5"
-        write_imageset(sets[name], images[:n], labels[:n])
-    return sets
+    return first_images(cifar_sets, tmp_path_factory.mktemp("small"), {"train": 256, "val": 16})
 
 
 @pytest.fixture(scope="module")

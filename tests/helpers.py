@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from pipeline import params as params_mod
-from pipeline.shards import read_attrs, write_arrays, write_imageset
+from pipeline.shards import read_attrs, read_imageset, write_arrays, write_imageset
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_ARCHIVE = REPO / "data" / "demo" / "cifar-10-demo-python.tar.gz"
@@ -68,6 +68,16 @@ def cvae_cfg(tiny_params: dict, **overrides):
 
 
 # --- data and models ---
+
+
+def first_images(sets: dict[str, Path], out: Path, sizes: dict[str, int]) -> dict[str, Path]:
+    """HDF5 copies of the first n images of each named set (e.g. {"train": 256, "val": 16}) in `out`."""
+    small = {}
+    for name, n in sizes.items():
+        images, labels = read_imageset(sets[name])
+        small[name] = out / f"{name}.h5"
+        write_imageset(small[name], images[:n], labels[:n])
+    return small
 
 
 def make_generated(root: Path, n_shards: int, per_shard: int, seed: int = 0) -> tuple[Path, Path]:

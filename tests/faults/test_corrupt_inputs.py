@@ -20,7 +20,8 @@ from pipeline import checkpoint, evaluate, models, pseudolabel
 from pipeline import params as params_mod
 from pipeline import train_robust as tr
 from pipeline.labels import load_labels
-from pipeline.shards import ShardError, read_attrs, read_imageset, write_arrays, write_imageset
+from pipeline.shards import ShardError, read_attrs, write_arrays, write_imageset
+from tests.helpers import first_images
 
 TINY = {"epoch_size": 16, "batch_size": 8, "epochs": 2, "attack_steps": 1, "val_pgd_steps": 1,
         "checkpoint_every": 1, "warmup_epochs": 0, "num_workers": 0}
@@ -29,12 +30,7 @@ FAST = 20.0  # seconds: "before any expensive work" on a loaded 2-core machine
 
 @pytest.fixture
 def small(cifar_sets, tmp_path):
-    sets = {}
-    for name, n in (("train", 64), ("val", 8)):
-        images, labels = read_imageset(cifar_sets[name])
-        sets[name] = tmp_path / f"{name}.h5"
-        write_imageset(sets[name], images[:n], labels[:n])
-    return sets
+    return first_images(cifar_sets, tmp_path, {"train": 64, "val": 8})
 
 
 @pytest.fixture

@@ -16,9 +16,8 @@ import torch
 import yaml
 
 from pipeline import checkpoint
-from pipeline.shards import read_imageset, write_imageset
 from tests.faults.harness import files_matching, interrupt, run
-from tests.helpers import tiny_config
+from tests.helpers import first_images, tiny_config
 
 pytestmark = pytest.mark.slow   # stage subprocesses, each run several times
 
@@ -29,11 +28,7 @@ TINY = {"epoch_size": 16, "batch_size": 8, "epochs": 4, "attack_steps": 1, "val_
 @pytest.fixture(scope="module")
 def setup(cifar_sets, tmp_path_factory):
     root = tmp_path_factory.mktemp("robust")
-    sets = {}
-    for name, n in (("train", 128), ("val", 8)):
-        images, labels = read_imageset(cifar_sets[name])
-        sets[name] = root / f"{name}.h5"
-        write_imageset(sets[name], images[:n], labels[:n])
+    sets = first_images(cifar_sets, root, {"train": 128, "val": 8})
     cfg = tiny_config()
     cfg["train_robust"] = {**cfg["train_robust"], **TINY}
     params = root / "params.yaml"
