@@ -3,7 +3,12 @@
 # The one configuration is params.yaml (switch scale with `python -m pipeline.params use paper`).
 from snakemake.utils import min_version
 
+from pipeline import snakemake_lock
+
 min_version("8.0")
+# A lock left by a controller that died hard (SIGKILL, OOM) is removed when its owner is gone, or
+# explained in one line (pipeline/snakemake_lock.py, docs/faults.md); jobs skip this.
+snakemake_lock.guard(workflow)
 
 
 configfile: "params.yaml"
@@ -27,6 +32,7 @@ localrules:
     analysis_summary,
     threat_model,
     table,
+    evaluate,  # the merge of one (run, threat)'s AutoAttack chunks: seconds, no GPU
 
 
 rule all:

@@ -3,12 +3,13 @@
     OMP_NUM_THREADS=2 python bench/bench_train.py [--models small_cnn wrn-16-4] [--attack-steps 10 5]
         [--batch 128] [--steps 2] [--repeats 5] [--wall-steps 0] [--wall-repeats 2]
 
-"Ours" is one step of pipeline.train_robust's inner loop (pipeline/train_robust.py, the body of the
-`for images, y, is_generated in batches` loop): pipeline.losses.adversarial_loss("trades", ...) with the
-AttackSpec that TrainRobustConfig.attack() builds from params.yaml's `train_robust` section (only batch
-and attack steps overridden; batch-norm momentum, EMA buffers, attack start and batch-norm mode as set
-there), TwoViews for the clean + adversarial forwards, the non-finite check, SGD Nesterov, the
-per-step cosine schedule, the EMA update and the epoch accumulators: the pipeline's own code path.
+"Ours" is pipeline.train_robust.train_step itself, on the state train_robust.build_state builds and the
+forwards train_robust.forwards builds (compiled when `train_robust.compile`), with the non-finite check
+(train_robust.check_finite) every `checkpoint_every` steps as in the loop: adversarial_loss with the
+AttackSpec of params.yaml's `train_robust` section (only batch, attack steps, model and compile
+overridden), TwoViews for the clean + adversarial forwards, SGD Nesterov, the per-step cosine schedule,
+the EMA update and the epoch accumulators: the pipeline's own code path. On CUDA it runs as the stage
+does: bf16 autocast, channels-last. bench/gpu_check.py reuses make_ours and make_port.
 
 "Port" re-states, operation by operation, the training step of the PyTorch port of Gowal et al.
 (imrahulr/adversarial_robustness_pytorch, commit 6df6a8f0cd49cf6d18507a4b574c004ab6eedf49):
@@ -18,7 +19,7 @@ operation below cites the line it re-states. The only changes: CPU tensors inste
 the per-step `pandas.DataFrame.append` of the metrics (watrain.py L110) is left out, which can only
 make the port faster here.
 
-Both sides start from the same initial weights (one `models.build`, deep-copied) and train on the same
+Both sides start from the same initial weights (train_robust.build_state's model, copied) and train on the same
 random batch. Timed blocks of `--steps` training steps alternate A B / B A across `--repeats` after one
 warm-up step each; reported: steps/s (median, min-max over the blocks) and the ratio ours/port, both
 of the medians and per adjacent pair (min / median / max). `--wall-steps N` adds a whole-process
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -46,9 +48,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import models, optim, params  # noqa: E402
-from pipeline.ema import EMA  # noqa: E402
-from pipeline.losses import TwoViews, adversarial_loss  # noqa: E402
+from pipeline import params  # noqa: E402
+from pipeline import train_robust as tr  # noqa: E402
 from pipeline.train_robust import TrainRobustConfig  # noqa: E402
 
 Step = Callable[[], None]
@@ -62,41 +63,26 @@ def our_config(attack_steps: int, batch: int) -> TrainRobustConfig:
                                epoch_size=max(cfg.epoch_size, batch))
 
 
-def make_ours(model: nn.Module, cfg: TrainRobustConfig, x: torch.Tensor, y: torch.Tensor,
-              is_generated: torch.Tensor) -> Step:
-    """One iteration of train_robust's loop (pipeline/train_robust.py, `for images, y, is_generated in
-    batches`, from `smoothing = ...` to the accumulators) with its optimiser, schedule, EMA and
-    cfg.attack(); CPU path: no autocast, contiguous memory format, no cutmix, no auxiliary batch norm
-    (the params defaults)."""
-    models.set_bn_momentum(model, cfg.bn_momentum)
-    optimizer = optim.sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    schedule = optim.scheduler(optimizer, cfg.total_steps, cfg.warmup_steps)
-    ema = EMA(model, cfg.ema_decay, shadow=copy.deepcopy(model), buffers=cfg.ema_buffers)
-    forward = TwoViews(model)
-    attack = cfg.attack()
-    acc = torch.zeros(5, dtype=torch.float64)
-    state = {"step": 0}
-    model.train()
+def make_ours(cfg: TrainRobustConfig, device: torch.device, images: torch.Tensor, y: torch.Tensor,
+              is_generated: torch.Tensor) -> tuple[Step, nn.Module]:
+    """(one iteration of train_robust's loop, the model's initial weights): train_step on a loader-style
+    batch (uint8 NCHW `images`, already on `device`), check_finite every checkpoint_every steps. No
+    cutmix, no auxiliary batch norm (the params defaults)."""
+    ctx = tr.Dist()
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    state = tr.build_state(cfg, 0, 10, ctx, device, memory_format)
+    initial = copy.deepcopy(state.model)
+    attack_model, forward = tr.forwards(state.model, cfg, ctx, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    run = tr.Run(cfg, 0, "bench", ctx, device, Path("."), {}, None, None, None,  # type: ignore[arg-type]
+                 cfg.attack(), attack_model, forward, autocast, memory_format, 10)
+    state.model.train()
 
     def step() -> None:
-        smoothing = is_generated.float() * cfg.label_smoothing
-        attack_rng = torch.Generator().manual_seed(state["step"])
-        loss, parts = adversarial_loss(cfg.loss, model, x, y, cfg.beta, attack,
-                                       smoothing, attack_rng, forward)
-        if not torch.isfinite(loss).item():
-            raise RuntimeError(f"non-finite loss at step {state['step']}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        ema.update(model)
-        with torch.no_grad():
-            n = len(y)
-            acc.add_(torch.stack([loss.detach().double() * n, parts["ce"].double() * n, parts["kl"].double() * n,
-                                  (parts["logits"].argmax(1) == y).sum().double(),
-                                  torch.tensor(n, dtype=torch.float64)]))
-        state["step"] += 1
-    return step
+        tr.train_step(run, state, images, y, is_generated)
+        if state.step % cfg.checkpoint_every == 0:
+            tr.check_finite(run, state)
+    return step, initial
 
 
 # --- the port's step, re-stated (paths and line numbers in imrahulr/adversarial_robustness_pytorch@6df6a8f) ---
@@ -161,7 +147,8 @@ def make_port(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, st
         # trades_loss, gowal21uncovering/utils/trades.py L21-92 (called from watrain.py L94, L119-126)
         model.train()                                       # trades.py L29
         _port_track_bn_stats(model, False)                  # trades.py L30
-        noise = torch.empty(x.shape).uniform_(-eps, eps)    # trades.py L33: uniform start in the eps-box
+        # trades.py L33: uniform start in the eps-box, drawn on the host and copied (`.cuda()`)
+        noise = torch.empty(x.shape).uniform_(-eps, eps).to(x.device)
         x_adv = (x.detach() + noise.detach()).clamp(0.0, 1.0)  # trades.py L33-34
         # trades.py L35: clean softmax once, outside any no_grad (the training loop runs with grad on,
         # so this forward records a graph through the parameters; batch statistics, as L29-30 set)
@@ -201,23 +188,35 @@ def make_port(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, st
     return step
 
 
-def build(name: str, attack_steps: int, batch: int) -> tuple[Step, Step]:
-    """(ours, port) from the same initial weights and the same batch."""
-    cfg = our_config(attack_steps, batch)
-    torch.manual_seed(0)
-    base = models.build(name)
-    x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+def build(name: str, attack_steps: int, batch: int, device: torch.device | None = None,
+          compile: bool = False) -> tuple[Step, Step]:
+    """(ours, port) from the same initial weights and the same batch, on `device`: ours as the stage runs
+    there (bf16 autocast and channels-last on CUDA, compiled if asked), the port in fp32 as its code does."""
+    device = device or torch.device("cpu")
+    cfg = dataclasses.replace(our_config(attack_steps, batch), model=name, compile=compile)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    y = torch.randint(0, 10, (batch,), generator=generator)
     is_generated = torch.zeros(batch, dtype=torch.bool)
     is_generated[batch - round(batch * cfg.generated_fraction):] = True  # the loader puts real rows first
-    ours = make_ours(copy.deepcopy(base), cfg, x, y, is_generated)
-    port = make_port(copy.deepcopy(base), x, y, cfg.eps_255 / 255, cfg.step_255 / 255, attack_steps, cfg.beta)
+    ours, initial = make_ours(cfg, device, images.to(device), y.to(device), is_generated)
+    port_model = initial.to(device, memory_format=torch.contiguous_format)
+    port = make_port(port_model, images.float().div(255).to(device), y.to(device), cfg.eps_255 / 255,
+                     cfg.step_255 / 255, attack_steps, cfg.beta)
     return ours, port
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Step, steps: int) -> float:
+    synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         fn()
+    synchronize()
     return time.perf_counter() - start
 
 

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pipeline import params as params_mod
 
-Axis = Literal["generator", "run", "threat", "learned"]
+Axis = Literal["generator", "run", "threat", "learned", "chunk"]
 YamlValue = str | bool | list["YamlValue"] | dict[str, "YamlValue"]
 
 # The params list each axis runs over, written as DVC templating. A run is `baseline` or a generator,
@@ -51,7 +51,8 @@ HEADER = """\
 #     python -m pipeline.dag write dvc.yaml
 # (tests/test_workflow_sync.py fails when this file differs from the table).
 # The same DAG as the Snakefile, for `dvc repro`. Granularity differs where DVC has no per-shard
-# wildcards: one stage per generator writes the whole shard directory, with byte-identical shards. Every
+# wildcards: one stage per generator writes the whole shard directory, with byte-identical shards, and
+# one stage per run and threat attacks every evaluation chunk, with byte-identical chunk files. Every
 # value comes from params.yaml, through foreach/matrix over its lists, so editing params.yaml never
 # requires regenerating this file.
 """
@@ -70,7 +71,7 @@ Part = str | FromGenerated
 class Stage:
     """One stage of both tools: `python -m pipeline.<stage>` with its inputs, outputs and params.
 
-    Paths and commands use `{generator}`, `{run}`, `{threat}`, `{learned}` for the job's item of an axis
+    Paths and commands use `{generator}`, `{run}`, `{threat}`, `{learned}`, `{chunk}` for the job's item of an axis
     and DVC's `${section.key}` for params values. `params` are the keys one job reads: whole sections
     (`base`) or single keys (`evaluate.n_eval`, `train_generator.{generator}`). A key under `train_robust`
     is read through the run's variant (pipeline.params.train_robust_for), so a variant run also declares
@@ -86,6 +87,7 @@ class Stage:
     axes: tuple[Axis, ...] = ()
     cache: bool = True                    # False: cheap outs, left out of the DVC cache
     all_runs: bool = False                # DVC runs it once with `--run all`; Snakemake once per run
+    all_chunks: bool = False              # DVC runs every chunk in one job, `--chunk all`; Snakemake one per chunk
     note: str = ""                        # why the stage exists or looks the way it does (a dvc.yaml comment)
 
 
@@ -93,6 +95,14 @@ DATA = "data/${base.dataset}"
 EVALUATE_KEYS = tuple(f"evaluate.{key}" for key in (
     "checkpoint", "eps_255", "n_eval", "batch_size", "chunk_size", "version", "pgd_steps", "sweep_factors",
     "n_sweep", "tolerance", "max_pgd_gap"))
+# What decides one AutoAttack chunk (pipeline.evaluate.ChunkConfig) and the eps sweep (SweepConfig): n_eval
+# only says which chunks exist, so raising it attacks only the new chunks.
+CHUNK_KEYS = tuple(f"evaluate.{key}" for key in ("checkpoint", "eps_255", "batch_size", "chunk_size", "version",
+                                                 "pgd_steps"))
+SWEEP_KEYS = tuple(f"evaluate.{key}" for key in ("checkpoint", "eps_255", "batch_size", "pgd_steps",
+                                                 "sweep_factors", "n_sweep"))
+EVAL_MODEL = "models/robust/{run}/${evaluate.checkpoint}.pt"
+EVAL_PARTS = "results/evaluate/{run}/{threat}"   # the chunk and sweep files of one (run, threat)
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage(
@@ -128,7 +138,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         deps=(PARAMS_OK, "models/generators/{generator}/model.pt"),
         outs=("data/generated/{generator}",),
         params=("base", "generate.n_images", "generate.shard_size", "generate.batch_size", "generate.sampler",
-                "generate.sampling_steps", "generate.ddpm_variance", "generate.grid_images"),
+                "generate.sampling_steps", "generate.ddpm_variance", "generate.edm_steps", "generate.grid_images"),
         axes=("generator",),
         note="Every generate key but the axis `generators`: adding a generator must not resample the others.",
     ),
@@ -175,20 +185,29 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         "analysis",
         cmd=("python -m pipeline.analysis", "--params params.yaml", "--generator {generator}",
              f"--train {DATA}/train.h5", f"--test {DATA}/test.h5", "--teacher models/teacher/model.pt",
-             "--shards data/generated/{generator}", "--out results/analysis/{generator}.json"),
+             "--shards data/generated/{generator}", "--labels data/pseudolabels/{generator}",
+             "--out results/analysis/{generator}.json", "--out-figure results/figures/quality_{generator}.png"),
         deps=(PARAMS_OK, f"{DATA}/train.h5", f"{DATA}/test.h5", "models/teacher/model.pt",
-              "data/generated/{generator}"),
+              "data/generated/{generator}", "data/pseudolabels/{generator}"),
+        outs=("results/figures/quality_{generator}.png",),
         metrics=("results/analysis/{generator}.json",),
         params=("base", "analysis"),
         axes=("generator",),
+        cache=False,
+        note="Complementarity and coverage (the paper's table) and the generated data's own quality: FID, IS, "
+             "KID, precision/recall, density/coverage, per-class FID by pseudo-label, test-set leakage "
+             "(pipeline/quality.py).",
     ),
     Stage(
         "analysis_mixup",
         cmd=("python -m pipeline.analysis", "--params params.yaml", "--generator mixup", f"--train {DATA}/train.h5",
-             f"--test {DATA}/test.h5", "--teacher models/teacher/model.pt", "--out results/analysis/mixup.json"),
+             f"--test {DATA}/test.h5", "--teacher models/teacher/model.pt", "--out results/analysis/mixup.json",
+             "--out-figure results/figures/quality_mixup.png"),
         deps=(PARAMS_OK, f"{DATA}/train.h5", f"{DATA}/test.h5", "models/teacher/model.pt"),
+        outs=("results/figures/quality_mixup.png",),
         metrics=("results/analysis/mixup.json",),
         params=("base", "analysis"),
+        cache=False,
     ),
     Stage(
         "analysis_summary",
@@ -231,17 +250,45 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         axes=("run",),
     ),
     Stage(
+        "evaluate_chunk",
+        cmd=("python -m pipeline.evaluate chunk", "--params params.yaml", f"--model {EVAL_MODEL}",
+             f"--test {DATA}/test.h5", "--threat {threat}", "--chunk {chunk}", "--workdir work/evaluate/{run}/{threat}",
+             f"--out-dir {EVAL_PARTS}/chunks"),
+        deps=(PARAMS_OK, EVAL_MODEL, f"{DATA}/test.h5"),
+        outs=(f"{EVAL_PARTS}/chunks",),
+        # train_robust: the checkpoint must be the architecture the run trained (train_robust.model)
+        params=("base", *CHUNK_KEYS, "train_robust"),
+        axes=("run", "threat", "chunk"),
+        all_chunks=True,
+        note="AutoAttack (with clean and PGD) on evaluate.chunk_size test images: Snakemake runs one GPU job per "
+             "chunk, ceil(n_eval / chunk_size) of them. DVC cannot expand over a count computed from params "
+             "(foreach and matrix take lists only) and runs one stage at a time, so it runs every chunk here in one "
+             "job, resuming from the workdir, and writes the same chunk files (it then also declares n_eval).",
+    ),
+    Stage(
+        "evaluate_sweep",
+        cmd=("python -m pipeline.evaluate sweep", "--params params.yaml", f"--model {EVAL_MODEL}",
+             f"--test {DATA}/test.h5", "--threat {threat}", f"--out {EVAL_PARTS}/sweep.h5"),
+        deps=(PARAMS_OK, EVAL_MODEL, f"{DATA}/test.h5"),
+        outs=(f"{EVAL_PARTS}/sweep.h5",),
+        params=("base", *SWEEP_KEYS, "train_robust"),
+        axes=("run", "threat"),
+        note="The masking check's PGD at sweep_factors x eps on the first n_sweep images, once per run and threat: "
+             "its settings rerun no AutoAttack chunk.",
+    ),
+    Stage(
         "evaluate",
-        cmd=("python -m pipeline.evaluate", "--params params.yaml",
-             "--model models/robust/{run}/${evaluate.checkpoint}.pt", f"--test {DATA}/test.h5",
-             "--threat {threat}", "--workdir work/evaluate/{run}/{threat}",
-             "--out results/evaluate/{run}/{threat}.json", "--out-examples results/evaluate/{run}/{threat}.h5"),
-        deps=(PARAMS_OK, "models/robust/{run}/${evaluate.checkpoint}.pt", f"{DATA}/test.h5"),
+        cmd=("python -m pipeline.evaluate merge", "--params params.yaml", f"--model {EVAL_MODEL}",
+             f"--test {DATA}/test.h5", "--threat {threat}", f"--chunk-dir {EVAL_PARTS}/chunks",
+             f"--sweep {EVAL_PARTS}/sweep.h5", "--out results/evaluate/{run}/{threat}.json",
+             "--out-examples results/evaluate/{run}/{threat}.h5"),
+        deps=(PARAMS_OK, EVAL_MODEL, f"{DATA}/test.h5", f"{EVAL_PARTS}/chunks", f"{EVAL_PARTS}/sweep.h5"),
         outs=("results/evaluate/{run}/{threat}.h5",),
         metrics=("results/evaluate/{run}/{threat}.json",),
-        # train_robust: the checkpoint must be the architecture the run trained (train_robust.model)
         params=("base", *EVALUATE_KEYS, "train_robust"),
         axes=("run", "threat"),
+        note="Checks and merges the chunks and the sweep into the JSON and per-example HDF5 a one-process "
+             "`python -m pipeline.evaluate` writes, byte for byte (local, seconds).",
     ),
     Stage(
         "evaluate_latent",
@@ -343,10 +390,12 @@ def stanzas() -> list[Stanza]:
 
 
 def _stanza(stage: Stage, suffix: str, run_axes: tuple[str, ...], run: str | None) -> Stanza:
-    axes = [*run_axes, *(axis for axis in stage.axes if axis != "run")]
+    axes = [*run_axes, *(axis for axis in stage.axes if axis not in ("run", "chunk"))]
     item = {axis: "${item}" if len(axes) == 1 else f"${{item.{axis}}}" for axis in axes}
     if run is not None:
         item["run"] = fill(run, item)
+    if stage.all_chunks:
+        item["chunk"] = "all"
     generated = "generator" in run_axes
 
     def filled(parts: tuple[Part, ...]) -> list[str]:
@@ -358,6 +407,8 @@ def _stanza(stage: Stage, suffix: str, run_axes: tuple[str, ...], run: str | Non
         params.append("variants.settings.{variant}")
     if stage.all_runs:
         params += ["variants", AXIS_LISTS["generator"]]   # the run lists and every variant's settings
+    if stage.all_chunks:
+        params.append("evaluate.n_eval")   # how many chunks `--chunk all` attacks
     body: dict[str, YamlValue] = {"cmd": " ".join(filled(stage.cmd))}
     for key, paths, cached in (("deps", stage.deps, True), ("params", tuple(params), True),
                                ("outs", stage.outs, stage.cache), ("metrics", stage.metrics, False),

@@ -4,37 +4,53 @@
         --test data/cifar10/test.h5 --threat linf --workdir work/evaluate/{run}/linf \\
         --out results/evaluate/{run}/linf.json --out-examples results/evaluate/{run}/linf.h5
 
+runs the whole evaluation in one process. The DAG splits it into jobs that write the same two files,
+byte for byte (the one-process run goes through the same chunk files and the same merge):
+
+    python -m pipeline.evaluate chunk [same --params --model --test --threat] --chunk K \\
+        --workdir work/evaluate/{run}/linf --out-dir results/evaluate/{run}/linf/chunks   # GPU, per chunk
+    python -m pipeline.evaluate sweep [same] --out results/evaluate/{run}/linf/sweep.h5     # GPU, once
+    python -m pipeline.evaluate merge [same] --chunk-dir results/evaluate/{run}/linf/chunks \\
+        --sweep results/evaluate/{run}/linf/sweep.h5 --out ...linf.json --out-examples ...linf.h5   # local
+
 Attacks the first `evaluate.n_eval` test images with AutoAttack (the maintained `pyautoattack`
 package, version "standard": APGD-CE, APGD-T, FAB-T, Square; never re-implemented here) and with the
 project's one PGD (`pipeline.attacks`), at `evaluate.eps_255[threat]` / 255.
 
-Resume: the images are cut into chunks of `chunk_size`; each finished chunk's per-example results go
-atomically to `--workdir/chunk-XXXXXX.h5`, stamped with a fingerprint of everything that decides them
-(model, test set, threat, eps, seeds, attack settings). A rerun keeps matching chunks and attacks only
-the rest, so a killed evaluation redoes at most one chunk and ends with the same per-example results as
-an uninterrupted one. AutoAttack's own `state_path` file is written per chunk in the workdir (it is
-the package's progress record: attacks run, surviving points), but pyautoattack 0.2.0 cannot restore
-from it (it saves the attack set as a string, so `from_disk` raises "different set of attacks", and its
-restore branch leaves `y_adv` undefined); an unfinished chunk is therefore restarted from scratch,
-which is deterministic because every attack reseeds from the explicit seed.
+Chunks: the images are cut into ceil(n_eval / chunk_size) chunks of `chunk_size` (pipeline/eval_chunks.py
+says which images each holds and how the merge checks them). A chunk's per-example results (clean
+prediction, PGD, AutoAttack) go atomically to `--workdir/chunk-KKKKK.h5`, stamped with a fingerprint of
+everything that decides them (model, test set, threat, eps, seeds, attack settings); `chunk` copies the
+file to `--out-dir`. A rerun keeps matching chunks and attacks only the rest, so a killed evaluation
+redoes at most one chunk and ends with the same per-example results as an uninterrupted one.
+AutoAttack's own `state_path` file is written per chunk in the workdir (it is the package's progress
+record: attacks run, surviving points), but pyautoattack 0.2.0 cannot restore from it (it saves the
+attack set as a string, so `from_disk` raises "different set of attacks", and its restore branch leaves
+`y_adv` undefined); an unfinished chunk is therefore restarted from scratch, which is deterministic
+because every attack reseeds from the explicit seed.
 
 Sanity checks (RobustBench style, in the JSON and the log) flag results that look like gradient
 masking: AutoAttack accuracy above PGD accuracy, robust above clean accuracy, PGD far above AutoAttack
 (gradients too weak to find what the black-box Square attack finds), robust accuracy that does not fall
 as eps grows (PGD on the first `n_sweep` images at `sweep_factors` x eps), perturbations outside the
 eps-ball, and AutoAttack's own warnings (zero gradients, Square beats the gradient attacks, randomness).
+The eps sweep runs once per (run, threat), in its own job: its settings rerun no AutoAttack chunk, and
+its numbers do not depend on the chunking.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
+import sys
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -44,10 +60,22 @@ from tqdm import tqdm
 from pipeline import attacks, models, seeding
 from pipeline import params as params_mod
 from pipeline.attacks import Threat
+from pipeline.eval_chunks import (
+    SWEEP_NAME,
+    chunk_name,
+    chunk_range,
+    concatenate,
+    copy_file,
+    read_checked,
+    reusable,
+)
 from pipeline.inference import predict_labels, to_float
 from pipeline.models import CheckpointKind
 from pipeline.params import LearnedThreat
-from pipeline.shards import ShardError, atomic_path, file_sha256, read_arrays, read_attrs, read_imageset, write_arrays
+from pipeline.shards import atomic_path, count, file_sha256, read_attrs, read_imageset, write_arrays
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 log = logging.getLogger("pipeline.evaluate")
 NORMS: dict[Threat, str] = {"linf": "Linf", "l2": "L2"}  # our threat names -> AutoAttack's
@@ -58,6 +86,7 @@ NORMS: dict[Threat, str] = {"linf": "Linf", "l2": "L2"}  # our threat names -> A
 SWEEP_KEEP = 0.5
 MASKING_FLAGS = {"autoattack_above_pgd", "robust_above_clean", "pgd_far_above_autoattack",
                  "sweep_not_decreasing", "autoattack_warning"}
+C = TypeVar("C", bound="DataclassInstance")
 
 
 @dataclass(frozen=True)
@@ -68,7 +97,7 @@ class EvaluateConfig:
     eps_255: dict[Threat, float]  # radius per threat, in 1/255 pixel units (paper: linf 8, l2 128)
     n_eval: int                   # first n test images attacked (paper: 10000)
     batch_size: int               # images per attack batch (memory only)
-    chunk_size: int               # images per resumable AutoAttack call
+    chunk_size: int               # images per resumable AutoAttack call (one DAG job each)
     version: Literal["standard"]  # AutoAttack version
     pgd_steps: int                # steps of the PGD baseline (step 2.5 eps / steps)
     sweep_factors: list[float]    # multiples of eps of the masking sweep
@@ -76,6 +105,29 @@ class EvaluateConfig:
     tolerance: float              # accuracy slack (fraction) before a check fires
     max_pgd_gap: float            # PGD minus AutoAttack accuracy that flags masking
     checkpoint: CheckpointKind    # best (validation-selected, the references') or last: which model.pt is attacked
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    """The `evaluate:` keys a chunk job reads (pipeline/dag.py declares these): the checkpoint it attacks
+    and what decides its per-example results. Not n_eval, which only says how many chunks exist."""
+    checkpoint: CheckpointKind
+    eps_255: dict[Threat, float]
+    batch_size: int
+    chunk_size: int
+    version: Literal["standard"]
+    pgd_steps: int
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The `evaluate:` keys the eps-sweep job reads."""
+    checkpoint: CheckpointKind
+    eps_255: dict[Threat, float]
+    batch_size: int
+    pgd_steps: int
+    sweep_factors: list[float]
+    n_sweep: int
 
 
 @dataclass
@@ -101,7 +153,18 @@ class Evaluation:
                 "autoattack_acc": float(self.aa_correct.mean())}
 
 
-def eps_value(cfg: EvaluateConfig, threat: Threat) -> float:
+def subset(cfg_type: type[C], values: Mapping[str, Any] | EvaluateConfig) -> C:
+    """The fields of `cfg_type` taken from the evaluate section (or a whole EvaluateConfig): a chunk or
+    sweep job reads only these keys, so the others (n_eval, the check thresholds) rerun none of them."""
+    source = dataclasses.asdict(values) if isinstance(values, EvaluateConfig) else values
+    return cfg_type(**{item.name: copy.deepcopy(source[item.name]) for item in dataclasses.fields(cfg_type)})
+
+
+def chunk_count(cfg: EvaluateConfig) -> int:
+    return params_mod.eval_chunk_count(dataclasses.asdict(cfg))
+
+
+def eps_value(cfg: EvaluateConfig | ChunkConfig | SweepConfig, threat: Threat) -> float:
     """Radius in [0, 1] pixel units from the 1/255 value in params (parsed in this one place)."""
     return cfg.eps_255[threat] / 255.0
 
@@ -111,11 +174,10 @@ def autoattack_seed(seed: int) -> int:
     return seeding.derive(seed, "evaluate", "autoattack") % (1 << 31)
 
 
-def perturbation_norm(x_adv: torch.Tensor, x: torch.Tensor, threat: Threat) -> float:
+def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor, threat: Threat) -> np.ndarray:
+    """Threat-norm of each example's perturbation (float32), so the merge's maximum is over kept examples."""
     delta = (x_adv - x).flatten(1)
-    if not len(delta):
-        return 0.0
-    return float((delta.abs().amax(1) if threat == "linf" else delta.norm(dim=1)).max())
+    return (delta.abs().amax(1) if threat == "linf" else delta.norm(dim=1)).numpy().astype(np.float32)
 
 
 class _Collect(logging.Handler):
@@ -130,7 +192,7 @@ class _Collect(logging.Handler):
 
 
 def autoattack_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, eps: float,
-                     cfg: EvaluateConfig, seed: int, state_path: Path, device: torch.device
+                     cfg: ChunkConfig, seed: int, state_path: Path, device: torch.device
                      ) -> tuple[torch.Tensor, list[str]]:
     """Run AutoAttack on one chunk; return its adversarial images and the package's warnings."""
     from pyautoattack import AutoAttack  # imported here: the package is heavy and only this stage needs it
@@ -151,7 +213,7 @@ def autoattack_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat:
     return x_adv.detach().cpu(), messages
 
 
-def fingerprint(model_sha256: str, test_sha256: str, threat: Threat, cfg: EvaluateConfig, seed: int,
+def fingerprint(model_sha256: str, test_sha256: str, threat: Threat, cfg: ChunkConfig | EvaluateConfig, seed: int,
                 start: int, stop: int) -> str:
     """Everything that decides a chunk's per-example results; a chunk file with another is redone."""
     from pyautoattack import __version__ as aa_version
@@ -161,83 +223,137 @@ def fingerprint(model_sha256: str, test_sha256: str, threat: Threat, cfg: Evalua
                        "stop": stop, "pyautoattack": aa_version}, sort_keys=True)
 
 
-def _load_chunk(path: Path, expected: str) -> dict[str, np.ndarray] | None:
-    if not path.exists():
-        return None
-    try:
-        if read_attrs(path).get("fingerprint") != expected:
-            log.warning("%s: made with other settings or model; attacking this chunk again", path)
-            return None
-        return read_arrays(path)
-    except ShardError as error:
-        log.warning("%s: unreadable (%s); attacking this chunk again", path, error)
-        return None
+def sweep_fingerprint(model_sha256: str, test_sha256: str, threat: Threat, cfg: SweepConfig, seed: int,
+                      n: int) -> str:
+    """Everything that decides the eps sweep's accuracies."""
+    return json.dumps({"model_sha256": model_sha256, "test_sha256": test_sha256, "threat": threat,
+                       "eps_255": cfg.eps_255[threat], "seed": seed, "batch_size": cfg.batch_size,
+                       "pgd_steps": cfg.pgd_steps, "sweep_factors": list(cfg.sweep_factors), "n": n},
+                      sort_keys=True)
 
 
-def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, threat: Threat, cfg: EvaluateConfig,
-             seed: int, workdir: Path, device: torch.device, model_sha256: str, test_sha256: str) -> Evaluation:
-    """Attack the first n_eval images chunk by chunk (resuming from --workdir), then run the eps sweep."""
-    n = min(cfg.n_eval, len(images))
-    if n < cfg.n_eval:
-        log.warning("evaluate.n_eval is %d but the test set has %d images: evaluating %d", cfg.n_eval,
-                    len(images), n)
+def _empty_chunk() -> dict[str, np.ndarray]:
+    """A chunk past the end of the test set (n_eval larger than the set): no images."""
+    ints = np.zeros(0, dtype=np.int64)
+    return {"index": ints, "label": ints, "clean_pred": ints, "pgd_correct": np.zeros(0, dtype=bool),
+            "aa_pred": ints, "aa_perturbation": np.zeros(0, dtype=np.float32)}
+
+
+def _attack(model: nn.Module, images: np.ndarray, labels: np.ndarray, threat: Threat, cfg: ChunkConfig,
+            seed: int, start: int, stop: int, state_path: Path, device: torch.device
+            ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Clean prediction, PGD and AutoAttack per example of test images [start, stop)."""
+    if stop <= start:
+        return _empty_chunk(), []
     eps = eps_value(cfg, threat)
-    aa_seed = autoattack_seed(seed)
+    x, y = to_float(images[start:stop]), torch.from_numpy(labels[start:stop].astype(np.int64))
+    clean_pred = predict_labels(model, x, cfg.batch_size, device)
+    _, pgd_mask = attacks.robust_accuracy(model, x.to(device), y.to(device), threat, eps, cfg.pgd_steps,
+                                          cfg.batch_size, seed=seeding.derive(seed, "evaluate", "pgd", start))
+    x_adv, messages = autoattack_chunk(model, x, y, threat, eps, cfg, autoattack_seed(seed), state_path, device)
+    aa_pred = predict_labels(model, x_adv, cfg.batch_size, device)
+    return {"index": np.arange(start, stop, dtype=np.int64), "label": y.numpy(),
+            "clean_pred": clean_pred.astype(np.int64), "pgd_correct": pgd_mask.cpu().numpy(),
+            "aa_pred": aa_pred.astype(np.int64), "aa_perturbation": perturbation_norms(x_adv, x, threat)}, messages
+
+
+def attack_chunks(model: nn.Module, images: np.ndarray, labels: np.ndarray, threat: Threat, cfg: ChunkConfig,
+                  seed: int, indices: Iterable[int], workdir: Path, device: torch.device, model_sha256: str,
+                  test_sha256: str) -> int:
+    """Write each chunk's per-example results to workdir/chunk-KKKKK.h5, keeping the chunks a file with
+    the same fingerprint already holds (resume); return how many were kept."""
     workdir.mkdir(parents=True, exist_ok=True)
     model = model.to(device).eval()
-    parts: list[dict[str, np.ndarray]] = []
-    aa_warnings: list[str] = []
+    indices = list(indices)
     reused = 0
-    bar = tqdm(total=n, desc=f"evaluate {threat}", unit="img", mininterval=5)
-    for start in range(0, n, cfg.chunk_size):
-        stop = min(start + cfg.chunk_size, n)
-        path = workdir / f"chunk-{start:06d}.h5"
+    bar = tqdm(total=len(indices), desc=f"evaluate {threat}", unit="chunk", mininterval=5)
+    for index in indices:
+        start, stop = chunk_range(index, cfg.chunk_size, len(images))
+        path = workdir / chunk_name(index)
         stamp = fingerprint(model_sha256, test_sha256, threat, cfg, seed, start, stop)
-        chunk = _load_chunk(path, stamp)
-        if chunk is None:
-            x, y = to_float(images[start:stop]), torch.from_numpy(labels[start:stop].astype(np.int64))
-            clean_pred = predict_labels(model, x, cfg.batch_size, device)
-            _, pgd_mask = attacks.robust_accuracy(model, x.to(device), y.to(device), threat, eps,
-                                                  cfg.pgd_steps, cfg.batch_size,
-                                                  seed=seeding.derive(seed, "evaluate", "pgd", start))
-            x_adv, messages = autoattack_chunk(model, x, y, threat, eps, cfg, aa_seed,
-                                               workdir / f"chunk-{start:06d}.autoattack.json", device)
-            aa_pred = predict_labels(model, x_adv, cfg.batch_size, device)
-            chunk = {"index": np.arange(start, stop, dtype=np.int64), "label": y.numpy(),
-                     "clean_pred": clean_pred.astype(np.int64), "pgd_correct": pgd_mask.cpu().numpy(),
-                     "aa_pred": aa_pred.astype(np.int64),
-                     "max_perturbation": np.array([perturbation_norm(x_adv, x, threat)])}
-            write_arrays(path, chunk, {"fingerprint": stamp, "autoattack_warnings": json.dumps(messages)})
-        else:
+        if reusable(path, stamp) is not None:
             reused += 1
             log.info("%s: finished earlier, not attacked again", path.name)
-        aa_warnings += json.loads(read_attrs(path).get("autoattack_warnings", "[]"))
-        parts.append(chunk)
-        bar.update(stop - start)
+        else:
+            state = workdir / f"chunk-{index:05d}.autoattack.json"
+            chunk, messages = _attack(model, images, labels, threat, cfg, seed, start, stop, state, device)
+            write_arrays(path, chunk, {"fingerprint": stamp, "autoattack_warnings": json.dumps(messages)})
+        bar.update(1)
     bar.close()
-    merged = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]} if parts else {}
-    result = Evaluation(index=merged["index"], label=merged["label"], clean_pred=merged["clean_pred"],
-                        pgd_correct=merged["pgd_correct"].astype(bool), aa_pred=merged["aa_pred"],
-                        aa_correct=merged["aa_pred"] == merged["label"],
-                        max_perturbation=float(merged["max_perturbation"].max()),
-                        autoattack_warnings=sorted(set(aa_warnings)), chunks_reused=reused)
-    result.sweep = eps_sweep(model, images, labels, threat, cfg, seed, device)
-    return result
+    return reused
 
 
-def eps_sweep(model: nn.Module, images: np.ndarray, labels: np.ndarray, threat: Threat, cfg: EvaluateConfig,
-              seed: int, device: torch.device) -> dict[str, Any]:
+def eps_sweep(model: nn.Module, images: np.ndarray, labels: np.ndarray, threat: Threat,
+              cfg: SweepConfig | EvaluateConfig, seed: int, device: torch.device) -> list[float]:
     """PGD accuracy on the first n_sweep images at each multiple of eps (should fall as eps grows)."""
     n = min(cfg.n_sweep, len(images))
     x = to_float(images[:n]).to(device)
     y = torch.from_numpy(labels[:n].astype(np.int64)).to(device)
     accs = []
+    model = model.to(device).eval()
     for factor in tqdm(cfg.sweep_factors, desc="eps sweep", unit="eps", mininterval=5):
         acc, _ = attacks.robust_accuracy(model, x, y, threat, factor * eps_value(cfg, threat), cfg.pgd_steps,
                                          cfg.batch_size, seed=seeding.derive(seed, "evaluate", "sweep"))
         accs.append(acc)
-    return {"factor": list(cfg.sweep_factors),
-            "eps_255": [f * cfg.eps_255[threat] for f in cfg.sweep_factors], "pgd_acc": accs, "n": n}
+    return accs
+
+
+def write_sweep(path: Path, accs: list[float], cfg: SweepConfig, threat: Threat, seed: int, n_test: int,
+                model_sha256: str, test_sha256: str) -> None:
+    stamp = sweep_fingerprint(model_sha256, test_sha256, threat, cfg, seed, min(cfg.n_sweep, n_test))
+    write_arrays(path, {"pgd_acc": np.asarray(accs, dtype=np.float64)}, {"fingerprint": stamp})
+
+
+def merge(chunk_dir: Path, sweep_path: Path, cfg: EvaluateConfig, threat: Threat, seed: int, n_test: int,
+          model_sha256: str, test_sha256: str) -> Evaluation:
+    """The evaluation of the first n_eval images from the chunk files in `chunk_dir` and the sweep file,
+    each checked against the fingerprint these settings, model and test set give (ChunkError if not)."""
+    n = min(cfg.n_eval, n_test)
+    if n < cfg.n_eval:
+        log.warning("evaluate.n_eval is %d but the test set has %d images: evaluating %d", cfg.n_eval, n_test, n)
+    total = chunk_count(cfg)
+    if total * cfg.chunk_size > cfg.n_eval:
+        log.info("the last chunk attacks %d image(s) past evaluate.n_eval (chunks do not depend on it); a "
+                 "multiple of evaluate.chunk_size wastes none", total * cfg.chunk_size - cfg.n_eval)
+    attack_cfg = subset(ChunkConfig, cfg)
+    parts, aa_warnings = [], []
+    for index in range(total):
+        start, stop = chunk_range(index, cfg.chunk_size, n_test)
+        stamp = fingerprint(model_sha256, test_sha256, threat, attack_cfg, seed, start, stop)
+        arrays, attrs = read_checked(chunk_dir / chunk_name(index), stamp,
+                                     f"chunk {index} of {total}, test images {start}..{stop - 1}")
+        parts.append(arrays)
+        aa_warnings += json.loads(attrs.get("autoattack_warnings", "[]"))
+    merged = concatenate(parts, n, chunk_dir)
+    sweep_cfg = subset(SweepConfig, cfg)
+    n_sweep = min(cfg.n_sweep, n_test)
+    sweep, _ = read_checked(sweep_path, sweep_fingerprint(model_sha256, test_sha256, threat, sweep_cfg, seed,
+                                                          n_sweep), "eps sweep")
+    return Evaluation(index=merged["index"], label=merged["label"], clean_pred=merged["clean_pred"],
+                      pgd_correct=merged["pgd_correct"].astype(bool), aa_pred=merged["aa_pred"],
+                      aa_correct=merged["aa_pred"] == merged["label"],
+                      max_perturbation=float(merged["aa_perturbation"].max()) if n else 0.0,
+                      autoattack_warnings=sorted(set(aa_warnings)),
+                      sweep=sweep_summary(cfg, threat, [float(acc) for acc in sweep["pgd_acc"]], n_sweep))
+
+
+def sweep_summary(cfg: EvaluateConfig, threat: Threat, accs: list[float], n: int) -> dict[str, Any]:
+    return {"factor": list(cfg.sweep_factors), "eps_255": [f * cfg.eps_255[threat] for f in cfg.sweep_factors],
+            "pgd_acc": accs, "n": n}
+
+
+def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, threat: Threat, cfg: EvaluateConfig,
+             seed: int, workdir: Path, device: torch.device, model_sha256: str, test_sha256: str) -> Evaluation:
+    """The whole evaluation in one process: every chunk (resuming from `workdir`), the eps sweep, then the
+    merge the DAG's merge job runs, on the same files."""
+    reused = attack_chunks(model, images, labels, threat, subset(ChunkConfig, cfg), seed, range(chunk_count(cfg)),
+                           workdir, device, model_sha256, test_sha256)
+    sweep_cfg = subset(SweepConfig, cfg)
+    accs = eps_sweep(model, images, labels, threat, sweep_cfg, seed, device)
+    write_sweep(workdir / SWEEP_NAME, accs, sweep_cfg, threat, seed, len(images), model_sha256, test_sha256)
+    result = merge(workdir, workdir / SWEEP_NAME, cfg, threat, seed, len(images), model_sha256, test_sha256)
+    result.chunks_reused = reused
+    return result
 
 
 def sanity_flags(acc: dict[str, float], sweep: dict[str, Any], cfg: EvaluateConfig, eps: float,
@@ -303,44 +419,41 @@ def write_examples(path: Path, result: Evaluation, attrs: dict[str, Any]) -> str
                                "aa_pred": result.aa_pred, "aa_correct": result.aa_correct}, attrs)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--model", type=Path, required=True, help="robust model checkpoint (models.save_checkpoint)")
-    parser.add_argument("--test", type=Path, required=True, help="test image set (HDF5)")
-    parser.add_argument("--threat", choices=sorted(NORMS), required=True)
-    parser.add_argument("--workdir", type=Path, required=True, help="resumable chunk results (not an output)")
-    parser.add_argument("--out", type=Path, required=True, help="summary JSON")
-    parser.add_argument("--out-examples", type=Path, required=True, help="per-example results (HDF5)")
-    parser.add_argument("--run", help="run name in the JSON (default: the model's folder name)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # per-attack progress lines into the log
-    cfg_all = params_mod.load(args.params)
-    cfg = params_mod.section(EvaluateConfig, cfg_all["evaluate"])
-    seed, device = cfg_all["base"]["seed"], models.resolve_device(cfg_all["base"]["device"])
-    run = args.run or args.model.parent.name
-    model_sha256 = file_sha256(args.model)
-    try:  # the robust model must be the architecture train_robust.model names (a stale file is not)
-        variant = params_mod.split_run(run)[1]   # a variant may train another architecture
-        section = params_mod.train_robust_for(cfg_all, run) if variant in cfg_all["variants"]["names"] \
-            else cfg_all["train_robust"]
-        model = models.load_checkpoint(args.model, device, expected=section["model"])
-        kind = models.checkpoint_kind(args.model, expected=cfg.checkpoint)
+# --- the command line: one process, or the DAG's chunk, sweep and merge jobs ---
+
+
+def model_name_for(cfg_all: dict[str, Any], run: str) -> str:
+    """The architecture the run trained (train_robust.model, its variant's own if it sets one)."""
+    variant = params_mod.split_run(run)[1]   # a variant may train another architecture
+    section = params_mod.train_robust_for(cfg_all, run) if variant in cfg_all["variants"]["names"] \
+        else cfg_all["train_robust"]
+    return str(section["model"])
+
+
+def load_model(args: argparse.Namespace, cfg_all: dict[str, Any], checkpoint: CheckpointKind,
+               device: torch.device) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The robust model, its architecture name and which checkpoint it is; one `error:` line for a file
+    of another architecture (a stale file) or another checkpoint than evaluate.checkpoint."""
+    model_name = model_name_for(cfg_all, args.run)
+    try:
+        model = models.load_checkpoint(args.model, device, expected=model_name)
+        return model, model_name, models.checkpoint_kind(args.model, expected=checkpoint)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    model_name = section["model"]   # load_checkpoint refused a file holding any other architecture
-    images, labels = read_imageset(args.test, verify=True)
-    test_sha256 = read_attrs(args.test)["sha256"]
-    log.info("run %s, %s eps %g/255, model %s (sha256 %s), device %s", run, args.threat,
-             cfg.eps_255[args.threat], model_name, model_sha256[:12], device)
-    result = evaluate(model, images, labels, args.threat, cfg, seed, args.workdir, device, model_sha256,
-                      test_sha256)
-    report = summary(result, cfg, args.threat, run, seed, args.model, model_sha256, model_name, args.test,
+
+
+def _test_set(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    images, labels = read_imageset(path, verify=True)
+    return images, labels, str(read_attrs(path)["sha256"])
+
+
+def finish(result: Evaluation, cfg: EvaluateConfig, args: argparse.Namespace, seed: int, model_sha256: str,
+           model_name: str, kind: dict[str, Any], test_sha256: str) -> None:
+    """Write the per-example HDF5 and the JSON (atomically), and log the accuracies and flags."""
+    report = summary(result, cfg, args.threat, args.run, seed, args.model, model_sha256, model_name, args.test,
                      test_sha256, args.out_examples)
     report.update(kind)
-    write_examples(args.out_examples, result, {"run": run, "threat": args.threat,
+    write_examples(args.out_examples, result, {"run": args.run, "threat": args.threat,
                                                "eps_255": cfg.eps_255[args.threat],
                                                "model_sha256": model_sha256, "test_sha256": test_sha256})
     with atomic_path(args.out) as tmp:
@@ -350,9 +463,113 @@ def main(argv: list[str] | None = None) -> None:
     for name, reason in report["flag_reasons"].items():
         log.warning("sanity check %s: %s", name, reason)
     if report["gradient_masking_suspected"]:
-        log.warning("gradient masking suspected: treat the robust accuracy of run %s as an upper bound", run)
+        log.warning("gradient masking suspected: treat the robust accuracy of run %s as an upper bound", args.run)
+
+
+def run_whole(args: argparse.Namespace, cfg_all: dict[str, Any]) -> None:
+    cfg = params_mod.section(EvaluateConfig, cfg_all["evaluate"])
+    seed, device = cfg_all["base"]["seed"], models.resolve_device(cfg_all["base"]["device"])
+    model_sha256 = file_sha256(args.model)
+    model, model_name, kind = load_model(args, cfg_all, cfg.checkpoint, device)
+    images, labels, test_sha256 = _test_set(args.test)
+    log.info("run %s, %s eps %g/255, model %s (sha256 %s), device %s", args.run, args.threat,
+             cfg.eps_255[args.threat], model_name, model_sha256[:12], device)
+    result = evaluate(model, images, labels, args.threat, cfg, seed, args.workdir, device, model_sha256,
+                      test_sha256)
+    finish(result, cfg, args, seed, model_sha256, model_name, kind, test_sha256)
     if result.chunks_reused:
         log.info("%d chunk(s) reused from %s", result.chunks_reused, args.workdir)
+
+
+def run_chunk(args: argparse.Namespace, cfg_all: dict[str, Any]) -> None:
+    """One chunk (a Snakemake job) or every chunk (`--chunk all`, DVC's one stage per run and threat)."""
+    section = cfg_all["evaluate"]
+    cfg = subset(ChunkConfig, section)
+    indices = range(params_mod.eval_chunk_count(section)) if args.chunk == "all" else [int(args.chunk)]
+    seed, device = cfg_all["base"]["seed"], models.resolve_device(cfg_all["base"]["device"])
+    model_sha256 = file_sha256(args.model)
+    model, model_name, _ = load_model(args, cfg_all, cfg.checkpoint, device)
+    images, labels, test_sha256 = _test_set(args.test)
+    log.info("run %s, %s eps %g/255, model %s (sha256 %s), chunk(s) %s of %d images, device %s", args.run,
+             args.threat, cfg.eps_255[args.threat], model_name, model_sha256[:12], args.chunk, cfg.chunk_size,
+             device)
+    attack_chunks(model, images, labels, args.threat, cfg, seed, indices, args.workdir, device, model_sha256,
+                  test_sha256)
+    for index in indices:
+        copy_file(args.workdir / chunk_name(index), args.out_dir / chunk_name(index))
+
+
+def run_sweep(args: argparse.Namespace, cfg_all: dict[str, Any]) -> None:
+    cfg = subset(SweepConfig, cfg_all["evaluate"])
+    seed, device = cfg_all["base"]["seed"], models.resolve_device(cfg_all["base"]["device"])
+    model_sha256 = file_sha256(args.model)
+    model, _, _ = load_model(args, cfg_all, cfg.checkpoint, device)
+    images, labels, test_sha256 = _test_set(args.test)
+    accs = eps_sweep(model, images, labels, args.threat, cfg, seed, device)
+    write_sweep(args.out, accs, cfg, args.threat, seed, len(images), model_sha256, test_sha256)
+    log.info("eps sweep %s/255: PGD-%d accuracy %s", [f * cfg.eps_255[args.threat] for f in cfg.sweep_factors],
+             cfg.pgd_steps, [round(acc, 4) for acc in accs])
+
+
+def run_merge(args: argparse.Namespace, cfg_all: dict[str, Any]) -> None:
+    """The chunks and the sweep into the JSON and per-example HDF5 (no attack: seconds on a CPU)."""
+    cfg = params_mod.section(EvaluateConfig, cfg_all["evaluate"])
+    seed = cfg_all["base"]["seed"]
+    model_name = model_name_for(cfg_all, args.run)
+    try:
+        kind = models.checkpoint_kind(args.model, expected=cfg.checkpoint)
+        model_sha256, test_sha256 = file_sha256(args.model), str(read_attrs(args.test)["sha256"])
+        result = merge(args.chunk_dir, args.sweep, cfg, args.threat, seed, count(args.test), model_sha256,
+                       test_sha256)
+    except (FileNotFoundError, ValueError) as error:   # ChunkError, a stale or missing model
+        raise SystemExit(f"error: {error}") from None
+    finish(result, cfg, args, seed, model_sha256, model_name, kind, test_sha256)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], None]] = {
+    "whole": run_whole, "chunk": run_chunk, "sweep": run_sweep, "merge": run_merge}
+
+
+def _chunk_arg(text: str) -> str:
+    if text != "all" and not (text.isdigit()):
+        raise argparse.ArgumentTypeError(f"--chunk: {text!r} is neither a chunk index (0, 1, ...) nor 'all'")
+    return text
+
+
+def parser_for(command: str) -> argparse.ArgumentParser:
+    prog = "python -m pipeline.evaluate" + ("" if command == "whole" else f" {command}")
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--model", type=Path, required=True, help="robust model checkpoint (models.save_checkpoint)")
+    parser.add_argument("--test", type=Path, required=True, help="test image set (HDF5)")
+    parser.add_argument("--threat", choices=sorted(NORMS), required=True)
+    parser.add_argument("--run", help="run name in the JSON (default: the model's folder name)")
+    add = parser.add_argument
+    if command in ("whole", "chunk"):
+        add("--workdir", type=Path, required=True, help="resumable chunk results (not an output)")
+    if command == "chunk":
+        add("--chunk", type=_chunk_arg, required=True, help="chunk index, or all (every chunk of n_eval)")
+        add("--out-dir", type=Path, required=True, help="folder of the chunk-KKKKK.h5 outputs")
+    if command == "sweep":
+        add("--out", type=Path, required=True, help="eps-sweep accuracies (HDF5)")
+    if command == "merge":
+        add("--chunk-dir", type=Path, required=True, help="folder of the chunk jobs' chunk-KKKKK.h5")
+        add("--sweep", type=Path, required=True, help="the sweep job's HDF5")
+    if command in ("whole", "merge"):
+        add("--out", type=Path, required=True, help="summary JSON")
+        add("--out-examples", type=Path, required=True, help="per-example results (HDF5)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv[:1] and argv[0] in COMMANDS and argv[0] != "whole" else "whole"
+    args = parser_for(command).parse_args(argv if command == "whole" else argv[1:])
+    args.run = args.run or args.model.parent.name
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # per-attack progress lines into the log
+    COMMANDS[command](args, params_mod.load(args.params))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@
 Shard i holds global image indices [i * shard_size, min((i+1) * shard_size, n_images)). Every image
 is a function of (checkpoint, base.seed, generator, index) alone, so Snakemake's one-job-per-shard
 form and DVC's `--shard all` form write byte-identical files, in any order, on any machine of the same
-kind. (For ddpm, network calls are tiles of `generate.batch_size` images aligned to index multiples:
-float rounding depends on the batch shape, so batch_size is part of a ddpm shard's identity and is
-stored with it; gaussian and import bytes do not depend on it.) Shards are written atomically, with a
+kind. (For ddpm and edm, network calls are tiles of `generate.batch_size` images aligned to index
+multiples: float rounding depends on the batch shape, so batch_size is part of such a shard's identity and
+is stored with it; gaussian and import bytes do not depend on it.) Shards are written atomically, with a
 checksum and provenance attributes; `--shard all` keeps existing shards that verify and match.
 """
 
@@ -47,9 +47,10 @@ class GenerateConfig:
     generators: list[GeneratorName]  # generators the DAG expands over
     n_images: int           # generated images per generator
     shard_size: int         # images per shard (one job per shard)
-    batch_size: int         # images per network call (ddpm: part of the shard's identity, see above)
+    batch_size: int         # images per network call (ddpm, edm: part of the shard's identity, see above)
     sampler: SamplerName    # ddpm sampler: ddpm (ancestral), ddim or dpmsolver
     sampling_steps: int     # ddpm sampling steps
+    edm_steps: int          # edm Heun steps N (2N - 1 network calls; EDM's CIFAR-10 preset: 18)
     ddpm_variance: DdpmVariance  # ancestral sampler's variance: fixedlarge (Ho et al.) or fixedsmall; ddim
                                  # and dpmsolver draw no per-step noise and ignore it (see generators/ddpm.py)
     grid_images: int        # images in the sample grid PNG
@@ -98,7 +99,7 @@ def run(cfg_all: dict[str, Any], name: str, model: Path, shard: str, out: Path |
     cfg = params_mod.section(GenerateConfig, cfg_all["generate"])
     settings = SampleSettings(seed=cfg_all["base"]["seed"], batch_size=cfg.batch_size,
                               sampler=cfg.sampler, sampling_steps=cfg.sampling_steps,
-                              ddpm_variance=cfg.ddpm_variance)
+                              ddpm_variance=cfg.ddpm_variance, edm_steps=cfg.edm_steps)
     count = params_mod.shard_count(cfg_all)
     if shard == "all":
         if out_dir is None:

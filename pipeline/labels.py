@@ -1,8 +1,11 @@
 """Reading pseudo-label sidecars: the teacher's labels of one generated shard, checked against it.
 
-`pipeline.pseudolabel` writes a sidecar per shard (shards.write_arrays): `label` (int64 argmax),
-`confidence` (float32 max softmax), optionally `probs`, with attributes naming the shard file, its
-content sha256 and the teacher's sha256. The training loader and the tests read sidecars here, so no
+`pipeline.pseudolabel` writes a sidecar per shard (shards.write_arrays): `label` (int64, the label to
+train on: the teacher's argmax, or with `pseudolabel.label_source: generator` the shard's own class where
+known), `confidence` (float32, the teacher's probability of `label`), optionally `probs`, and with
+label_source generator the teacher's own `teacher_label` and `teacher_confidence`; its attributes name the
+shard file, its content sha256 and the teacher's sha256. Sidecars written before label_source existed
+read the same (their `label` is the teacher's). The training loader and the tests read sidecars here, so no
 module has to import the pseudolabel stage to use its output.
 """
 

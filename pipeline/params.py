@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
@@ -103,6 +104,8 @@ def _check_cross_keys(cfg: dict[str, Any]) -> None:
         raise ParamsError("train_generator.import.path: required when generate.generators has import")
     if cfg["analysis"]["feature_space"] == "lpips" and not cfg["analysis"]["lpips_weights"]:
         raise ParamsError("analysis.lpips_weights: required when analysis.feature_space is lpips")
+    if cfg["analysis"]["quality_k"] >= cfg["analysis"]["quality_n"]:
+        raise ParamsError("analysis.quality_k: must be smaller than analysis.quality_n (k-th neighbour radii)")
     if robust["warmup_epochs"] >= robust["epochs"]:
         raise ParamsError("train_robust.warmup_epochs: must be smaller than train_robust.epochs")
     if robust["epoch_size"] < robust["batch_size"]:
@@ -112,9 +115,10 @@ def _check_cross_keys(cfg: dict[str, Any]) -> None:
     sweep = cfg["evaluate"]["sweep_factors"]
     if sorted(sweep) != list(sweep):
         raise ParamsError("evaluate.sweep_factors: must be increasing")
-    ddpm = cfg["train_generator"]["ddpm"]
-    if ddpm["attention"] and len(ddpm["block_out_channels"]) < 2:
-        raise ParamsError("train_generator.ddpm.attention: needs a 16x16 level (2+ block_out_channels)")
+    for name in ("ddpm", "edm"):
+        unet = cfg["train_generator"][name]
+        if unet["attention"] and len(unet["block_out_channels"]) < 2:
+            raise ParamsError(f"train_generator.{name}.attention: needs a 16x16 level (2+ block_out_channels)")
     if cfg["data"]["n_train"] and cfg["data"]["val_size"] >= cfg["data"]["n_train"]:
         raise ParamsError("data.val_size: must be smaller than data.n_train")
     _check_variants(cfg)
@@ -241,6 +245,12 @@ def _listed_variant(cfg: dict[str, Any], run: str) -> str | None:
 
 def shard_count(cfg: dict[str, Any]) -> int:
     return math.ceil(cfg["generate"]["n_images"] / cfg["generate"]["shard_size"])
+
+
+def eval_chunk_count(evaluate: Mapping[str, Any]) -> int:
+    """AutoAttack chunks of one (run, threat), from the `evaluate` section: the first n_eval test images
+    in chunks of chunk_size (one Snakemake job each; pipeline/evaluate.py, pipeline/eval_chunks.py)."""
+    return math.ceil(evaluate["n_eval"] / evaluate["chunk_size"])
 
 
 def shard_range(cfg: dict[str, Any], index: int) -> tuple[int, int]:

@@ -6,12 +6,22 @@
         --shard-dir data/generated/{g} --out-dir data/pseudolabels/{g}      # DVC: every shard, same bytes
 
 Labels live beside the images, never inside them, so a new teacher does not invalidate the DVC-tracked
-images. A sidecar (shards.write_arrays) holds `label` (int64 argmax), `confidence` (float32 max
-softmax) and, with `save_probs`, `probs` (float32 N x classes). Its attributes name the shard file and
-its content sha256 and the teacher file's sha256, so `pipeline.labels.load_labels` (what the training
-loader reads sidecars with) can refuse a sidecar that does not belong to a shard. Shards whose images
-carry a conditioning label (label >= 0, e.g. the class-conditional Gaussian or an imported labelled
-set) also record the agreement between that label and the teacher's.
+images. A sidecar (shards.write_arrays) holds `label` (int64, the label training and select use),
+`confidence` (float32, the teacher's probability of `label`) and, with `save_probs`, `probs` (float32
+N x classes). Its attributes name the shard file and its content sha256 and the teacher file's sha256, so
+`pipeline.labels.load_labels` (what the training loader reads sidecars with) can refuse a sidecar that
+does not belong to a shard. Shards whose images carry a conditioning label (label >= 0, e.g. a
+class-conditional generator or an imported labelled set) also record the agreement between that label
+and the teacher's.
+
+`label_source` chooses `label`: `teacher` (default; Gowal et al. pseudo-label every generated image) is
+the teacher's argmax, so `confidence` is its max softmax; `generator` keeps a shard's own label where it
+is known (>= 0) and takes the teacher's elsewhere, as DM-Improves-AT trains on class-conditional EDM
+samples with their conditioning class (wzekai99/DM-Improves-AT, commit b390f25, edm/select_1M.py line 85;
+edm/combine_data.py line 31), its teacher only scoring each image by the probability of that class (line
+77), which is what `confidence` then holds and select ranks by. A `generator` sidecar also keeps the
+teacher's own prediction (`teacher_label`, `teacher_confidence`: argmax and max softmax) and says
+`label_source: generator` in its attributes; a `teacher` sidecar is written exactly as before the option.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,10 +48,19 @@ class PseudolabelConfig:
     """Mirror of params.yaml `pseudolabel:`."""
     batch_size: int     # images per teacher forward pass (memory only; labels do not depend on it)
     save_probs: bool    # also store the full softmax probabilities (N x classes float32)
+    label_source: Literal["teacher", "generator"]  # label written for training: the teacher's, or the
+                                                   # shard's own where known (see the module docstring)
 
 
-def label_arrays(probs: np.ndarray, save_probs: bool) -> dict[str, np.ndarray]:
-    arrays = {"label": probs.argmax(1).astype(np.int64), "confidence": probs.max(1).astype(np.float32)}
+def label_arrays(probs: np.ndarray, save_probs: bool, conditioning: np.ndarray | None = None
+                 ) -> dict[str, np.ndarray]:
+    """The sidecar's arrays; with `conditioning` (label_source generator) its known labels are `label`."""
+    teacher = probs.argmax(1).astype(np.int64)
+    arrays = {"label": teacher, "confidence": probs.max(1).astype(np.float32)}
+    if conditioning is not None:
+        label = np.where(conditioning >= 0, conditioning, teacher).astype(np.int64)
+        arrays = {"label": label, "confidence": probs[np.arange(len(label)), label].astype(np.float32),
+                  "teacher_label": teacher, "teacher_confidence": arrays["confidence"]}
     if save_probs:
         arrays["probs"] = probs.astype(np.float32)
     return arrays
@@ -61,8 +80,11 @@ def label_shard(model: torch.nn.Module, shard: Path, out: Path, cfg: Pseudolabel
     images, labels = read_imageset(shard, verify=True)
     shard_attrs = read_attrs(shard)
     probs = predict(model, images, cfg.batch_size, device, desc=f"pseudolabel {shard.name}")
-    arrays = label_arrays(probs, cfg.save_probs)
-    n_known, agree = agreement(labels, arrays["label"])
+    if cfg.label_source == "generator" and len(labels) and labels.max() >= probs.shape[1]:
+        raise ShardError(f"{shard}: label {labels.max()} outside the teacher's {probs.shape[1]} classes "
+                         "(pseudolabel.label_source: generator)")
+    arrays = label_arrays(probs, cfg.save_probs, labels if cfg.label_source == "generator" else None)
+    n_known, agree = agreement(labels, probs.argmax(1))
     # Only names and hashes, never absolute paths: both CLI forms must write the same bytes.
     attrs: dict[str, Any] = {
         "shard": shard.name, "shard_sha256": shard_attrs["sha256"], "n": len(images),
@@ -71,6 +93,8 @@ def label_shard(model: torch.nn.Module, shard: Path, out: Path, cfg: Pseudolabel
     }
     if agree is not None:
         attrs["label_agreement"] = agree
+    if cfg.label_source == "generator":
+        attrs["label_source"] = "generator"
     write_arrays(out, arrays, attrs)
     log.info("%s: %d images, mean confidence %.3f%s", out, len(images), attrs["mean_confidence"],
              f", agreement with conditioning labels {agree:.3f}" if agree is not None else "")

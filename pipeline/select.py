@@ -3,13 +3,15 @@
     python -m pipeline.select --params params.yaml --labels-dir data/pseudolabels/{g} \
         --out data/selection/{g}/index.npy
 
-Per teacher class, images are ranked by confidence (max softmax, ties by position) and the top
+Per class of the sidecar's `label` (the teacher's, or the generator's with pseudolabel.label_source
+generator), images are ranked by confidence (the teacher's probability of that label: its max softmax
+for teacher labels, DM-Improves-AT's selection score for generator labels; ties by position) and the top
 `top_fraction` kept (as later work does with conditional generators); with `class_balance`, every class
 is then cut to the size of the smallest one, keeping the most confident (the paper's released data was
 filtered only to balance classes). The output is an int64 array of shape K x 2 holding
 (shard number, row) pairs sorted by shard then row, where shard number is the `{i}` of
 `shard-{i:05d}.h5`. Images are never copied; readers pair the index with the shard and sidecar files
-(pipeline.pseudolabel.load_labels checks that they belong together).
+(pipeline.labels.load_labels checks that they belong together).
 """
 
 from __future__ import annotations

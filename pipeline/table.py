@@ -14,7 +14,10 @@ Columns: accuracies are fractions of `n_eval` test images. `pgd_acc` is PGD with
 (40 steps in the default and paper presets, fewer in the test preset, so the step count is its own
 column rather than part of the name). `checkpoint` names the evaluated model of the run: `best` (the EMA
 model chosen by validation robust accuracy, evaluate.checkpoint's default) or `last`, with
-`checkpoint_epoch` the epoch it was taken at. `flags` lists the evaluation's sanity
+`checkpoint_epoch` the epoch it was taken at. `fid` is the run's generated set against training images
+and `fid_reference` the real test set's against the same images (what a perfect generator reaches), both
+in `fid_feature_space`: `inception` (the standard FID) or `teacher` (the teacher's features, used when no
+local Inception weights are configured; not comparable with published FIDs). `flags` lists the evaluation's sanity
 checks that fired (';'-separated, empty when none). Provenance: `git_commit` (of the working tree the
 table was built in, "-dirty" when it has uncommitted changes, empty outside git), `params_sha256`
 (sha256 of the validated params as canonical JSON), `model_sha256` (of the evaluated checkpoint),
@@ -48,6 +51,7 @@ COLUMNS = [
     "dataset", "run", "generator", "variant", "train_threat", "n_generated", "model", "threat", "eps", "eps_255",
     "clean_acc", "autoattack_acc", "pgd_acc", "pgd_steps", "corrupted_acc", "teacher_acc",
     "complementarity_train", "complementarity_test", "complementarity_self", "coverage_train", "coverage_test",
+    "fid", "fid_reference", "fid_feature_space",
     "epochs", "checkpoint", "checkpoint_epoch", "n_eval", "flags", "gradient_masking_suspected",
     "git_commit", "params_sha256", "model_sha256", "generated_sha256",
     "evaluation_path", "model_path", "examples_path",
@@ -134,9 +138,20 @@ def generated_checksums(paths: list[Path]) -> dict[str, str]:
     return {name: generated_set_sha256(shards) for name, shards in groups.items()}
 
 
-def analysis_values(data: dict[str, Any], path: Path) -> dict[str, float]:
-    """complementarity train/test/self and coverage train/test, nested or flat keys."""
-    out = {}
+def quality_values(data: dict[str, Any]) -> dict[str, Any]:
+    """FID of the generated set and of the real test set (reference), and the feature space both are in
+    (pipeline/quality.py); blank for an analysis without a quality block."""
+    block = data.get("quality")
+    if not isinstance(block, dict):
+        return dict.fromkeys(("fid", "fid_reference", "fid_feature_space"), "")
+    value = lambda x: "" if x is None else float(x)
+    return {"fid": value(block["generated"]["fid"]), "fid_reference": value(block["reference_test"]["fid"]),
+            "fid_feature_space": block["feature_space"]}
+
+
+def analysis_values(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """complementarity train/test/self and coverage train/test, nested or flat keys, and the FID."""
+    out: dict[str, Any] = quality_values(data)
     for group, parts in [("complementarity", ("train", "test", "self")), ("coverage", ("train", "test"))]:
         found = data.get(group)
         nested = found if isinstance(found, dict) else {}
@@ -236,7 +251,7 @@ def evaluation_row(path: Path, context: Context) -> dict[str, Any]:
         "generated_sha256": "", "evaluation_path": str(path), "model_path": ev.get("model_path", ""),
         "examples_path": ev.get("examples_path", ""),
         **dict.fromkeys(("complementarity_train", "complementarity_test", "complementarity_self",
-                         "coverage_train", "coverage_test"), ""),
+                         "coverage_train", "coverage_test", "fid", "fid_reference", "fid_feature_space"), ""),
     }
     if not is_baseline:
         if generator not in context.analysis:
@@ -265,9 +280,41 @@ def generated_checksum(generator: str, train: dict[str, Any], train_path: Path, 
 
 
 def _cell(key: str, value: Any) -> Any:
-    """Accuracies and analysis values to 4 decimals (1/10,000 = one test image at paper scale)."""
+    """Accuracies and analysis values to 4 decimals (1/10,000 = one test image at paper scale); FID to 6
+    significant digits (its scale depends on the feature space)."""
     measured = key.endswith("_acc") or key.startswith(("complementarity", "coverage"))
+    if key in ("fid", "fid_reference") and isinstance(value, float):
+        return f"{value:.6g}"
     return f"{value:.4f}" if measured and isinstance(value, float) else value
+
+
+FID_SPACES = {"inception": "Inception", "teacher": "teacher features"}
+
+
+def fid_header(rows: list[dict[str, Any]]) -> str:
+    """The FID column's name says its feature space: Inception-v3 (the standard FID) or the teacher's."""
+    spaces = sorted({FID_SPACES.get(r["fid_feature_space"], r["fid_feature_space"]) for r in rows
+                     if r.get("fid_feature_space")})
+    return f"FID ({', '.join(spaces)})" if spaces else "FID"
+
+
+def _fid(value: Any) -> str:
+    return "" if value == "" else f"{value:.4g}"
+
+
+def fid_note(rows: list[dict[str, Any]]) -> list[str]:
+    """The reference that makes an FID readable: the real test set's FID against the same train sample."""
+    scored = [r for r in rows if r.get("fid_reference", "") != ""]
+    if not scored:
+        return []
+    space = scored[0]["fid_feature_space"]
+    what = ("Inception-v3 pool3 features (2015 TF weights, torch-fidelity): the standard FID" if space == "inception"
+            else "the teacher's penultimate features, NOT the standard Inception FID (set analysis.inception_weights "
+            "for that); comparable only between rows of this table")
+    return ["", f"FID of the generated set against training images, in {what}. Reference: the real test set "
+            f"scores {_fid(scored[0]['fid_reference'])} against the same training images (the training set's "
+            "own held-out split); per-generator quality details are in results/analysis/{generator}.json and "
+            "results/complementarity.csv."]
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -297,16 +344,19 @@ def markdown(rows: list[dict[str, Any]], dataset: str) -> str:
              "(APGD-CE, APGD-T, FAB-T, Square); PGD with `pgd_steps` steps. Provenance (git commit, params "
              f"hash, model and generated-set checksums) is in results/{dataset}_table.csv.", "",
              "| generator | variant | trained under | n generated | model | threat | eps | clean | AutoAttack "
-             "| PGD (steps) | teacher | compl. test | coverage test | epochs | checkpoint | n eval | flags |",
-             "|---|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+             f"| PGD (steps) | teacher | compl. test | coverage test | {fid_header(rows)} | epochs | checkpoint "
+             "| n eval | flags |",
+             "|---|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         lines.append(f"| {r['generator']} | {r['variant']} | {r['train_threat']} | {r['n_generated']:,} "
                      f"| {r['model']} | {r['threat']} | {r['eps']} "
                      f"| {_pct(r['clean_acc'])} | {_pct(r['autoattack_acc'])} | {_pct(r['pgd_acc'])} "
                      f"({r['pgd_steps']}) | {_pct(r['teacher_acc'])} | "
                      f"{'' if r['complementarity_test'] == '' else format(r['complementarity_test'], '.4f')} | "
-                     f"{'' if r['coverage_test'] == '' else format(r['coverage_test'], '.4f')} | {r['epochs']} "
-                     f"| {checkpoint_label(r)} | {r['n_eval']} | {r['flags'].replace(';', ', ') or 'none'} |")
+                     f"{'' if r['coverage_test'] == '' else format(r['coverage_test'], '.4f')} | {_fid(r['fid'])} "
+                     f"| {r['epochs']} | {checkpoint_label(r)} | {r['n_eval']} "
+                     f"| {r['flags'].replace(';', ', ') or 'none'} |")
+    lines += fid_note(rows)
     flagged = [r for r in rows if r["gradient_masking_suspected"]]
     if flagged:
         lines += ["", "**Gradient masking suspected** for " + ", ".join(

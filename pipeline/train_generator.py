@@ -1,13 +1,16 @@
-"""Stage `train_generator`: fit a Gaussian, train a DDPM, or validate an imported set -> model.pt.
+"""Stage `train_generator`: fit a Gaussian, train a DDPM or EDM, or validate an imported set -> model.pt.
 
     python -m pipeline.train_generator --params params.yaml --generator ddpm \
         --train data/cifar10/train.h5 --workdir work/train_generator/ddpm \
         --out models/generators/ddpm/model.pt
+    torchrun --nproc_per_node 8 -m pipeline.train_generator -- --generator edm ...   # data-parallel, same flags
 
 Reads `base:` and `train_generator.<generator>:`. Generators see the training split only (never val
-or test). The DDPM resumes from the newest checkpoint in --workdir (not an output: rerunning the same
-command continues a killed run; on SIGTERM it checkpoints first, then exits 143); gaussian and import
-finish in one pass and leave the work dir empty.
+or test). The DDPM and EDM resume from the newest checkpoint in --workdir (not an output: rerunning the
+same command continues a killed run; on SIGTERM they checkpoint first, then exit 143) and train
+data-parallel when torchrun starts several ranks (the same global batches, so the same model up to float
+rounding; generators/diffusion_training.py); gaussian and import finish in one pass and leave the work dir
+empty (under torchrun rank 0 does that work alone).
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline import generators
+from pipeline import distributed, generators
 from pipeline import params as params_mod
 from pipeline.models import resolve_device
 from pipeline.preemption import NonFiniteLoss
 
 log = logging.getLogger("pipeline.train_generator")
+DATA_PARALLEL = {"ddpm", "edm"}   # generators whose training runs on every torchrun rank
 
 
 def train_generator(name: str, section: dict, train: Path | None, workdir: Path, out: Path, seed: int,
@@ -31,6 +35,10 @@ def train_generator(name: str, section: dict, train: Path | None, workdir: Path,
     cfg = params_mod.section(module.Config, section[name])
     if train is None and name != "import":
         raise SystemExit(f"error: --train is required for generator {name}")
+    if name not in DATA_PARALLEL and distributed.world_size() > 1:
+        if distributed.rank() != 0:
+            return
+        log.warning("%s trains in one process: ranks other than 0 are idle", name)
     module.train(cfg, train, Path(workdir), Path(out), seed, resolve_device(device_name))
 
 
@@ -50,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
                         cfg["base"]["seed"], cfg["base"]["device"])
     except (ValueError, generators.imported.SourceError, NonFiniteLoss) as error:  # ParamsError is a ValueError
         raise SystemExit(f"error: {error}") from None
-    log.info("wrote %s", args.out)
+    distributed.finish()
+    if distributed.rank() == 0:
+        log.info("wrote %s", args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,13 @@ step and on SIGTERM (then the process exits with 143), by the rule every trainin
 (pipeline/preemption.py); running the same command again resumes from it. Batches and attack noise
 are functions of (seed, step), so on CPU a resumed run ends with exactly the weights of an
 uninterrupted one. A non-finite loss stops the run with an error before anything is saved, keeping the
-last good checkpoint.
+last good checkpoint: the losses stay on the device and are checked together at every checkpoint and
+epoch end (so at most `checkpoint_every` steps apart), with no host synchronisation in between.
+
+`compile: true` runs the attack's and the training forwards through torch.compile (inductor) of the same
+module, so the two share parameters and checkpoints hold the plain module's state_dict; validation (and
+evaluation, another stage) use the uncompiled EMA model. On CUDA the forwards run under bf16 autocast in
+channels-last layout, compiled or not.
 
 Code layout: setup() (devices, data, model, resume) returns the fixed `Run` and the changing
 `TrainState`; train_robust() loops train_step() over the loader's batches, calls end_epoch() at each
@@ -45,12 +51,11 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,13 +63,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import aux_bn, checkpoint, datasets, latent_attack, models, optim, seeding, shards
+from pipeline import aux_bn, checkpoint, datasets, distributed, latent_attack, models, optim, seeding, shards
 from pipeline import cutmix as cutmix_mod
 from pipeline import loader as loader_mod
 from pipeline import params as params_mod
 from pipeline.attacks import BnMode, robust_accuracy
 from pipeline.aux_bn import AuxBnMode
 from pipeline.cutmix import ApplyTo
+from pipeline.distributed import Dist, agree, init_distributed, rank_share, sigterm_on_any_rank
 from pipeline.ema import EMA, BufferMode
 from pipeline.inference import predict_labels, to_float
 from pipeline.latent_attack import LEARNED, LatentSet
@@ -111,6 +117,7 @@ class TrainRobustConfig:
     attack_start: StartMode     # uniform (the references) or gaussian (x + 0.001 N(0, I)): the attack's start
     bn_momentum: float          # running-statistics momentum of every batch norm (the references: 0.01)
     ema_buffers: BufferMode     # copy (the references: the trained model's statistics) or average
+    compile: bool               # torch.compile (inductor) the model of the attack and the training forwards
 
     def epoch_end(self, epoch: int) -> int:
         """Global step at which epoch `epoch` (1-based) ends: epoch * epoch_size // batch_size, so an
@@ -172,45 +179,6 @@ class Result:
     best_state: dict[str, torch.Tensor]
     curve: list[dict[str, Any]]
     metrics: Metrics
-
-
-# --- distributed setup (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK) ---
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Join the process group if launched by torchrun (gloo on CPU, nccl on GPU); pick the device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = models.resolve_device(device_name)
-    if world == 1:
-        return Dist(), device
-    ctx = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return ctx, device
-
-
-def sigterm_on_any_rank(received: bool, ctx: Dist, device: torch.device) -> bool:
-    """Whether any rank has received SIGTERM. Every rank must agree, or one would checkpoint and leave
-    while the others wait forever in save()'s collectives."""
-    if ctx.world_size == 1:
-        return received
-    flag = torch.tensor([float(received)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 # --- data ---
@@ -305,11 +273,6 @@ def run_identity(cfg: TrainRobustConfig, seed: int, name: str, inputs: Inputs) -
 # --- validation ---
 
 
-def rank_share(n: int, ctx: Dist) -> slice:
-    """The contiguous part of n items rank `ctx.rank` handles (sizes differ by at most one)."""
-    return slice(ctx.rank * n // ctx.world_size, (ctx.rank + 1) * n // ctx.world_size)
-
-
 def validate(model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], cfg: TrainRobustConfig,
              seed: int, ctx: Dist = Dist(), latent: LatentSet | None = None,
              autocast: contextlib.AbstractContextManager[Any] | None = None) -> tuple[float, float]:
@@ -388,10 +351,10 @@ class EpochSums:
     @torch.no_grad()
     def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], y: torch.Tensor) -> None:
         """One batch: its mean loss and terms (adversarial_loss's) and its logits' correct predictions."""
-        n = len(y)
-        self.values += torch.stack([loss.detach().double() * n, parts["ce"].double() * n, parts["kl"].double() * n,
-                                    (parts["logits"].argmax(1) == y).sum().double(),
-                                    torch.tensor(n, dtype=torch.float64, device=self.values.device)])
+        n = len(y)   # device ops and Python scalars only: no host-to-device copy, no synchronisation
+        self.values[:3] += torch.stack([loss.detach().double(), parts["ce"].double(), parts["kl"].double()]) * n
+        self.values[3] += (parts["logits"].argmax(1) == y).sum()
+        self.values[4] += n
 
     def over_ranks(self, ctx: Dist) -> EpochSums:
         """The sums of every rank together (a copy; this rank's own stay as they are)."""
@@ -417,6 +380,8 @@ class TrainState:
     sums: EpochSums
     step: int = 0                     # global steps done, which is also the loader's position
     curve: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # one row per finished epoch
+    unchecked: list[torch.Tensor] = dataclasses.field(default_factory=list)  # losses since the last check_finite
+    last_loss: float | None = None    # the newest loss check_finite read (the progress bar shows it)
 
 
 @dataclass
@@ -433,6 +398,7 @@ class Run:
     val_set: tuple[torch.Tensor, torch.Tensor]
     latent: LatentSet | None
     attack: AttackSpec
+    attack_model: nn.Module           # the model the attack runs: `compiled(state.model)` (the same parameters)
     forward: nn.Module                # the train-mode forward: TwoViews(model), DDP-wrapped when distributed
     autocast: contextlib.AbstractContextManager[Any]
     memory_format: torch.memory_format
@@ -502,22 +468,59 @@ def setup(cfg: TrainRobustConfig, seed: int, device_name: str, name: str, inputs
     identity = run_identity(cfg, seed, name, inputs)
     resume(state, checkpoint.latest(workdir, map_location="cpu", identity=identity, move_aside=ctx.main),
            cfg, ctx, device, workdir)
-    # The attack runs on the plain model (eval mode, no parameter gradients); the train-mode forwards
-    # go through one call of `forward`, DDP-wrapped when distributed.
-    forward: nn.Module = TwoViews(state.model)
-    if ctx.world_size > 1:
-        # with auxiliary batch norms a step may leave one set unused (source mode, a batch without one source)
-        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda"
-                                                      else None, find_unused_parameters=cfg.aux_bn != "none")
+    attack_model, forward = forwards(state.model, cfg, ctx, device)
     state.model.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     return Run(cfg, seed, name, ctx, device, workdir, identity, dataset, val_set, latent, cfg.attack(latent),
-               forward, autocast, memory_format, num_classes), state
+               attack_model, forward, autocast, memory_format, num_classes), state
+
+
+def compiled(module: nn.Module, enabled: bool) -> nn.Module:
+    """torch.compile(module) (inductor) when enabled: a wrapper calling the same module, so parameters,
+    buffers and state_dict stay the module's own; else the module itself."""
+    return cast(nn.Module, torch.compile(module)) if enabled else module
+
+
+def forwards(model: nn.Module, cfg: TrainRobustConfig, ctx: Dist, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(the attack's model, the train-mode forward). The attack runs the model without DDP (no gradient
+    exchange); the clean and adversarial training passes go through one call of `forward`, DDP-wrapped
+    when distributed. Compiled, single process: both use one compiled model; under DDP the DDP-wrapped
+    module is compiled, as PyTorch recommends (its DDPOptimizer splits the graph at the gradient buckets:
+    https://pytorch.org/docs/stable/notes/ddp.html, "TorchDynamo DDPOptimizer")."""
+    attack_model = compiled(model, cfg.compile)
+    if ctx.world_size == 1:
+        return attack_model, TwoViews(attack_model)
+    # with auxiliary batch norms a step may leave one set unused (source mode, a batch without one source)
+    ddp = nn.parallel.DistributedDataParallel(TwoViews(model), device_ids=[device.index] if device.type == "cuda"
+                                              else None, find_unused_parameters=cfg.aux_bn != "none")
+    return attack_model, compiled(ddp, cfg.compile)
+
+
+def check_finite(run: Run, state: TrainState) -> None:
+    """Read the losses since the last check (one device-to-host copy) and stop at the first non-finite
+    one of any rank with NonFiniteLoss, before anything of its steps is saved. Every rank calls it at the
+    same steps (save, end_epoch) and the ranks agree on the step, so all of them stop together."""
+    if not state.unchecked:
+        return
+    values = torch.stack(state.unchecked).float().cpu()
+    first = state.step - len(values)
+    bad = (~torch.isfinite(values)).nonzero()
+    local = first + int(bad[0, 0]) if len(bad) else state.step
+    worst = int(agree(float(local), run.ctx, "min"))
+    state.unchecked.clear()
+    state.last_loss = float(values[-1])
+    if worst < state.step:
+        value = f"{float(values[worst - first])}" if worst == local else "non-finite on another rank"
+        raise NonFiniteLoss(f"run {run.name}: loss is {value} at step {worst} (lr now "
+                            f"{state.schedule.get_last_lr()[0]:.4g}); stopped without saving, the last good "
+                            f"checkpoint in {run.workdir} is kept. Lower train_robust.lr or check the data.")
 
 
 def save(run: Run, state: TrainState) -> None:
-    """Checkpoint the state at its step (rank 0 writes). Every rank calls it: the epoch's sums are
-    reduced over the ranks first, so rank 0 stores, and on resume restores, the sum of all of them."""
+    """Checkpoint the state at its step (rank 0 writes), unless a loss since the last check was not
+    finite. Every rank calls it: the epoch's sums are reduced over the ranks first, so rank 0 stores, and
+    on resume restores, the sum of all of them."""
+    check_finite(run, state)
     totals = state.sums.over_ranks(run.ctx)
     if run.ctx.main:
         checkpoint.save(run.workdir, state.step, {
@@ -533,12 +536,14 @@ def save(run: Run, state: TrainState) -> None:
 
 def train_step(run: Run, state: TrainState, images: torch.Tensor, y: torch.Tensor,
                is_generated: torch.Tensor) -> torch.Tensor:
-    """One optimiser step on a loader batch (uint8 NCHW); returns the loss. The attack's noise and the
-    CutMix boxes come from (seed, run, step, rank), so a resumed run draws what an uninterrupted one did."""
+    """One optimiser step on a loader batch (uint8 NCHW); returns the loss, left on the device (no host
+    synchronisation: check_finite reads it later). The attack's noise and the CutMix boxes come from
+    (seed, run, step, rank), so a resumed run draws what an uninterrupted one did."""
     cfg, device, step = run.cfg, run.device, state.step
     x = to_float(images, device, layout="NCHW", memory_format=run.memory_format, non_blocking=True)
     y = y.to(device, non_blocking=True)
-    smoothing = is_generated.to(device).float() * cfg.label_smoothing
+    generated_rows = is_generated.to(device, non_blocking=True)
+    smoothing = generated_rows.float() * cfg.label_smoothing
     attack_rng = seeding.torch_generator(run.seed, "train_robust", run.name, "attack", step, run.ctx.rank,
                                          device=device)
     mix = None
@@ -546,20 +551,17 @@ def train_step(run: Run, state: TrainState, images: torch.Tensor, y: torch.Tenso
         x, mix = cutmix_mod.cutmix(x, y, smoothing, cutmix_mod.selection(cfg.cutmix_apply_to, is_generated),
                                    cfg.cutmix_alpha, seeding.numpy_rng(run.seed, "train_robust", run.name, "cutmix",
                                                                        step, run.ctx.rank))
-    routes = aux_bn.routes_for(cfg.aux_bn, is_generated.to(device))
+    routes = aux_bn.routes_for(cfg.aux_bn, generated_rows)
     with run.autocast:
-        loss, parts = adversarial_loss(cfg.loss, state.model, x, y, cfg.beta, run.attack,
+        loss, parts = adversarial_loss(cfg.loss, run.attack_model, x, y, cfg.beta, run.attack,
                                        smoothing, attack_rng, run.forward, mix, routes)
-    if not torch.isfinite(loss).item():
-        raise NonFiniteLoss(f"run {run.name}: loss is {loss.item()} at step {step} (lr "
-                            f"{state.schedule.get_last_lr()[0]:.4g}); stopped without saving, the last good "
-                            f"checkpoint in {run.workdir} is kept. Lower train_robust.lr or check the data.")
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()
     state.schedule.step()
     state.ema.update(state.model)
     state.sums.add(loss, parts, y)
+    state.unchecked.append(loss.detach())
     state.step += 1
     return loss
 
@@ -567,6 +569,7 @@ def train_step(run: Run, state: TrainState, images: torch.Tensor, y: torch.Tenso
 def end_epoch(run: Run, state: TrainState) -> None:
     """At an epoch's last step: its curve row (training means over every rank, validation of the EMA
     model), best.pt's weights when validation improved, and fresh sums for the next epoch."""
+    check_finite(run, state)
     epoch = len(state.curve) + 1
     row: dict[str, Any] = {"epoch": epoch, "step": state.step, "lr": state.schedule.get_last_lr()[0],
                            **state.sums.over_ranks(run.ctx).means()}
@@ -622,14 +625,14 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, name: str,
                unit_scale=True, disable=not (progress and run.ctx.main), desc=f"train_robust {name}")
     with SigtermFlag() as sigterm:
         for images, y, is_generated in batches:
-            loss = train_step(run, state, images, y, is_generated)
+            train_step(run, state, images, y, is_generated)
             bar.update(cfg.batch_size)
-            if run.ctx.main and state.step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{state.schedule.get_last_lr()[0]:.3g}")
             if state.step == cfg.epoch_end(len(state.curve) + 1):
                 end_epoch(run, state)
-            checkpoint_after_step(sigterm_on_any_rank(sigterm.received, run.ctx, run.device), state.step,
+            checkpoint_after_step(sigterm_on_any_rank(sigterm.received, run.ctx), state.step,
                                   cfg.total_steps, cfg.checkpoint_every, lambda _: save(run, state), workdir, bar)
+            if run.ctx.main and not state.unchecked and state.last_loss is not None:   # just checked
+                bar.set_postfix(loss=f"{state.last_loss:.3f}", lr=f"{state.schedule.get_last_lr()[0]:.3g}")
     bar.close()
     if state.step < cfg.total_steps:  # stop_after ended the batches early: as if preempted there
         save(run, state)
@@ -731,13 +734,11 @@ def main(argv: list[str] | None = None) -> None:
                               threat_file=args.threat_model)
     except (NonFiniteLoss, ShardError, ValueError) as error:  # bad input or divergence: one clear line
         sys.exit(f"error: {error}")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if distributed.rank() == 0:
         write_outputs(result, cfg, args)
         log.info("%s: best val robust acc %.4f (epoch %d), last %.4f", args.run, result.metrics.val_robust_acc_best,
                  result.metrics.best_epoch, result.metrics.val_robust_acc_last)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.finish()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 rule analysis:
     message:
-        "complementarity and coverage of {wildcards.generator} against train and test"
+        "complementarity, coverage and quality (FID, leakage) of {wildcards.generator} against train and test"
     input:
         train=f"{DATA}/train.h5",
         test=f"{DATA}/test.h5",
         teacher="models/teacher/model.pt",
         shards=generated_shards,
+        labels=expand("data/pseudolabels/{{generator}}/shard-{shard}.h5", shard=SHARDS),
     output:
         result="results/analysis/{generator}.json",
+        figure="results/figures/quality_{generator}.png",
     params:
         cfg=stage_params("analysis"),
         params_file=PARAMS_FILE,
@@ -24,19 +26,22 @@ rule analysis:
         " --test {input.test}"
         " --teacher {input.teacher}"
         " --shards {input.shards}"
+        " --labels {input.labels}"
         " --out {output.result}"
+        " --out-figure {output.figure}"
         " 2> {log}"
 
 
 rule analysis_mixup:
     message:
-        "complementarity and coverage of the mixup baseline (the paper's reference row)"
+        "complementarity, coverage and quality of the mixup baseline (the paper's reference row)"
     input:
         train=f"{DATA}/train.h5",
         test=f"{DATA}/test.h5",
         teacher="models/teacher/model.pt",
     output:
         result="results/analysis/mixup.json",
+        figure="results/figures/quality_mixup.png",
     params:
         cfg=stage_params("analysis_mixup"),
         params_file=PARAMS_FILE,
@@ -53,6 +58,7 @@ rule analysis_mixup:
         " --test {input.test}"
         " --teacher {input.teacher}"
         " --out {output.result}"
+        " --out-figure {output.figure}"
         " 2> {log}"
 
 

@@ -1,5 +1,6 @@
 # Helpers shared by the rules: validation before any job, the DAG's axes, and path templates.
 # Real logic lives in pipeline/ (pipeline.params), where it is tested.
+import os
 import re
 
 import yaml
@@ -23,6 +24,7 @@ RUNS = P.runs(config)
 THREATS = config["evaluate"]["threats"]
 LEARNED_THREATS = config["evaluate"]["learned_threats"]
 SHARDS = [f"{i:05d}" for i in range(P.shard_count(config))]
+EVAL_CHUNKS = [f"{i:05d}" for i in range(P.eval_chunk_count(config["evaluate"]))]
 
 
 wildcard_constraints:
@@ -31,6 +33,7 @@ wildcard_constraints:
     threat="linf|l2",
     learned="cvae",
     shard=r"\d{5}",
+    chunk=r"\d{5}",
 
 
 def stage_params(stage):
@@ -79,6 +82,16 @@ def run_selection(wildcards):
     return [] if source == "baseline" else [f"data/selection/{source}/index.npy"]
 
 
+def evaluate_chunks(wildcards):
+    """Every chunk file of one (run, threat); raising n_eval adds chunks and keeps the finished ones."""
+    return expand(
+        "results/evaluate/{run}/{threat}/chunks/chunk-{chunk}.h5",
+        run=wildcards.run,
+        threat=wildcards.threat,
+        chunk=EVAL_CHUNKS,
+    )
+
+
 def evaluated_model(wildcards):
     """The checkpoint evaluate.checkpoint names: best.pt (chosen on the validation split) or last.pt."""
     return f"models/robust/{wildcards.run}/{config['evaluate']['checkpoint']}.pt"
@@ -95,6 +108,20 @@ def import_source(wildcards):
     return [path] if wildcards.generator == "import" and path else []
 
 
+def pretrained_source(wildcards):
+    """The files of a local pretrained DDPM folder (train_generator.ddpm.pretrained) are inputs of the ddpm
+    generator, so a changed, added or removed file reruns the import (a folder's own mtime misses edits
+    inside it). A hub id has no local files to name: model.pt records the weights' sha256 instead."""
+    source = config["train_generator"]["ddpm"]["pretrained"]
+    if wildcards.generator != "ddpm" or not source or not os.path.isdir(source):
+        return []
+    files = []
+    for root, dirs, names in os.walk(source):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # `hf download`'s .cache metadata
+        files += [os.path.join(root, name) for name in names if not name.startswith(".")]
+    return sorted(files)
+
+
 def data_archive():
     """The local file(s) the data stage reads (SVHN: both .mat files in the folder); none for a URL."""
     sources = datasets.sources(datasets.get(DATASET), config["data"]["archive"])
@@ -106,20 +133,20 @@ def data_archive():
 THREADS = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
 
 
-def launcher(resources, threads):
-    """`python -m pipeline.train_robust` with the job's threads, or torchrun over the job's GPUs when it
-    has more than one (the job's threads shared by its ranks).
+def launcher(resources, threads, module="train_robust"):
+    """`python -m pipeline.<module>` with the job's threads, or torchrun over the job's GPUs when it has
+    more than one (the job's threads shared by its ranks): train_robust, train_generator (DDPM, EDM).
 
-    The `--` stops torchrun's parser from reading --run as its own --run-path.
+    The `--` stops torchrun's parser from reading the stage's flags (--run) as its own (--run-path).
     """
     gpus = int(resources.get("gpu", 0) or 0)
     if gpus > 1:
         per_rank = max(1, int(threads) // gpus)
         return (
             f"OMP_NUM_THREADS={per_rank} MKL_NUM_THREADS={per_rank} "
-            f"torchrun --standalone --nproc_per_node {gpus} -m pipeline.train_robust --"
+            f"torchrun --standalone --nproc_per_node {gpus} -m pipeline.{module} --"
         )
-    return f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} python -m pipeline.train_robust"
+    return f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} python -m pipeline.{module}"
 
 
 def table_path():

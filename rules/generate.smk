@@ -4,12 +4,16 @@ rule train_generator:
     input:
         train=f"{DATA}/train.h5",
         source=import_source,
+        pretrained=pretrained_source,
     output:
         model="models/generators/{generator}/model.pt",
     params:
         cfg=stage_params("train_generator"),
         params_file=PARAMS_FILE,
         workdir="work/train_generator/{generator}",  # resumable checkpoints: not an output
+        # torchrun over the job's GPUs when it has more than one (data-parallel ddpm / edm; the others
+        # train on rank 0 alone)
+        launcher=lambda wildcards, resources, threads: launcher(resources, threads, "train_generator"),
     log:
         "logs/train_generator/{generator}.log",
     benchmark:
@@ -20,7 +24,7 @@ rule train_generator:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        THREADS + "python -m pipeline.train_generator"
+        "{params.launcher}"
         " --params {params.params_file}"
         " --generator {wildcards.generator}"
         " --train {input.train}"

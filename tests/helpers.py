@@ -8,11 +8,13 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +30,11 @@ BIN = Path(sys.executable).parent   # the venv's snakemake, dvc and python
 # What a test-scale copy of the workflow needs (make_workdir).
 WORKFLOW_FILES = ["Snakefile", "rules", "profiles", "envs", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
                   "configs", "data/demo"]
+PRETRAINED_DDPM = "models/pretrained/ddpm-cifar10-tiny"   # the test DAG's stand-in for Ho et al.'s checkpoint
+# The test DAG (make_workdir) is configs/default.yaml + tests/params.yaml + this: one generator of each kind,
+# closed form (gaussian), trained in the DAG (edm, Heun sampler) and imported pretrained (ddpm).
+TEST_DAG = {"generate": {"generators": ["gaussian", "edm", "ddpm"]},
+            "train_generator": {"ddpm": {"pretrained": PRETRAINED_DDPM}}}
 
 
 # --- params ---
@@ -126,8 +133,34 @@ def run(args: list[str], cwd: Path | None = None, environment: dict[str, str] | 
     return result
 
 
+def small_unet(**overrides: Any) -> Any:
+    """A small diffusers UNet (random weights, seeded): the stand-in for a pretrained DDPM."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    kwargs = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                  norm_num_groups=8, attention_head_dim=8)
+    return UNet2DModel(**{**kwargs, **overrides})
+
+
+def save_pipeline(folder: Path, unet: Any, scheduler: Any) -> Path:
+    """The layout DDPMPipeline.save_pretrained writes (google/ddpm-cifar10-32's): unet/, scheduler/, model_index."""
+    unet.save_pretrained(folder / "unet")
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline",
+                                                         "unet": ["diffusers", "UNet2DModel"],
+                                                         "scheduler": ["diffusers", "DDPMScheduler"]}))
+    return folder
+
+
 def make_workdir(path: Path) -> Path:
-    """A copy of the workflow files in `path` with params.yaml = configs/default.yaml + tests/params.yaml."""
+    """A copy of the workflow files in `path` with params.yaml = configs/default.yaml + tests/params.yaml +
+    TEST_DAG, and the pretrained DDPM folder TEST_DAG names (a small random UNet with Ho et al.'s schedule,
+    in the layout of google/ddpm-cifar10-32)."""
+    from diffusers import DDPMScheduler
+
+    save_pipeline(path / PRETRAINED_DDPM, small_unet(), DDPMScheduler(beta_schedule="linear", clip_sample=True))
     for name in WORKFLOW_FILES:
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         if (REPO / name).is_dir():
@@ -136,7 +169,8 @@ def make_workdir(path: Path) -> Path:
             shutil.copy(REPO / name, path / name)
     default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     overlay = yaml.safe_load((REPO / "tests" / "params.yaml").read_text())
-    (path / "params.yaml").write_text(yaml.safe_dump(params_mod.validate(params_mod.deep_merge(default, overlay))))
+    cfg = params_mod.deep_merge(params_mod.deep_merge(default, overlay), TEST_DAG)
+    (path / "params.yaml").write_text(yaml.safe_dump(params_mod.validate(cfg)))
     return path
 
 

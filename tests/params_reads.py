@@ -131,11 +131,12 @@ def _cwd(path: Path) -> Iterator[None]:
 
 def source_reads(module: ModuleType) -> frozenset[Key]:
     """Constant subscripts of the params a function loads (`cfg_all["base"]["seed"]`, and through a name
-    bound to a section, `cfg = cfg_all["evaluate"]; cfg["n_eval"]`), in every function of the module."""
+    bound to a section, `cfg = cfg_all["evaluate"]; cfg["n_eval"]`), in every function of the module. A
+    parameter named `cfg_all` is the loaded params too (main hands them to a subcommand's function)."""
     tree = ast.parse(inspect.getsource(module))
     found: set[Key] = set()
     for function in (node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)):
-        bound: dict[str, Key] = {}
+        bound: dict[str, Key] = {arg.arg: () for arg in function.args.args if arg.arg == "cfg_all"}
         assignments = [node for node in ast.walk(function) if isinstance(node, ast.Assign)
                        and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)]
         for _ in range(3):   # names bound to sections of names bound earlier

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import analysis, features, models
+from pipeline import analysis, features, models, quality
 from pipeline import select as select_mod
-from pipeline.shards import read_imageset, write_arrays, write_imageset
+from pipeline.shards import read_attrs, read_imageset, write_arrays, write_imageset
 
 
 def cluster(rng, n, centre, dim=16, spread=0.05):
@@ -22,7 +22,7 @@ def test_copies_of_train_are_train_neighbours_and_cover_train():
     rng = np.random.default_rng(0)
     real = cluster(rng, 120, np.ones(16))
     train, test = real[:60], real[60:]
-    result = analysis.complementarity_coverage(train, test, train.copy(), block_size=7)
+    result = quality.complementarity_coverage(train, test, train.copy(), block_size=7)
     assert result["complementarity"] == {"train": 1.0, "test": 0.0, "self": 0.0}
     assert result["coverage"]["train"] == 1.0
     assert sum(result["complementarity"].values()) == pytest.approx(1.0)
@@ -35,7 +35,7 @@ def test_far_away_generator_is_its_own_neighbour_and_covers_nothing():
     far = np.zeros(16)
     far[1] = 1
     train, test = cluster(rng, 50, centre), cluster(rng, 50, centre)
-    result = analysis.complementarity_coverage(train, test, cluster(rng, 50, far), block_size=16)
+    result = quality.complementarity_coverage(train, test, cluster(rng, 50, far), block_size=16)
     assert result["complementarity"]["self"] == 1.0
     assert result["coverage"] == {"train": 0.0, "test": 0.0}
 
@@ -43,7 +43,7 @@ def test_far_away_generator_is_its_own_neighbour_and_covers_nothing():
 def test_a_second_draw_of_the_same_distribution_is_about_a_third_each():
     rng = np.random.default_rng(2)
     train, test, gen = (features.unit_normalise(rng.standard_normal((400, 8))) for _ in range(3))
-    result = analysis.complementarity_coverage(train, test, gen, block_size=64)
+    result = quality.complementarity_coverage(train, test, gen, block_size=64)
     for share in result["complementarity"].values():
         assert 0.25 < share < 0.42
     for share in result["coverage"].values():
@@ -54,9 +54,9 @@ def test_blocked_search_equals_brute_force():
     rng = np.random.default_rng(3)
     q, p = rng.standard_normal((37, 5)), rng.standard_normal((23, 5))
     brute = ((q[:, None] - p[None]) ** 2).sum(-1)
-    assert np.allclose(analysis.min_sq_dist(q, p, 4), brute.min(1), atol=1e-4)
+    assert np.allclose(quality.min_sq_dist(q, p, 4), brute.min(1), atol=1e-4)
     selfd = ((q[:, None] - q[None]) ** 2).sum(-1) + np.diag(np.full(37, np.inf))
-    assert np.allclose(analysis.min_sq_dist(q, q, 5, exclude_self=True), selfd.min(1), atol=1e-4)
+    assert np.allclose(quality.min_sq_dist(q, q, 5, exclude_self=True), selfd.min(1), atol=1e-4)
 
 
 def test_cli_on_real_images_copies_far_and_summary(tiny_params, write_params, cifar_sets, tmp_path):
@@ -76,15 +76,35 @@ def test_cli_on_real_images_copies_far_and_summary(tiny_params, write_params, ci
     test = tmp_path / "test.h5"
     tx, ty = read_imageset(cifar_sets["test"])
     write_imageset(test, tx[:100], ty[:100])
+    sidecar_labels = np.arange(100) % 10   # pseudo-labels of the copies: sidecars as pseudolabel writes them
+    for i, rows in enumerate((slice(0, 60), slice(60, 100))):
+        shard = tmp_path / "copy" / f"shard-{i:05d}.h5"
+        write_arrays(tmp_path / "labels" / shard.name,
+                     {"label": sidecar_labels[rows].astype(np.int64),
+                      "confidence": np.linspace(0.1, 1, 100, dtype=np.float32)[rows]},
+                     {"shard": shard.name, "shard_sha256": read_attrs(shard)["sha256"]})
     out = tmp_path / "results"
     for name in ("copy", "far"):
+        labels = ["--labels", str(tmp_path / "labels")] if name == "copy" else []
         analysis.main(["--params", str(params), "--generator", name, "--train", str(small_train),
-                       "--test", str(test), "--teacher", str(teacher), "--shards", str(tmp_path / name),
-                       "--out", str(out / f"{name}.json")])
+                       "--test", str(test), "--teacher", str(teacher), "--shards", str(tmp_path / name), *labels,
+                       "--out", str(out / f"{name}.json"), "--out-figure", str(tmp_path / "fig" / f"{name}.png")])
     copy = json.loads((out / "copy.json").read_text())
     assert copy["complementarity"]["train"] == 1.0 and copy["coverage"]["train"] == 1.0
     assert copy["n"] == {"train": 100, "test": 100, "generated": 100}
     assert copy["teacher"]["n_known_labels"] == 60
+    quality = copy["quality"]   # the copies are the whole training set: FID 0, every image memorised
+    assert quality["feature_space"] == "teacher" and quality["n"] == {"generated": 100, "train": 100, "test": 100}
+    assert quality["generated"]["fid"] == pytest.approx(0, abs=1e-3)
+    assert quality["generated"]["precision"] == quality["generated"]["recall"] == 1.0
+    assert quality["leakage"]["pixels"]["train"]["share"] == 1.0 == quality["leakage"]["features"]["train"]["share"]
+    # real held-out images are about as near the test set as the calibration's 1% (here 1 of 100)
+    assert quality["leakage"]["pixels"]["test"]["share"] <= 0.03
+    assert quality["labels"]["source"] == "pseudolabel sidecars"
+    assert quality["labels"]["histogram"] == [10] * 10 and sum(quality["labels"]["confidence_counts"]) == 100
+    assert quality["per_class"]["n_generated"] == [10] * 10
+    assert sum(quality["per_class_conditioning"]["n_generated"]) == 60   # only the shard with known labels
+    assert (tmp_path / "fig" / "copy.png").read_bytes()[:4] == b"\x89PNG"
     far = json.loads((out / "far.json").read_text())
     assert far["complementarity"]["self"] > 0.9 and far["coverage"]["train"] < 0.1
     analysis.main(["--params", str(params), "--generator", "mixup", "--train", str(small_train),
@@ -96,9 +116,25 @@ def test_cli_on_real_images_copies_far_and_summary(tiny_params, write_params, ci
     analysis.main(["summary", "--inputs", *(str(p) for p in sorted(out.glob("*.json"))),
                    "--out-csv", str(tmp_path / "c.csv"), "--out-figure", str(tmp_path / "fig" / "c.png")])
     rows = list(csv.DictReader((tmp_path / "c.csv").open()))
-    assert [r["generator"] for r in rows] == ["copy", "far", "mixup"]
+    assert [r["generator"] for r in rows] == ["copy", "far", "mixup", analysis.REFERENCE]
     assert float(rows[0]["complementarity_train"]) == 1.0
+    fid = {r["generator"]: float(r["fid"]) for r in rows}
+    # copies of train < the real held-out split < flat grey images, in the teacher's features
+    assert fid["copy"] < fid[analysis.REFERENCE] < fid["far"]
+    assert {r["quality_feature_space"] for r in rows} == {"teacher"}
+    assert rows[-1]["complementarity_train"] == "" and float(rows[-1]["fid_reference"]) == fid[analysis.REFERENCE]
     assert (tmp_path / "fig" / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_inception_weights_stop_the_stage_before_any_work(tiny_params, write_params, tmp_path):
+    tiny_params["analysis"]["inception_weights"] = str(tmp_path / "absent.pth")
+    params = write_params(tiny_params)
+    teacher = tmp_path / "teacher.pt"
+    models.save_checkpoint(teacher, models.build("small_cnn"), "small_cnn", 10)
+    with pytest.raises(SystemExit, match="analysis.inception_weights: .*absent.pth not found"):
+        analysis.main(["--params", str(params), "--generator", "mixup", "--train", str(tmp_path / "no.h5"),
+                       "--test", str(tmp_path / "no.h5"), "--teacher", str(teacher), "--out", str(tmp_path / "o.json")])
+    assert not (tmp_path / "o.json").exists()
 
 
 def test_mixup_blends_are_made_of_train_pool_images():
@@ -134,8 +170,13 @@ def test_mixup_row_finds_its_sources_in_the_train_pool(tiny_params, write_params
     train = tmp_path / "train.h5"
     write_imageset(train, x[:1000], y[:1000])
     out = tmp_path / "mixup.json"
+    with pytest.raises(SystemExit, match="--teacher is required"):   # quality metrics need a feature space
+        analysis.main(["--params", str(params), "--generator", "mixup", "--train", str(train),
+                       "--test", str(cifar_sets["test"]), "--out", str(out)])
+    teacher = tmp_path / "teacher.pt"
+    models.save_checkpoint(teacher, models.build("small_cnn"), "small_cnn", 10)
     analysis.main(["--params", str(params), "--generator", "mixup", "--train", str(train),
-                   "--test", str(cifar_sets["test"]), "--out", str(out)])
+                   "--test", str(cifar_sets["test"]), "--teacher", str(teacher), "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["n"] == {"train": 40, "test": 40, "generated": 40}
     assert result["complementarity"]["train"] >= 0.95

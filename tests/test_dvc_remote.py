@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 DVC = str(BIN / "dvc")
 RAN = re.compile(r"Running stage '([^']+)'")
 # stages whose params/deps include the `evaluate` section or its outputs (dvc.yaml)
-EVALUATE_DEPENDENTS = re.compile(r"^(check_params|evaluate(_latent)?(_baseline)?(_variant)?@.*|table)$")
+EVALUATE_DEPENDENTS = re.compile(r"^(check_params|evaluate(_chunk|_latent)?(_baseline)?(_variant)?@.*|table)$")
 
 
 def git(*args: str, cwd: Path) -> None:

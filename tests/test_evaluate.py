@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
+from pipeline import eval_chunks, models
 from pipeline import evaluate as E
-from pipeline import models
 from pipeline import params as P
 from pipeline.inference import to_float
 from pipeline.shards import read_arrays, read_imageset, write_arrays
+from tests.helpers import tiny_config
 
 CPU = torch.device("cpu")
 
@@ -176,7 +180,7 @@ def test_cli_killed_evaluation_resumes_to_the_same_per_example_results(small_cnn
     with pytest.raises(KeyboardInterrupt):
         E.main(cli_args(params, model, test, tmp_path / "work_b", tmp_path / "b"))
     assert not (tmp_path / "b" / "linf.json").exists() and not (tmp_path / "b" / "linf.h5").exists()
-    assert (tmp_path / "work_b" / "chunk-000000.h5").exists()
+    assert (tmp_path / "work_b" / "chunk-00000.h5").exists()
 
     calls.clear()
     monkeypatch.setattr(E, "autoattack_chunk", lambda *a, **k: (calls.append(1), real_chunk(*a, **k))[1])
@@ -193,15 +197,15 @@ def test_cli_killed_evaluation_resumes_to_the_same_per_example_results(small_cnn
 
 def test_chunk_from_other_settings_is_attacked_again(tmp_path, tiny_params):
     cfg = config(tiny_params)
-    path = tmp_path / "chunk-000000.h5"
+    path = tmp_path / "chunk-00000.h5"
     stamp = E.fingerprint("model", "test", "linf", cfg, 0, 0, 20)
     write_arrays(path, {"index": np.arange(3)}, {"fingerprint": stamp})
-    assert E._load_chunk(path, stamp) is not None
+    assert eval_chunks.reusable(path, stamp) is not None
     other = config(tiny_params, eps_255={"linf": 4.0, "l2": 128.0})
-    assert E._load_chunk(path, E.fingerprint("model", "test", "linf", other, 0, 0, 20)) is None
-    assert E._load_chunk(path, E.fingerprint("other-model", "test", "linf", cfg, 0, 0, 20)) is None
+    assert eval_chunks.reusable(path, E.fingerprint("model", "test", "linf", other, 0, 0, 20)) is None
+    assert eval_chunks.reusable(path, E.fingerprint("other-model", "test", "linf", cfg, 0, 0, 20)) is None
     path.write_bytes(b"truncated")
-    assert E._load_chunk(path, stamp) is None
+    assert eval_chunks.reusable(path, stamp) is None
 
 
 def test_cli_names_the_checkpoint_it_attacks_and_refuses_another(small_cnn, cifar_sets, tiny_params,
@@ -220,3 +224,125 @@ def test_cli_names_the_checkpoint_it_attacks_and_refuses_another(small_cnn, cifa
     E.main(cli_args(params, run_dir / "best.pt", cifar_sets["test"], tmp_path / "work", tmp_path / "out"))
     report = json.loads((tmp_path / "out" / "linf.json").read_text())
     assert (report["checkpoint"], report["checkpoint_epoch"]) == ("best", 3)
+
+
+# --- the DAG's jobs: one per chunk, the sweep, and the merge ---
+
+
+def job_args(command: str, params, model, test, *extra) -> list[str]:
+    return [command, "--params", str(params), "--model", str(model), "--test", str(test), "--threat", "linf",
+            *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def chunked(small_cnn, cifar_sets, tmp_path_factory) -> dict:
+    """One evaluation twice, to the same output paths: in one process, then as the DAG's jobs (chunks 0
+    and 2 on one node, chunk 1 on another, the sweep, the merge). n_eval 20 in chunks of 8: three
+    chunks, the last reaching past n_eval."""
+    root = tmp_path_factory.mktemp("chunked")
+    cfg = tiny_config()
+    cfg["evaluate"]["eps_255"]["linf"] = 32.0   # every point falls to APGD-CE: fast (small_cnn's doc)
+    cfg["evaluate"].update(n_eval=20, chunk_size=8, batch_size=8, n_sweep=12)
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg))
+    model = root / "models" / "robust" / "baseline" / "best.pt"
+    models.save_checkpoint(model, small_cnn, "small_cnn", 10, {"checkpoint": "best", "epoch": 3})
+    test, out = cifar_sets["test"], root / "results" / "evaluate" / "baseline"
+    outputs = ["--out", out / "linf.json", "--out-examples", out / "linf.h5"]
+    E.main(job_args("", params, model, test, "--workdir", root / "work", *outputs)[1:])   # one process
+    whole = {name: (out / name).read_bytes() for name in ("linf.json", "linf.h5")}
+    for name in whole:
+        (out / name).unlink()
+    chunks, sweep = out / "linf" / "chunks", out / "linf" / "sweep.h5"
+    for chunk, node in (("0", "node_a"), ("00002", "node_a"), ("1", "node_b")):
+        E.main(job_args("chunk", params, model, test, "--chunk", chunk, "--workdir", root / node, "--out-dir", chunks))
+    E.main(job_args("sweep", params, model, test, "--out", sweep))
+    merge = job_args("merge", params, model, test, "--chunk-dir", chunks, "--sweep", sweep, *outputs)
+    E.main(merge)
+    return {"root": root, "params": params, "model": model, "test": test, "cfg": cfg, "whole": whole,
+            "merged": {name: (out / name).read_bytes() for name in whole}, "chunks": chunks, "merge": merge}
+
+
+def test_chunk_jobs_then_merge_write_the_one_process_files_byte_for_byte(chunked):
+    assert chunked["merged"] == chunked["whole"]
+    report = json.loads(chunked["whole"]["linf.json"])
+    assert report["n_eval"] == 20 and len(report["sweep"]["pgd_acc"]) == 4 and report["sweep"]["n"] == 12
+    assert (report["checkpoint"], report["checkpoint_epoch"]) == ("best", 3)
+    examples = read_arrays(chunked["root"] / "results" / "evaluate" / "baseline" / "linf.h5")
+    np.testing.assert_array_equal(examples["index"], np.arange(20))   # the last chunk's 4 extra images cut
+    assert report["autoattack_acc"] == pytest.approx(examples["aa_correct"].mean())
+    for name in ("chunk-00000.h5", "chunk-00001.h5", "chunk-00002.h5"):   # the same chunk files, too
+        assert (chunked["chunks"] / name).read_bytes() == (chunked["root"] / "work" / name).read_bytes(), name
+
+
+def test_raising_n_eval_attacks_only_the_new_chunks(chunked, tmp_path, monkeypatch):
+    """`--chunk all` (DVC's one job per run and threat) keeps a node's finished chunks: n_eval 20 -> 32
+    attacks chunks 1 (not on this node) and 3 (new) only, and chunk 2 is unchanged."""
+    work = tmp_path / "node_a"
+    shutil.copytree(chunked["root"] / "node_a", work)
+    cfg = copy.deepcopy(chunked["cfg"])
+    cfg["evaluate"]["n_eval"] = 32
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg))
+    attacked = []
+    real = E.autoattack_chunk
+    monkeypatch.setattr(E, "autoattack_chunk", lambda *a, **k: (attacked.append(len(a[1])), real(*a, **k))[1])
+    E.main(job_args("chunk", params, chunked["model"], chunked["test"], "--chunk", "all", "--workdir", work,
+                    "--out-dir", tmp_path / "chunks"))
+    assert attacked == [8, 8]
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == [f"chunk-0000{k}.h5" for k in range(4)]
+    assert (tmp_path / "chunks" / "chunk-00002.h5").read_bytes() == (chunked["chunks"] / "chunk-00002.h5").read_bytes()
+
+
+def merge_error(chunked, tmp_path, change) -> str:
+    """The merge's one error line after `change(folder, params dict)` on a copy of the chunk jobs' files."""
+    folder = tmp_path / "linf"
+    shutil.copytree(chunked["chunks"].parent, folder)
+    cfg = copy.deepcopy(chunked["cfg"])
+    change(folder, cfg)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg))
+    args = job_args("merge", params, chunked["model"], chunked["test"], "--chunk-dir", folder / "chunks",
+                    "--sweep", folder / "sweep.h5", "--out", tmp_path / "linf.json", "--out-examples",
+                    tmp_path / "linf.h5")
+    with pytest.raises(SystemExit) as error:
+        E.main(args)
+    assert not (tmp_path / "linf.json").exists() and not (tmp_path / "linf.h5").exists()
+    return str(error.value)
+
+
+def test_merge_names_a_missing_corrupt_or_stale_chunk(chunked, tmp_path):
+    missing = merge_error(chunked, tmp_path / "a", lambda folder, cfg: (folder / "chunks" / "chunk-00001.h5").unlink())
+    assert "chunk-00001.h5: missing (chunk 1 of 3, test images 8..15)" in missing
+    corrupt = merge_error(chunked, tmp_path / "b", lambda folder, cfg: (folder / "chunks" / "chunk-00002.h5")
+                          .write_bytes((folder / "chunks" / "chunk-00002.h5").read_bytes()[:-100]))
+    assert "chunk-00002.h5: corrupt" in corrupt
+    stale = merge_error(chunked, tmp_path / "c", lambda folder, cfg: cfg["evaluate"]["eps_255"].update(linf=16.0))
+    assert "chunk-00000.h5: chunk 0 of 3" in stale and "eps_255 32.0 (expected 16.0)" in stale
+    resized = merge_error(chunked, tmp_path / "d", lambda folder, cfg: cfg["evaluate"].update(chunk_size=10))
+    assert "chunk-00000.h5" in resized and "stop 8 (expected 10)" in resized
+    sweep = merge_error(chunked, tmp_path / "e", lambda folder, cfg: cfg["evaluate"].update(n_sweep=10))
+    assert "sweep.h5: eps sweep was made" in sweep and "n 12 (expected 10)" in sweep
+
+
+def test_merge_refuses_chunks_of_another_model(chunked, tmp_path):
+    model = tmp_path / "baseline" / "best.pt"
+    models.save_checkpoint(model, models.build("small_cnn"), "small_cnn", 10, {"checkpoint": "best", "epoch": 4})
+    args = [model if arg == str(chunked["model"]) else arg for arg in chunked["merge"]]
+    args[args.index("--out") + 1], args[args.index("--out-examples") + 1] = tmp_path / "x.json", tmp_path / "x.h5"
+    with pytest.raises(SystemExit, match="chunk-00000.h5: chunk 0 of 3.*model_sha256"):
+        E.main(list(map(str, args)))
+
+
+def test_chunk_count_follows_n_eval_and_chunks_do_not_depend_on_it():
+    assert [P.eval_chunk_count({"n_eval": n, "chunk_size": 8}) for n in (1, 8, 9, 20, 24)] == [1, 1, 2, 3, 3]
+    # chunk 2 of 8 images is 16..23 whatever n_eval is; only the test set's end cuts it
+    assert eval_chunks.chunk_range(2, 8, 10_000) == (16, 24)
+    assert eval_chunks.chunk_range(2, 8, 20) == (16, 20)
+    assert eval_chunks.chunk_range(3, 8, 20) == (20, 20)   # past the test set: empty
+
+
+def test_bad_chunk_argument_is_one_error(tmp_path):
+    with pytest.raises(SystemExit):
+        E.main(job_args("chunk", tmp_path / "p.yaml", tmp_path / "m.pt", tmp_path / "t.h5", "--chunk", "-1",
+                        "--workdir", tmp_path, "--out-dir", tmp_path))

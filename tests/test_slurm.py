@@ -122,9 +122,10 @@ def test_dag_runs_through_sbatch(slurm_run):
     assert submitted, "no job went through sbatch"
     jobs = slurm_jobs_by_rule()
     # GPU rules went to SLURM with their rule name; cheap rules stayed local (`localrules`)
-    for rule in ("data", "train_generator", "generate", "teacher", "pseudolabel", "train_robust", "evaluate"):
+    for rule in ("data", "train_generator", "generate", "teacher", "pseudolabel", "train_robust", "evaluate_chunk",
+                 "evaluate_sweep"):
         assert rule in jobs, f"{rule} was not submitted: {jobs}"
-    assert not {"table", "sample_grid", "analysis_summary"} & set(jobs)
+    assert not {"table", "sample_grid", "analysis_summary", "evaluate"} & set(jobs)
     known = {job.split("_")[0] for ids in jobs.values() for job in ids}
     assert set(submitted) <= known, f"ids in the Snakemake log unknown to SLURM: {set(submitted) - known}"
     slurm_logs = {p.stem for p in (workdir / ".snakemake" / "slurm_logs").rglob("*.log")}
@@ -135,9 +136,9 @@ def test_gpu_rules_got_a_gres_gpu():
     """The fake GPUs were really requested and allocated for the GPU rules, not for `data`."""
     out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True).stdout
     lines = {rule: [line for line in out.splitlines() if f"Comment=rule_{rule}" in line]
-             for rule in ("train_robust", "evaluate", "data")}
-    assert lines["train_robust"] and lines["evaluate"], out[-2000:]
-    for line in lines["train_robust"] + lines["evaluate"]:
+             for rule in ("train_robust", "evaluate_chunk", "data")}
+    assert lines["train_robust"] and lines["evaluate_chunk"], out[-2000:]
+    for line in lines["train_robust"] + lines["evaluate_chunk"]:
         assert "gres:gpu:1" in line or "gres/gpu=1" in line, line
     assert all("gpu" not in line.split("TresPerJob=")[-1][:20] for line in lines["data"] if "TresPerJob=" in line)
 

@@ -66,7 +66,8 @@ def evaluated(tmp_path_factory, cifar_sets):
     (root / "results" / "analysis").mkdir(parents=True)
     (root / "results" / "analysis" / "gaussian.json").write_text(json.dumps(
         {"generator": "gaussian", "complementarity": {"train": 0.4, "test": 0.45, "self": 0.1},
-         "coverage": {"train": 0.2, "test": 0.25}}))
+         "coverage": {"train": 0.2, "test": 0.25},
+         "quality": {"feature_space": "teacher", "generated": {"fid": 12.5}, "reference_test": {"fid": 0.75}}}))
     (root / "results" / "teacher").mkdir(parents=True)
     (root / "results" / "teacher" / "metrics.json").write_text(json.dumps({"test_acc": 0.61}))
     return root
@@ -132,8 +133,13 @@ def test_table_has_every_column_and_traceable_rows(project, monkeypatch):
     assert gaussian["generated_sha256"] == hashlib.sha256("\n".join(sums).encode()).hexdigest()
     assert gaussian["complementarity_test"] == "0.4500" and gaussian["coverage_train"] == "0.2000"
     assert gaussian["n_generated"] == "10"
+    assert (gaussian["fid"], gaussian["fid_reference"], gaussian["fid_feature_space"]) == ("12.5", "0.75", "teacher")
+    assert baseline["fid"] == baseline["fid_feature_space"] == ""
     md = (root / "cifar10_table.md").read_text()
     assert "gaussian" in md and "NOT our measurements" in md
+    # the FID column names its feature space, and the note gives the real test set's FID as the reference
+    assert "| FID (teacher features) |" in md and "| 12.5 |" in md
+    assert "NOT the standard Inception FID" in md and "real test set scores 0.75" in md
     assert (root / "figures" / "cifar10_robust_vs_generated.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -232,3 +238,11 @@ def test_published_rows_say_how_they_were_trained_and_pair_only_like_with_like()
     lines = T.comparisons([{**row, "threat": "l2", "n_generated": 2000}], refs)
     assert "not a gap to close" in lines[0]
     assert "trained linf" in "\n".join(T.comparisons([row], refs))
+
+
+def test_fid_column_names_inception_when_the_analysis_used_it():
+    rows = [{"fid_feature_space": "inception", "fid": 3.1, "fid_reference": 2.2},
+            {"fid_feature_space": "", "fid": "", "fid_reference": ""}]
+    assert T.fid_header(rows) == "FID (Inception)"
+    assert "the standard FID" in T.fid_note(rows)[1] and "scores 2.2 " in T.fid_note(rows)[1]
+    assert T.fid_header(rows[1:]) == "FID" and T.fid_note(rows[1:]) == []

@@ -58,6 +58,82 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_params, small_
     assert run(cfg, small_sets, generated, tmp_path).metrics.steps == 4
 
 
+def test_nonfinite_loss_is_caught_at_the_next_check_and_never_saved(tiny_params, small_sets, generated, tmp_path,
+                                                                    monkeypatch):
+    """Losses are checked together every checkpoint_every steps (and at epoch ends): a NaN at step 2 lets
+    step 3 run, then the check at step 4 stops the run naming step 2, and the step-2 checkpoint stays."""
+    cfg = robust_cfg(tiny_params, checkpoint_every=2, epochs=1, epoch_size=32)     # 4 steps, checks at 2 and 4
+    real_loss, calls = losses.adversarial_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, parts = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("inf") if calls["n"] == 3 else loss), parts
+
+    monkeypatch.setattr(tr, "adversarial_loss", poisoned)
+    with pytest.raises(tr.NonFiniteLoss, match="loss is (inf|nan) at step 2 "):
+        run(cfg, small_sets, generated, tmp_path)
+    assert calls["n"] == 4
+    kept = checkpoint.latest(tmp_path)
+    assert kept["step"] == 2 and all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_a_training_step_reads_nothing_back_to_the_host(tiny_params, small_sets, generated, tmp_path, monkeypatch):
+    """No .item(), float(), bool(), .tolist(), .cpu() or .numpy() of a tensor inside train_step (each is a
+    GPU synchronisation on CUDA); the run still reports its losses, read at the checks."""
+    real_step = tr.train_step
+    inside = {"now": False, "steps": 0}
+
+    def guarded(name):
+        real = getattr(torch.Tensor, name)
+
+        def method(self, *args, **kwargs):
+            if inside["now"]:
+                raise AssertionError(f"Tensor.{name} inside train_step")
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, method)
+
+    for name in ("item", "__float__", "__bool__", "tolist", "cpu", "numpy"):
+        guarded(name)
+
+    def step(*args, **kwargs):
+        inside["now"] = True
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            inside["now"] = False
+            inside["steps"] += 1
+
+    monkeypatch.setattr(tr, "train_step", step)
+    result = run(robust_cfg(tiny_params, checkpoint_every=100), small_sets, generated, tmp_path)
+    assert inside["steps"] == 4 and np.isfinite([row["train_loss"] for row in result.curve]).all()
+
+
+@pytest.mark.slow
+def test_compile_matches_eager_and_resumes(tiny_params, small_sets, generated, tmp_path):
+    """train_robust.compile (inductor on the CPU here) gives the eager run's curve and weights within
+    1e-4 (kernel fusion reorders float sums; measured differences about 1e-6), checkpoints the plain
+    module (no `_orig_mod.` keys), and a compiled run stopped mid-epoch resumes to the uninterrupted
+    compiled run's weights exactly."""
+    eager = run(robust_cfg(tiny_params, checkpoint_every=2), small_sets, generated, tmp_path / "eager")
+    cfg = robust_cfg(tiny_params, checkpoint_every=2, compile=True)
+    whole = run(cfg, small_sets, generated, tmp_path / "whole")
+    for a, b in zip(eager.curve, whole.curve, strict=True):
+        assert a["step"] == b["step"]
+        for key in ("train_loss", "train_ce", "train_kl", "train_acc", "val_clean_acc", "val_robust_acc"):
+            assert abs(a[key] - b[key]) <= 1e-4, (key, a[key], b[key])
+    ours, theirs = eager.ema_model.state_dict(), whole.ema_model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k].double() - theirs[k].double()).abs().max().item() for k in ours) <= 1e-4
+    with pytest.raises(tr.Preempted):
+        run(cfg, small_sets, generated, tmp_path / "cut", stop_after=3)
+    saved = checkpoint.latest(tmp_path / "cut")
+    assert not [k for k in saved["model"] if "_orig_mod" in k]
+    resumed = run(cfg, small_sets, generated, tmp_path / "cut")
+    assert same_weights(whole.ema_model.state_dict(), resumed.ema_model.state_dict())
+    assert whole.curve == resumed.curve
+
+
 def test_sigterm_checkpoints_then_exits_nonzero(tiny_params, small_sets, generated, tmp_path, monkeypatch):
     cfg = robust_cfg(tiny_params, checkpoint_every=100)
     real_loss, calls = losses.adversarial_loss, {"n": 0}

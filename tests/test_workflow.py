@@ -70,12 +70,14 @@ def test_adding_a_threat_or_variant_reruns_only_the_new_jobs(snakemake_run, tmp_
     (copy / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
     plan = run([str(BIN / "snakemake"), "-n", "results/cifar10_table.csv"], copy).stdout
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.split("Job stats:")[1].split("Reasons")[0], flags=re.M))
-    runs = len(P.runs(cfg))
-    # l2 for every run, linf only for the new variant's runs (baseline-source_bn, gaussian-source_bn)
-    assert int(jobs["evaluate"]) == runs + 2, plan[-3000:]
-    assert int(jobs["train_robust"]) == 2 and jobs.get("teacher") is None and jobs.get("generate") is None, jobs
+    runs, new_runs = len(P.runs(cfg)), 1 + len(P.generators(cfg))   # baseline-source_bn, <generator>-source_bn
+    # l2 for every run, linf only for the new variant's runs
+    assert int(jobs["evaluate"]) == runs + new_runs, plan[-3000:]
+    assert int(jobs["evaluate_chunk"]) == (runs + new_runs) * P.eval_chunk_count(cfg["evaluate"]), jobs
+    assert int(jobs["train_robust"]) == new_runs and jobs.get("teacher") is None and jobs.get("generate") is None, \
+        jobs
 
-    cfg["generate"]["generators"] = [*cfg["generate"]["generators"], "ddpm"]   # a new generator: its shards only
+    cfg["generate"]["generators"] = [*cfg["generate"]["generators"], "cvae"]   # a new generator: its shards only
     (copy / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
     plan = run([str(BIN / "snakemake"), "-n", "results/cifar10_table.csv"], copy).stdout
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.split("Job stats:")[1].split("Reasons")[0], flags=re.M))

@@ -24,7 +24,7 @@ from pipeline import params as P
 from tests.helpers import BIN, REPO, env, make_workdir
 from tests.params_reads import Reads, mismatches, stage_reads
 
-MODULE = re.compile(r"python -m (pipeline\.\w+(?: grid| summary)?)")
+MODULE = re.compile(r"python -m (pipeline\.\w+(?: grid| summary| chunk| sweep| merge)?)")
 STANZA_STAGES = {stanza.name: stanza.stage for stanza in dag.stanzas()}
 
 
@@ -82,6 +82,11 @@ def test_job_params_keep_the_shape_snakemake_recorded(tiny_params):
         {"base": cfg["base"], "train_generator": {"ddpm": cfg["train_generator"]["ddpm"]}}
     assert list(dag.job_params("evaluate", cfg, {"run": "baseline", "threat": "linf"})["evaluate"]) == \
         [key for key in cfg["evaluate"] if key not in ("threats", "learned_threats")]
+    # a chunk's results do not depend on n_eval (nor on the sweep or the check thresholds): raising it runs
+    # only the new chunks' jobs, and the merge
+    chunk = dag.job_params("evaluate_chunk", cfg, {"run": "baseline", "threat": "linf", "chunk": "00001"})
+    assert set(chunk["evaluate"]) == {"checkpoint", "eps_255", "batch_size", "chunk_size", "version", "pgd_steps"}
+    assert "n_eval" not in dag.job_params("evaluate_sweep", cfg, {"run": "baseline", "threat": "linf"})["evaluate"]
 
 
 # --- both tools plan the same jobs from the same params ---
@@ -91,9 +96,11 @@ def test_job_params_keep_the_shape_snakemake_recorded(tiny_params):
 def workdir(tmp_path_factory) -> Path:
     """The test-scale params with every optional part of the DAG switched on: every generator (but
     import, which needs a file), both norm threats, the learned cvae threat (evaluated, and trained in by
-    the latent_at variant) and the variants of tests/params.yaml. The DVC config is the committed one."""
+    the latent_at variant), the variants of tests/params.yaml, and two evaluation chunks per run and
+    threat. The DVC config is the committed one."""
     path = make_workdir(tmp_path_factory.mktemp("sync"))
     cfg = yaml.safe_load((path / "params.yaml").read_text())
+    cfg["evaluate"]["chunk_size"] = cfg["evaluate"]["n_eval"] // 2
     cfg["generate"]["generators"] = ["gaussian", "ddpm", "cvae"]
     cfg["evaluate"]["threats"] = ["linf", "l2"]
     cfg["evaluate"]["learned_threats"] = ["cvae"]
@@ -161,6 +168,11 @@ def test_same_outputs(workdir, dvc_stages):
 
     assert sorted(p for p in snake_outputs if not covered(p, dvc_outputs)) == []
     assert sorted(p for p in dvc_outputs if not any(s == p or s.startswith(p + "/") for s in snake_outputs)) == []
+    # Snakemake attacks each evaluation chunk in its own job; DVC's chunk stage writes the same folder
+    cfg = P.load(workdir / "params.yaml")
+    chunks = sorted(p for p in snake_outputs if re.fullmatch(r"results/evaluate/[^/]+/\w+/chunks/chunk-\d{5}\.h5", p))
+    assert P.eval_chunk_count(cfg["evaluate"]) == 2
+    assert len(chunks) == len(P.runs(cfg)) * len(cfg["evaluate"]["threats"]) * 2, chunks
 
 
 # --- every stage declares exactly the params keys it reads ---
@@ -225,7 +237,8 @@ def snakemake_jobs_reads(workdir, reads_of) -> list[Job]:
 def job_wildcards(stage: dag.Stage, cfg: dict) -> list[dict[str, str]]:
     """The wildcards of every Snakemake job of a stage."""
     values = {"generator": P.generators(cfg), "run": P.runs(cfg), "threat": cfg["evaluate"]["threats"],
-              "learned": cfg["evaluate"]["learned_threats"]}
+              "learned": cfg["evaluate"]["learned_threats"],
+              "chunk": [f"{i:05d}" for i in range(P.eval_chunk_count(cfg["evaluate"]))]}
     jobs: list[dict[str, str]] = [{}]
     for axis in stage.axes:
         jobs = [{**job, axis: value} for job in jobs for value in values[axis]]

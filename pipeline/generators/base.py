@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-UNLABELLED = -1  # label of images whose class only the teacher decides (ddpm)
+UNLABELLED = -1  # label of images whose class only the teacher decides (ddpm; edm stores its conditioning class)
 
 
 class Sampler(Protocol):
@@ -29,6 +29,7 @@ class SampleSettings:
     sampler: str           # generate.sampler (ddpm only)
     sampling_steps: int    # generate.sampling_steps (ddpm only)
     ddpm_variance: str = "fixedlarge"  # generate.ddpm_variance (ddpm generator, ancestral sampler only)
+    edm_steps: int = 18    # generate.edm_steps (edm: Heun steps, 2N - 1 network calls; EDM's CIFAR-10 value)
 
 
 def tiled(start: int, stop: int, tile: int,

@@ -6,7 +6,9 @@ Training: UNet2DModel predicting the noise (epsilon), linear betas 1e-4..0.02 ov
 and dropout come from generators seeded by (seed, step), and its learning rate is a function of the step
 alone (see `learning_rate`), so a run resumed from a checkpoint draws and steps exactly as the
 uninterrupted run did. Checkpoints every `checkpoint_every` steps and on SIGTERM (after the step in
-flight, then exit status 143). Unconditional, as in the paper: the teacher labels the samples later.
+flight, then exit status 143). Unconditional, as in the paper: the teacher labels the samples later. The
+loop (data parallel under torchrun, bf16 autocast on CUDA) is generators/diffusion_training.py, shared
+with the EDM.
 
 Sampling: `ddpm` (ancestral), `ddim` (eta 0) or `dpmsolver` (DPM-Solver++ 2M) schedulers from
 diffusers, in a plain loop under torch.inference_mode. The ancestral sampler's per-step variance is
@@ -15,6 +17,9 @@ diffusers, in a plain loop under torch.inference_mode. The ancestral sampler's p
 Each image's initial and per-step noise come from its own generator seeded by (seed, "ddpm", index);
 network calls run on tiles of `batch_size` images aligned to index multiples (see base.tiled), so a
 shard's bytes do not depend on which shards were generated before it, in which order, or where.
+
+Pretrained: with `pretrained` set, `train` imports a diffusers model instead (ddpm_pretrained.py); its
+model.pt records the pretrained scheduler's betas and clipping, which `make_scheduler` samples with.
 """
 
 from __future__ import annotations
@@ -33,11 +38,10 @@ import torch
 # (diffusers/utils/dummy_pt_objects.py), which lack the real ones' methods: the `type: ignore`s on UNet2DModel
 # and DDPMScheduler uses below are for that.
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
-from tqdm import tqdm
 
-from pipeline import checkpoint, seeding
+from pipeline import checkpoint, distributed, seeding
+from pipeline.generators import ddpm_pretrained, diffusion_training
 from pipeline.generators.base import UNLABELLED, SampleSettings, tiled, to_uint8
-from pipeline.preemption import NonFiniteLoss, SigtermFlag, checkpoint_after_step
 from pipeline.shards import file_sha256, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.generators.ddpm")
@@ -81,6 +85,8 @@ class Config:
     train_steps: int               # optimisation steps (paper: 800000)
     ema_decay: float               # (paper: 0.9999), warm-up form min(decay, (1+t)/(10+t))
     checkpoint_every: int          # steps between resumable checkpoints in the work dir
+    pretrained: str = ""           # diffusers folder or cached hub id to import instead of training
+                                   # ("" = train); see generators/ddpm_pretrained.py
 
 
 def build_unet(cfg: Config) -> UNet2DModel:
@@ -113,86 +119,72 @@ def learning_rate(cfg: Config, step: int) -> float:
     1), where global_step counts the steps already taken, so the first step's rate is 0). A pure function
     of the step: a resumed run needs no scheduler state to use the rates the uninterrupted run used.
     """
-    if cfg.warmup_steps == 0:
-        return cfg.lr
-    return cfg.lr * min(step / cfg.warmup_steps, 1.0)
+    return diffusion_training.warmup_lr(cfg.lr, cfg.warmup_steps, step)
+
+
+def ema_decay(decay: float, step: int) -> float:
+    """EMA decay with warm-up: min(decay, (1+t)/(10+t)), so short runs are not dominated by the init."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
-    """EMA with warm-up: min(decay, (1+t)/(10+t)), so short runs are not dominated by the init."""
-    rate = min(decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        ema_params: list[torch.Tensor] = list(ema.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - rate)
+    """One EMA update after optimiser step `step` (what the training loop does through `ema_decay`)."""
+    diffusion_training.lerp_ema(ema, model, ema_decay(decay, step))
 
 
 def train_step_batch(images: torch.Tensor, seed: int, step: int, batch_size: int, timesteps: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch (in [-1, 1], randomly flipped), timesteps and noise of one step, from (seed, step) only."""
+    """The global batch (in [-1, 1], randomly flipped), timesteps and noise of one step, from (seed, step)
+    only; data-parallel ranks each take their slice."""
     gen = seeding.torch_generator(seed, "train_generator/ddpm", step)
-    idx = torch.randint(len(images), (batch_size,), generator=gen)
-    x = images[idx].permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    flip = torch.rand(batch_size, generator=gen) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    x, _ = diffusion_training.draw_images(images, gen, batch_size)
     t = torch.randint(timesteps, (batch_size,), generator=gen)
     noise = torch.randn(x.shape, generator=gen)
     return x, t, noise
 
 
+def recipe(cfg: Config, images: torch.Tensor, seed: int, alphas: torch.Tensor) -> diffusion_training.Recipe:
+    """Ho et al.'s objective: the UNet predicts the noise, mean squared error (alphas: the cumulative
+    products of the schedule, on the training device)."""
+
+    def loss(forward: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, t, noise = batch
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x + (1 - a).sqrt() * noise
+        return torch.nn.functional.mse_loss(forward(noisy, t, return_dict=False)[0].float(), noise)
+
+    return diffusion_training.Recipe(
+        name=NAME, batch_size=cfg.batch_size, train_steps=cfg.train_steps, checkpoint_every=cfg.checkpoint_every,
+        # looked up at each call, so a test can watch the steps drawn
+        draw=lambda step: train_step_batch(images, seed, step, cfg.batch_size, cfg.num_train_timesteps),
+        loss=loss, learning_rate=lambda step: learning_rate(cfg, step),
+        ema_decay=lambda step: ema_decay(cfg.ema_decay, step), grad_clip=GRAD_CLIP,
+        hint="train_generator.ddpm.lr")
+
+
 def train(cfg: Config, train_h5: Path, workdir: Path, out: Path, seed: int, device: torch.device) -> None:
-    """Train (resuming from the newest checkpoint in workdir) and write the EMA UNet to `out`."""
+    """Train (resuming from the newest checkpoint in workdir; data-parallel under torchrun, see
+    generators/diffusion_training.py) and write the EMA UNet to `out`."""
+    if cfg.pretrained:  # import a pretrained diffusers model instead of training
+        ddpm_pretrained.import_pretrained(cfg.pretrained, out)
+        return
     array, _ = read_imageset(train_h5)  # labels unused: unconditional model
-    images = torch.from_numpy(array)
     torch.manual_seed(seeding.derive(seed, "train_generator/ddpm/init"))
-    unet = build_unet(cfg).to(device)  # type: ignore[attr-defined]  # diffusers' placeholder type
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
-    scheduler = noise_scheduler(cfg.num_train_timesteps)
-    alphas = scheduler.alphas_cumprod.to(device)  # type: ignore[attr-defined]  # diffusers' placeholder type
-    start = 0
+    unet: Any = build_unet(cfg)  # a torch Module (diffusers' placeholder type says otherwise)
     identity = {"config": asdict(cfg), "seed": seed, "train_sha256": read_attrs(train_h5).get("sha256")}
-    state = checkpoint.latest(workdir, map_location=device, identity=identity)
-    if state is not None:
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-    unet.train()
-    bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="ddpm train",
-               unit="step", mininterval=5)
-    loss_value = float("nan")
-
-    def save(done: int) -> None:
-        checkpoint.save(workdir, done, {"step": done, "seed": seed, "config": asdict(cfg), "identity": identity,
-                                        "unet": unet.state_dict(), "ema": ema.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "loss": loss_value})
-
-    with SigtermFlag() as sigterm:
-        for step in bar:
-            x, t, noise = (v.to(device) for v in train_step_batch(images, seed, step, cfg.batch_size,
-                                                                   cfg.num_train_timesteps))
-            a = alphas[t].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * x + (1 - a).sqrt() * noise
-            torch.manual_seed(seeding.derive(seed, "train_generator/ddpm/dropout", step))
-            loss = torch.nn.functional.mse_loss(unet(noisy, t).sample, noise)
-            if not torch.isfinite(loss).item():
-                raise NonFiniteLoss(f"ddpm: loss is {loss.item()} at step {step}; stopped without saving, the "
-                                    f"last good checkpoint in {workdir} is kept. Lower train_generator.ddpm.lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), GRAD_CLIP)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            optimizer.step()
-            ema_update(ema, unet, cfg.ema_decay, step)
-            loss_value = loss.item()
-            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-            checkpoint_after_step(sigterm.received, step + 1, cfg.train_steps, cfg.checkpoint_every, save, workdir, bar)
-    log.info("trained %d steps, last loss %.4f", cfg.train_steps, loss_value)
-    model = {"kind": NAME, "unet_config": dict(ema.config), "state_dict": ema.state_dict(),
-             "num_train_timesteps": cfg.num_train_timesteps, "beta_start": BETA_START, "beta_end": BETA_END,
-             "train_config": asdict(cfg), "seed": seed, "train_sha256": file_sha256(train_h5)}
-    checkpoint.save_atomic(model, out)
+    ctx, device = diffusion_training.setup_ranks(device)
+    # diffusers' placeholder type lacks alphas_cumprod
+    alphas = noise_scheduler(cfg.num_train_timesteps).alphas_cumprod.to(device)  # type: ignore[attr-defined]
+    ema, _, ctx = diffusion_training.train(recipe(cfg, torch.from_numpy(array), seed, alphas), unet, seed,
+                                           identity, workdir, device)
+    if ctx.main:
+        ema_unet: Any = ema.to("cpu", memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+        model = {"kind": NAME, "unet_config": diffusion_training.unet_config(ema_unet),
+                 "state_dict": ema_unet.state_dict(), "num_train_timesteps": cfg.num_train_timesteps,
+                 "beta_start": BETA_START, "beta_end": BETA_END, "train_config": asdict(cfg), "seed": seed,
+                 "train_sha256": file_sha256(train_h5)}
+        checkpoint.save_atomic(model, out)
+    distributed.barrier(ctx)
 
 
 def make_scheduler(sampler: str, model: dict[str, Any], variance: str = "fixedlarge") -> Any:
@@ -201,13 +193,13 @@ def make_scheduler(sampler: str, model: dict[str, Any], variance: str = "fixedla
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
     if variance not in VARIANCE_TYPES:
         raise ValueError(f"unknown ddpm variance {variance!r}; known: {', '.join(sorted(VARIANCE_TYPES))}")
-    kwargs = dict(num_train_timesteps=model["num_train_timesteps"], beta_schedule="linear",
-                  beta_start=model["beta_start"], beta_end=model["beta_end"])
+    # Ho et al.'s linear betas with clipping for trained models; an imported model's recorded betas and clipping
+    kwargs, clip = ddpm_pretrained.schedule_kwargs(model)
     if sampler == "dpmsolver":
         return DPMSolverMultistepScheduler(**kwargs, algorithm_type="dpmsolver++", solver_order=2)
     if sampler == "ddpm":
-        return DDPMScheduler(**kwargs, clip_sample=True, variance_type=VARIANCE_TYPES[variance])
-    return DDIMScheduler(**kwargs, clip_sample=True)
+        return DDPMScheduler(**kwargs, **clip, variance_type=VARIANCE_TYPES[variance])
+    return DDIMScheduler(**kwargs, **clip)
 
 
 def load_unet(model: dict[str, Any], device: torch.device) -> UNet2DModel:
