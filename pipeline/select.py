@@ -34,6 +34,10 @@ log = logging.getLogger("pipeline.select")
 SHARD_NUMBER = re.compile(r"shard-(\d+)\.h5$")
 
 
+class SelectionError(ValueError):
+    """A selection that would keep no image."""
+
+
 @dataclass(frozen=True)
 class SelectConfig:
     """Mirror of params.yaml `select:`."""
@@ -84,6 +88,13 @@ def select_dir(cfg: SelectConfig, labels_dir: Path, num_classes: int = 10) -> tu
         raise ShardError(f"{labels_dir}: sidecars were made by {len(teachers)} different teachers")
     labels_all, conf_all = np.concatenate(labels), np.concatenate(confidence)
     keep = select(cfg, labels_all, conf_all, num_classes)
+    if len(keep) == 0:  # training on it would fail later, and less clearly
+        counts = np.bincount(labels_all, minlength=num_classes).tolist()
+        cause = ("select.class_balance cuts every class to the smallest, and some class has none"
+                 if cfg.class_balance and min(counts) == 0 else "select.top_fraction keeps none")
+        raise SelectionError(f"{labels_dir}: the selection keeps none of {len(labels_all)} images ({cause}; "
+                             f"images per label: {counts}). Check the generator's samples, or set "
+                             "select.class_balance: false")
     index = np.stack([np.concatenate(numbers)[keep], np.concatenate(rows)[keep]], axis=1)
     stats = {"n_total": int(len(labels_all)), "n_selected": int(len(keep)),
              "per_class_before": np.bincount(labels_all, minlength=num_classes).tolist(),
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params_mod.section(SelectConfig, cfg_all["select"])
     try:
         index, stats = select_dir(cfg, args.labels_dir, datasets.num_classes(cfg_all["base"]["dataset"]))
-    except ShardError as error:
+    except (ShardError, SelectionError) as error:
         raise SystemExit(f"error: {error}") from None
     with atomic_path(args.out) as tmp:
         with open(tmp, "wb") as handle:

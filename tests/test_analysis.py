@@ -221,6 +221,22 @@ def test_selection_is_class_balanced_and_most_confident(tiny_params, write_param
     assert np.array_equal(unbalanced, np.arange(600))
 
 
+def test_a_selection_that_keeps_nothing_fails_naming_the_cause(tiny_params, write_params, tmp_path):
+    """An untrained generator's samples all get one teacher label: class balance would keep none of them."""
+    write_arrays(tmp_path / "labels" / "shard-00000.h5",
+                 {"label": np.r_[np.ones(99), [9]].astype(np.int64), "confidence": np.ones(100, np.float32)},
+                 {"teacher_sha256": "t"})
+    tiny_params["select"] = {"class_balance": True, "top_fraction": 1.0}
+    args = ["--params", str(write_params(tiny_params)), "--labels-dir", str(tmp_path / "labels"),
+            "--out", str(tmp_path / "sel" / "index.npy")]
+    with pytest.raises(SystemExit, match=r"keeps none of 100 images \(select.class_balance .*\[0, 99, 0"):
+        select_mod.main(args)
+    assert not (tmp_path / "sel" / "index.npy").exists()
+    tiny_params["select"]["class_balance"] = False
+    select_mod.main(["--params", str(write_params(tiny_params)), *args[2:]])
+    assert len(np.load(tmp_path / "sel" / "index.npy")) == 100
+
+
 def test_lpips_embedding_distance_is_lpips(tmp_path):
     torch.manual_seed(0)
     net = features.LPIPSEmbedding()

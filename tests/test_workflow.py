@@ -110,7 +110,7 @@ def test_changing_select_reruns_select_and_that_generators_runs_only(snakemake_r
     copy = tmp_path / "snakemake"
     shutil.copytree(snakemake_run, copy, symlinks=True)
     cfg = yaml.safe_load((copy / "params.yaml").read_text())
-    cfg["select"]["class_balance"] = False   # keep every image: another index (a top_fraction could leave it)
+    cfg["select"]["top_fraction"] = 0.75     # another index
     (copy / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
     dry = run([str(BIN / "snakemake"), "-n", "-p", "results/cifar10_table.csv"], copy)
     jobs = planned_jobs(dry.stdout)
@@ -124,7 +124,7 @@ def test_changing_select_reruns_select_and_that_generators_runs_only(snakemake_r
     repo = tmp_path / "dvc"
     shutil.copytree(dvc_repo, repo, symlinks=True)
     (repo / "params.yaml").write_text(yaml.safe_dump(P.validate(
-        P.deep_merge(yaml.safe_load((repo / "params.yaml").read_text()), {"select": {"class_balance": False}}))))
+        P.deep_merge(yaml.safe_load((repo / "params.yaml").read_text()), {"select": {"top_fraction": 0.75}}))))
     generator = P.generators(cfg)[0]
     done = run([str(BIN / "dvc"), "repro", f"train_robust@{generator}", "train_robust_baseline"], repo).stdout
     assert ran_stages(done) - {"check_params"} == {f"select@{generator}", f"train_robust@{generator}"}, done[-3000:]
