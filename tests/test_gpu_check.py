@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO, env
+from pipeline import params as P
+from tests.helpers import REPO, env, read_table
 
 
 @pytest.mark.slow
@@ -24,6 +27,31 @@ def test_gpu_check_runs_its_cpu_setting(tmp_path):
     assert all(row["images_per_s"] > 0 and row["peak_gib"] is None for row in rows.values())
     assert rows[("train", "port (fp32)")]["vs_port"] == 1.0
     assert 0 <= rows[("autoattack", "standard, Linf 8/255")]["survived"] <= 1
-    assert (report["edm"] == "measured") == any(variant.startswith("EDM") for _, variant in rows)
+    assert any(part == "sampling" and variant.startswith("EDM Heun") for part, variant in rows)
     table = (tmp_path / "gpu_check-cpu.md").read_text()
     assert table.startswith("# gpu_check (cpu)") and "| train | ours, compile |" in table
+
+
+@pytest.mark.slow
+def test_the_dag_part_checks_every_run_and_threat_of_the_table(snakemake_run, tmp_path):
+    """Part 1's verdict on the test DAG's table (the one it runs on the GPU): accepted as built, refused with a
+    row missing or an AutoAttack accuracy above the clean one."""
+    gpu_check = load_gpu_check()
+    cfg = P.load(snakemake_run / "params.yaml")
+    table = snakemake_run / "results" / "cifar10_table.csv"
+    assert gpu_check.table_check(table, cfg)["table_ok"]
+    rows = read_table(table)
+    for broken in (rows[1:], [{**rows[0], "autoattack_acc": "1.0", "clean_acc": "0.5"}, *rows[1:]]):
+        path = tmp_path / "table.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(broken)
+        assert not gpu_check.table_check(path, cfg)["table_ok"]
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
