@@ -131,12 +131,14 @@ def test_two_gloo_ranks_train_the_one_rank_model(name, tiny_params, write_params
         return ["--params", str(params), "--generator", name, "--train", str(small_sets["train"]),
                 "--workdir", str(out / "work"), "--out", str(out / "model.pt")]
 
-    train_generator.main(args(tmp_path / "one"))
+    # both runs on one thread per process: another thread count sums the convolutions in another order
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "pipeline.train_generator", "--", *args(tmp_path / "two")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    one_rank = [sys.executable, "-m", "pipeline.train_generator", *args(tmp_path / "one")]
+    two_ranks = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                 "--master_port", str(_free_port()), "-m", "pipeline.train_generator", "--", *args(tmp_path / "two")]
+    for cmd in (one_rank, two_ranks):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
     one, two = (torch.load(tmp_path / run / "model.pt", weights_only=False) for run in ("one", "two"))
     saved = torch.load(tmp_path / "two" / "work" / "step-00000002.pt", weights_only=False)
     assert saved["world_size"] == 2 and saved["step"] == 2
