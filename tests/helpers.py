@@ -136,6 +136,21 @@ def run(args: list[str], cwd: Path | None = None, environment: dict[str, str] | 
     return result
 
 
+def die_after_checkpoint(monkeypatch: pytest.MonkeyPatch, at_step: int) -> None:
+    """checkpoint.save writes the step-`at_step` checkpoint, then the run dies (a kill between steps)."""
+    from pipeline import checkpoint
+
+    real_save = checkpoint.save
+
+    def save_then_die(workdir: Path, step: int, state: dict, keep: int = 2) -> Path:
+        path = real_save(workdir, step, state, keep)
+        if step == at_step:
+            raise KeyboardInterrupt(f"killed after the step-{at_step} checkpoint")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+
+
 def small_unet(**overrides: Any) -> Any:
     """A small diffusers UNet (random weights, seeded): the stand-in for a pretrained DDPM."""
     from diffusers import UNet2DModel

@@ -17,6 +17,7 @@ from pipeline import checkpoint, generate, shards
 from pipeline import params as params_mod
 from pipeline.generators import SampleSettings, diffusion_training, edm
 from pipeline.preemption import NonFiniteLoss
+from tests.helpers import die_after_checkpoint
 
 # --- a Gaussian mixture and its exact denoiser ---
 
@@ -183,14 +184,7 @@ def test_resume_equals_uninterrupted(tiny_params, cifar_sets, tmp_path, monkeypa
     device = torch.device("cpu")
     edm.train(cfg, cifar_sets["train"], tmp_path / "work-a", tmp_path / "a.pt", 0, device)
     real_save = checkpoint.save
-
-    def save_then_die(workdir, step, state, keep=2):
-        path = real_save(workdir, step, state, keep)
-        if step == 2:
-            raise KeyboardInterrupt("killed after the step-2 checkpoint")
-        return path
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    die_after_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         edm.train(cfg, cifar_sets["train"], tmp_path / "work-b", tmp_path / "b.pt", 0, device)
     monkeypatch.setattr(checkpoint, "save", real_save)

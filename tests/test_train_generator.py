@@ -18,7 +18,7 @@ import torch
 from pipeline import checkpoint, seeding, train_generator
 from pipeline import params as params_mod
 from pipeline.generators import ddpm, gaussian, imported
-from tests.helpers import REPO
+from tests.helpers import REPO, die_after_checkpoint
 
 
 def tiny_ddpm(tiny_params: dict, **overrides) -> ddpm.Config:
@@ -65,14 +65,7 @@ def test_ddpm_resume_equals_uninterrupted(tiny_params, cifar_sets, tmp_path, mon
     lrs.clear()
 
     real_save = checkpoint.save
-
-    def save_then_die(workdir, step, state, keep=2):
-        path = real_save(workdir, step, state, keep)
-        if step == 2:
-            raise KeyboardInterrupt("killed after the step-2 checkpoint")
-        return path
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    die_after_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         ddpm.train(cfg, cifar_sets["train"], tmp_path / "work-b", tmp_path / "b.pt", 0, device)
     assert not (tmp_path / "b.pt").exists()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -91,18 +90,9 @@ class Config:
 
 def build_unet(cfg: Config) -> UNet2DModel:
     """Ho et al.'s CIFAR-10 UNet shape in diffusers terms: level i works at 32 / 2**i pixels."""
-    levels = len(cfg.block_out_channels)
-    attn = [cfg.attention and 32 // 2**i == 16 for i in range(levels)]
-    groups = min(32, math.gcd(*cfg.block_out_channels))  # GroupNorm(32) as in Ho, when widths allow
-    return UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3,
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        attention_head_dim=cfg.block_out_channels[min(1, levels - 1)],  # one head, as in Ho et al.
-        dropout=cfg.dropout, norm_num_groups=groups,
-    )
+    # one attention head and GroupNorm(32) as in Ho et al.
+    return UNet2DModel(**diffusion_training.unet_shape(cfg.block_out_channels, cfg.layers_per_block, cfg.attention,
+                                                       cfg.dropout))
 
 
 def noise_scheduler(num_train_timesteps: int) -> DDPMScheduler:

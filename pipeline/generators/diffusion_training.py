@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,23 @@ log = logging.getLogger("pipeline.generators.diffusion_training")
 SYNC_EVERY = 10   # steps between the looks at SIGTERM and the loss (also at every checkpoint and the end)
 Batch = tuple[torch.Tensor, ...]
 
+
+
+def unet_shape(block_out_channels: list[int], layers_per_block: int, attention: bool, dropout: float
+               ) -> dict[str, Any]:
+    """UNet2DModel arguments shared by the DDPM and the EDM: 32x32x3 in and out, level i at 32 / 2**i
+    pixels, self-attention only at 16x16, one attention head, GroupNorm(32) when the widths allow."""
+    levels = len(block_out_channels)
+    attn = [attention and 32 // 2**i == 16 for i in range(levels)]
+    return dict(
+        sample_size=32, in_channels=3, out_channels=3,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        attention_head_dim=block_out_channels[min(1, levels - 1)],
+        dropout=dropout, norm_num_groups=min(32, math.gcd(*block_out_channels)),
+    )
 
 @dataclass(frozen=True)
 class Recipe:

@@ -22,7 +22,6 @@ balanced, reproducible classes; the class is stored as the shard's label (the te
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,18 +86,9 @@ def build_unet(cfg: Config, num_classes: int) -> UNet2DModel:
     the first level (SongUNet: 128), diffusers' initialisation. 59.0 M parameters at paper scale (DDPM++
     cond: 55.7 M).
     """
-    levels = len(cfg.block_out_channels)
-    attn = [cfg.attention and 32 // 2**i == 16 for i in range(levels)]
-    return UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3,
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        attention_head_dim=cfg.block_out_channels[min(1, levels - 1)],  # one head (SongUNet num_heads=1)
-        dropout=cfg.dropout, norm_num_groups=min(32, math.gcd(*cfg.block_out_channels)), norm_eps=1e-6,
-        num_class_embeds=num_classes, freq_shift=1, flip_sin_to_cos=False,
-    )
+    shape = diffusion_training.unet_shape(cfg.block_out_channels, cfg.layers_per_block, cfg.attention, cfg.dropout)
+    # one attention head, as SongUNet's num_heads=1
+    return UNet2DModel(**shape, norm_eps=1e-6, num_class_embeds=num_classes, freq_shift=1, flip_sin_to_cos=False)
 
 
 class Denoiser(nn.Module):
