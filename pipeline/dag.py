@@ -107,7 +107,8 @@ EVAL_PARTS = "results/evaluate/{run}/{threat}"   # the chunk and sweep files of 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage(
         "check_params",
-        cmd=("python -m pipeline.params check params.yaml", f"--stamp {PARAMS_OK}", "--ensure-dir models/generators"),
+        cmd=("python -m pipeline.params check params.yaml", "--for-dvc", f"--stamp {PARAMS_OK}",
+             "--ensure-dir models/generators"),
         outs=(PARAMS_OK,),
         params=SECTIONS,
         cache=False,

@@ -423,11 +423,11 @@ def write_examples(path: Path, result: Evaluation, attrs: dict[str, Any]) -> str
 
 
 def model_name_for(cfg_all: dict[str, Any], run: str) -> str:
-    """The architecture the run trained (train_robust.model, its variant's own if it sets one)."""
-    variant = params_mod.split_run(run)[1]   # a variant may train another architecture
-    section = params_mod.train_robust_for(cfg_all, run) if variant in cfg_all["variants"]["names"] \
-        else cfg_all["train_robust"]
-    return str(section["model"])
+    """The architecture the run trained (train_robust.model, its variant's own if it sets one); a model of
+    no run params defines (evaluated by hand) is expected to be train_robust.model."""
+    if run not in params_mod.runs(cfg_all):
+        return str(cfg_all["train_robust"]["model"])
+    return str(params_mod.train_robust_setting(cfg_all, run, "model"))
 
 
 def load_model(args: argparse.Namespace, cfg_all: dict[str, Any], checkpoint: CheckpointKind,

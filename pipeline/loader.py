@@ -122,6 +122,16 @@ def _labels_of(shard: Path, sidecar: Path | None) -> np.ndarray:
     return load_labels(shard, sidecar)["label"]  # checks the sidecar belongs to this shard, same length
 
 
+def subsample(index: np.ndarray, amount: int, seed: int) -> np.ndarray:
+    """The first `amount` rows of a fixed random order of a selection index (K x 2), sorted as the index is:
+    the images a run of the data-amount sweep (variants.amounts) draws on. The order depends on `seed`
+    alone, so smaller amounts are subsets of larger ones and every training seed sees the same images."""
+    if amount > len(index):
+        raise ValueError(f"variants.amounts: {amount} images asked for, but the selection holds {len(index)}")
+    order = np.random.default_rng(seed).permutation(len(index))
+    return index[np.sort(order[:amount])]
+
+
 def pool(paths: list[Path], sidecars: list[Path] | None = None, selection: np.ndarray | None = None) -> Pool:
     """A pool over image sets; labels from the sets themselves or from pseudo-label sidecars.
 

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
@@ -75,13 +76,18 @@ def _check_schema_and_keys(cfg: dict[str, Any]) -> None:
 
 
 def _check_runs(cfg: dict[str, Any]) -> None:
-    """A run trained in a learned perturbation set (threat cvae) needs that set's generator."""
-    for run in runs(cfg):
-        threat = train_robust_for(cfg, run)["threat"]
+    """Run names are unique (a variant named like a suffix, e.g. s1, would collide), and a run trained in a
+    learned perturbation set (threat cvae) needs that set's generator."""
+    names = runs(cfg)
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        raise ParamsError(f"variants.names: runs {clashes} would be defined twice (a variant named like an "
+                          "amount -nN or seed -sS suffix); rename the variant")
+    for run in run_table(cfg):
+        threat = train_robust_setting(cfg, run.name, "threat")
         if threat in LEARNED_THREATS and threat not in cfg["generate"]["generators"]:
-            where = "train_robust.threat" if split_run(run)[1] is None else \
-                f"variants.settings.{split_run(run)[1]}.threat"
-            raise ParamsError(f"{where}: run {run!r} trains in the learned {threat} set, which the {threat} "
+            where = "train_robust.threat" if run.variant is None else f"variants.settings.{run.variant}.threat"
+            raise ParamsError(f"{where}: run {run.name!r} trains in the learned {threat} set, which the {threat} "
                               "generator learns; add it to generate.generators")
 
 
@@ -140,7 +146,7 @@ def _check_variants(cfg: dict[str, Any]) -> None:
             raise ParamsError(f"variants.settings.{name}: unknown train_robust keys {sorted(unknown)}")
         merged = copy.deepcopy(cfg)
         merged["train_robust"].update(overrides)
-        merged["variants"] = {"names": [], "settings": {}}
+        merged["variants"] = {**cfg["variants"], "names": [], "settings": {}}
         try:  # settings of unlisted variants are checked too, but not whether their runs could train
             _check_schema_and_keys(merged)
         except ParamsError as error:  # name the variant's own key: variants.settings.<name>.<key>
@@ -206,22 +212,58 @@ def generators(cfg: dict[str, Any]) -> list[str]:
     return list(cfg["generate"]["generators"])
 
 
+@dataclass(frozen=True)
+class Run:
+    """One robust-training run, resolved from params: the DAG's `{run}` is its name, and every stage told
+    `--run NAME` looks the rest up here (names are built from these fields, never parsed)."""
+    name: str
+    generator: str | None     # the generated data it trains on; None: the real-data baseline
+    variant: str | None       # its entry of variants.names (train_robust keys changed), or None
+    amount: int | None        # draws only on this many of the generator's selected images; None: all
+    seed: int                 # training seed index (variants.seeds): 0 trains with base.seed itself
+
+
+def run_table(cfg: dict[str, Any]) -> list[Run]:
+    """Every run params defines, in table order: the baseline and each generator, each generator again
+    per data amount (variants.amounts, named -n<amount>), all of them again per variant (-<variant>), and
+    each of those once per training seed (variants.seeds; seed s > 0 adds -s<s>)."""
+    variants = cfg["variants"]
+    table = []
+    for variant in [None, *variants["names"]]:
+        for generator in [None, *generators(cfg)]:
+            for amount in [None, *(variants["amounts"] if generator else [])]:
+                for seed in variants["seeds"]:
+                    name = "-".join([generator or "baseline", *([variant] if variant else []),
+                                     *([f"n{amount}"] if amount else []), *([f"s{seed}"] if seed else [])])
+                    table.append(Run(name, generator, variant, amount, seed))
+    return table
+
+
 def runs(cfg: dict[str, Any]) -> list[str]:
-    """Robust-training runs: the real-data baseline and one run per generator, then the same again for
-    every variant in `variants.names` (named <run>-<variant>, e.g. gaussian-cutmix)."""
-    plain = ["baseline", *generators(cfg)]
-    return plain + [f"{run}-{variant}" for variant in cfg["variants"]["names"] for run in plain]
+    """The names of run_table(cfg): e.g. baseline, gaussian, gaussian-n1000, baseline-cutmix, gaussian-s1."""
+    return [run.name for run in run_table(cfg)]
 
 
-def split_run(run: str) -> tuple[str, str | None]:
-    """'gaussian-cutmix' -> ('gaussian', 'cutmix'); 'baseline' -> ('baseline', None)."""
-    source, _, variant = run.partition("-")
-    return source, variant or None
+def get_run(cfg: dict[str, Any], name: str) -> Run:
+    """The run params defines under `name`; ParamsError naming the runs it does define otherwise."""
+    for run in run_table(cfg):
+        if run.name == name:
+            return run
+    raise ParamsError(f"run {name!r} is not defined by params (generate.generators, variants.names, "
+                      f"variants.amounts, variants.seeds define {runs(cfg)})")
+
+
+def training_seed(base_seed: int, run: Run) -> int:
+    """The seed a run trains with: base.seed for seed index 0 (every stage before training shares it, so
+    the seeds vary the training alone), a seed derived from (base.seed, index) otherwise."""
+    from pipeline import seeding
+
+    return base_seed if run.seed == 0 else seeding.derive(base_seed, "train_robust", "seed", run.seed)
 
 
 def train_robust_for(cfg: dict[str, Any], run: str) -> dict[str, Any]:
     """The `train_robust` section a run trains with: its variant's settings laid over the shared one."""
-    variant = _listed_variant(cfg, run)
+    variant = get_run(cfg, run).variant
     if variant is None:
         return dict(cfg["train_robust"])
     return {**cfg["train_robust"], **cfg["variants"]["settings"][variant]}
@@ -230,17 +272,20 @@ def train_robust_for(cfg: dict[str, Any], run: str) -> dict[str, Any]:
 def train_robust_setting(cfg: dict[str, Any], run: str, key: str) -> Any:
     """One key of train_robust_for(cfg, run), read without copying the section: a stage that needs only
     the threat then reads (and declares, pipeline/dag.py) only the threat."""
-    variant = _listed_variant(cfg, run)
+    variant = get_run(cfg, run).variant
     overrides = {} if variant is None else cfg["variants"]["settings"][variant]
     return overrides[key] if key in overrides else cfg["train_robust"][key]
 
 
-def _listed_variant(cfg: dict[str, Any], run: str) -> str | None:
-    _, variant = split_run(run)
-    if variant is not None and variant not in cfg["variants"]["names"]:
-        raise ParamsError(f"variants.names: run {run!r} names variant {variant!r}, which is not listed "
-                          f"({cfg['variants']['names']})")
-    return variant
+def check_dvc_runs(cfg: dict[str, Any]) -> None:
+    """dvc.yaml expands the run stages over generate.generators and variants.names through DVC's own
+    templating, so it plans the runs of one training seed and every generator's whole selection only: a run
+    table with more (variants.seeds, variants.amounts) is refused before any stage runs, not half planned."""
+    variants = cfg["variants"]
+    if variants["seeds"] != [0] or variants["amounts"]:
+        raise ParamsError(f"variants.seeds {variants['seeds']} / variants.amounts {variants['amounts']}: dvc.yaml "
+                          "plans one training seed (0) and whole selections only; run this study with "
+                          "`snakemake`, or set variants.seeds: [0] and variants.amounts: [] for `dvc repro`")
 
 
 def shard_count(cfg: dict[str, Any]) -> int:
@@ -270,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--stamp", type=Path, help="write this file when valid (DVC dependency)")
     check.add_argument("--ensure-dir", type=Path, action="append", default=[],
                        help="create this folder when valid (a DVC stage depends on it even when empty)")
+    check.add_argument("--for-dvc", action="store_true",
+                       help="also refuse what dvc.yaml cannot plan (more training seeds, data amounts)")
     use = commands.add_parser("use", help="write params.yaml from a preset in configs/")
     use.add_argument("name")
     use.add_argument("--dataset", help="also lay configs/datasets/<dataset>.yaml over it (cifar10, cifar100, svhn)")
@@ -278,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "check":
             cfg = load(args.path)
+            if args.for_dvc:
+                check_dvc_runs(cfg)
             if args.stamp:
                 args.stamp.parent.mkdir(parents=True, exist_ok=True)
                 args.stamp.write_text("valid\n")  # constant: params changes must not cascade

@@ -46,9 +46,8 @@ from pipeline import params as params_mod
 from pipeline.shards import ShardError, atomic_path, expand, set_sha256
 
 log = logging.getLogger("pipeline.table")
-BASELINE = "baseline"
 COLUMNS = [
-    "dataset", "run", "generator", "variant", "train_threat", "n_generated", "model", "threat", "eps", "eps_255",
+    "dataset", "run", "generator", "variant", "seed", "train_threat", "n_generated", "model", "threat", "eps", "eps_255",
     "clean_acc", "autoattack_acc", "pgd_acc", "pgd_steps", "corrupted_acc", "teacher_acc",
     "complementarity_train", "complementarity_test", "complementarity_self", "coverage_train", "coverage_test",
     "fid", "fid_reference", "fid_feature_space",
@@ -218,9 +217,11 @@ def evaluation_row(path: Path, context: Context) -> dict[str, Any]:
         raise TableError(f"{path}: run {run!r} has no training metrics among --train-metrics "
                          f"({', '.join(sorted(context.trains)) or 'none given'})")
     train_path, train = context.trains[run]
-    source, variant = params_mod.split_run(run)   # variant runs (e.g. gaussian-cutmix) reuse a generator
-    generator = train.get("generator") or (None if source == BASELINE else source)
-    is_baseline = source == BASELINE or generator in (None, "", "none")
+    defined = {entry.name: entry for entry in params_mod.run_table(context.cfg)}
+    entry = defined.get(run)   # variant runs (e.g. gaussian-cutmix) reuse a generator
+    generator = train.get("generator") or (entry.generator if entry else None)
+    variant = entry.variant if entry else None
+    is_baseline = generator in (None, "", "none")
     model_sha = str(need(ev, "model_sha256", path))
     kind = str(ev.get("checkpoint") or "last")   # evaluations that do not say attacked the last model
     trained_sha = train.get("best_sha256" if kind == "best" else "model_sha256")
@@ -230,6 +231,7 @@ def evaluation_row(path: Path, context: Context) -> dict[str, Any]:
     row: dict[str, Any] = {
         "dataset": context.cfg["base"]["dataset"], "run": run, "generator": "none" if is_baseline else generator,
         "variant": train.get("variant") or variant or "none",
+        "seed": int(train.get("seed_index", 0)),   # variants.seeds entry the run trained with
         "train_threat": train.get("threat") or "",   # linf, l2 or cvae (trained in the learned set)
         "n_generated": 0 if is_baseline else int(need(train, "n_generated", train_path)),
         "model": need(train, "model", train_path),

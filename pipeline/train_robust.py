@@ -145,7 +145,9 @@ class Metrics:
     the JSON key order."""
     run: str
     generator: str | None           # the run's generated data (None for the real-data baseline)
-    n_generated: int                # generated images the run could draw (after the selection)
+    n_generated: int                # generated images the run could draw (after the selection and amount)
+    amount: int | None              # variants.amounts entry the run draws on (None: the whole selection)
+    seed_index: int                 # variants.seeds entry (0: trained with base.seed; `seed` is the seed used)
     generated_per_batch: int
     model: str
     loss: str
@@ -185,6 +187,17 @@ class Result:
 
 
 @dataclass(frozen=True)
+class RunSpec:
+    """Which run trains: its name and generated data as params' run table resolves them (pipeline.params.Run)."""
+    name: str
+    generator: str | None = None      # the generated data it trains on; None: real data only
+    amount: int | None = None         # draws on only this many selected generated images (variants.amounts)
+    shard_seed: int | None = None     # base.seed the shards were sampled with; None: the training seed
+    variant: str | None = None
+    seed_index: int = 0               # its entry of variants.seeds (0: trains with base.seed)
+
+
+@dataclass(frozen=True)
 class Inputs:
     """The files a run reads: the CLI's --train, --val, --generated, --labels, --selection, --threat-model."""
     train: Path
@@ -219,13 +232,20 @@ def check_provenance(generated: list[Path], run: str, seed: int) -> None:
 
 
 def make_dataset(cfg: TrainRobustConfig, seed: int, train: Path, generated: list[Path],
-                 labels: list[Path], selection: Path | None, ctx: Dist) -> loader_mod.MixedBatches:
-    """Real pool plus, when `generated` is given, the generated pool at the configured fraction."""
+                 labels: list[Path], selection: Path | None, ctx: Dist, amount: int | None = None,
+                 shard_seed: int | None = None) -> loader_mod.MixedBatches:
+    """Real pool plus, when `generated` is given, the generated pool at the configured fraction; `amount`
+    cuts the selection to that many images, in an order fixed by `shard_seed` (base.seed) alone."""
     real = loader_mod.pool([train])
     gen_pool = None
     n_gen = 0
     if generated:
         index = np.load(selection) if selection else None
+        if amount is not None:
+            if index is None:
+                raise ValueError("a data amount (variants.amounts) cuts the selection: pass --selection")
+            index = loader_mod.subsample(index, amount, seeding.derive(
+                seed if shard_seed is None else shard_seed, "train_robust", "amount"))
         gen_pool = loader_mod.pool(generated, labels or None, index)
         n_gen = loader_mod.split_batch(cfg.batch_size, cfg.generated_fraction)[1]
     if cfg.batch_size % ctx.world_size:
@@ -235,17 +255,18 @@ def make_dataset(cfg: TrainRobustConfig, seed: int, train: Path, generated: list
     return loader_mod.MixedBatches(real, gen_pool, spec)
 
 
-def load_data(cfg: TrainRobustConfig, seed: int, name: str, inputs: Inputs, ctx: Dist,
+def load_data(cfg: TrainRobustConfig, seed: int, spec: RunSpec, inputs: Inputs, ctx: Dist,
               device: torch.device) -> tuple[loader_mod.MixedBatches, tuple[torch.Tensor, torch.Tensor]]:
     """The training batches and the validation split, after checking the run gets the data it names
     (e.g. gaussian-cutmix trains on gaussian's shards; the baseline on real data only)."""
-    source = params_mod.split_run(name)[0]
-    if source == "baseline" and inputs.generated:
-        raise ValueError(f"run {name} trains on real data only; do not pass --generated")
-    if source != "baseline" and not inputs.generated:
-        raise ValueError(f"run {name!r} needs --generated shards")
-    check_provenance(inputs.generated, source, seed)
-    dataset = make_dataset(cfg, seed, inputs.train, inputs.generated, inputs.labels, inputs.selection, ctx)
+    if spec.generator is None and inputs.generated:
+        raise ValueError(f"run {spec.name} trains on real data only; do not pass --generated")
+    if spec.generator is not None and not inputs.generated:
+        raise ValueError(f"run {spec.name!r} needs --generated shards")
+    shard_seed = seed if spec.shard_seed is None else spec.shard_seed
+    check_provenance(inputs.generated, spec.generator or "", shard_seed)
+    dataset = make_dataset(cfg, seed, inputs.train, inputs.generated, inputs.labels, inputs.selection, ctx,
+                           spec.amount, shard_seed)
     return dataset, load_eval_set(inputs.val, device)
 
 
@@ -257,11 +278,12 @@ def load_threat(cfg: TrainRobustConfig, threat_file: Path | None, device: torch.
     return latent_attack.load(threat_file, cfg.threat, device) if threat_file is not None else None
 
 
-def run_identity(cfg: TrainRobustConfig, seed: int, name: str, inputs: Inputs) -> dict[str, Any]:
+def run_identity(cfg: TrainRobustConfig, seed: int, spec: RunSpec, inputs: Inputs) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: settings, seed and the checksums of every input
     (stored HDF5 sha256 attributes: header reads only, cheap at 100M images)."""
     return {
-        "config": dataclasses.asdict(cfg), "seed": seed, "run": name,
+        "config": dataclasses.asdict(cfg), "seed": seed, "run": spec.name,
+        **({"amount": spec.amount} if spec.amount is not None else {}),
         "train": read_attrs(inputs.train).get("sha256"), "val": read_attrs(inputs.val).get("sha256"),
         "generated": shards.set_sha256(shards.expand(inputs.generated)) if inputs.generated else "",
         "labels": shards.set_sha256(shards.expand(inputs.labels)) if inputs.labels else "",
@@ -389,7 +411,8 @@ class Run:
     """What stays fixed while a run trains: settings, devices, data, the attack."""
     cfg: TrainRobustConfig
     seed: int
-    name: str                         # baseline, a generator, or <source>-<variant>
+    name: str                         # the run's name in params' run table (baseline, gaussian-cutmix-s1, ...)
+    spec: RunSpec
     ctx: Dist
     device: torch.device
     workdir: Path
@@ -453,7 +476,7 @@ def resume(state: TrainState, saved: dict[str, Any] | None, cfg: TrainRobustConf
         log.info("resumed at step %d of %d", state.step, cfg.total_steps)
 
 
-def setup(cfg: TrainRobustConfig, seed: int, device_name: str, name: str, inputs: Inputs, workdir: Path,
+def setup(cfg: TrainRobustConfig, seed: int, device_name: str, spec: RunSpec, inputs: Inputs, workdir: Path,
           num_classes: int) -> tuple[Run, TrainState]:
     """Everything before the first step: devices, the threat, data, model, and the newest checkpoint of
     this same run if there is one.
@@ -462,16 +485,16 @@ def setup(cfg: TrainRobustConfig, seed: int, device_name: str, name: str, inputs
     resumes, let alone returns, the old run."""
     ctx, device = init_distributed(device_name)
     latent = load_threat(cfg, inputs.threat_file, device)
-    dataset, val_set = load_data(cfg, seed, name, inputs, ctx, device)
+    dataset, val_set = load_data(cfg, seed, spec, inputs, ctx, device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     state = build_state(cfg, seed, num_classes, ctx, device, memory_format)
-    identity = run_identity(cfg, seed, name, inputs)
+    identity = run_identity(cfg, seed, spec, inputs)
     resume(state, checkpoint.latest(workdir, map_location="cpu", identity=identity, move_aside=ctx.main),
            cfg, ctx, device, workdir)
     attack_model, forward = forwards(state.model, cfg, ctx, device)
     state.model.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    return Run(cfg, seed, name, ctx, device, workdir, identity, dataset, val_set, latent, cfg.attack(latent),
+    return Run(cfg, seed, spec.name, spec, ctx, device, workdir, identity, dataset, val_set, latent, cfg.attack(latent),
                attack_model, forward, autocast, memory_format, num_classes), state
 
 
@@ -588,15 +611,14 @@ def end_epoch(run: Run, state: TrainState) -> None:
 def final_metrics(run: Run, state: TrainState) -> Metrics:
     """The finished run's metrics.json fields."""
     cfg, last = run.cfg, (state.curve[-1] if state.curve else {})
-    source, variant = params_mod.split_run(run.name)
     generated = run.dataset.generated
     return Metrics(
-        run=run.name, generator=None if source == "baseline" else source,
+        run=run.name, generator=run.spec.generator, amount=run.spec.amount, seed_index=run.spec.seed_index,
         n_generated=len(generated) if generated is not None else 0,
         generated_per_batch=run.dataset.spec.n_generated, model=cfg.model, loss=cfg.loss, threat=cfg.threat,
         eps_255=None if run.latent else cfg.eps_255, latent_radius=run.latent.radius if run.latent else None,
         epochs=cfg.epochs, steps=cfg.total_steps, seed=run.seed, world_size=run.ctx.world_size,
-        num_classes=run.num_classes, variant=variant, source_run=source,
+        num_classes=run.num_classes, variant=run.spec.variant, source_run=run.spec.generator or "baseline",
         aux_bn=cfg.aux_bn, cutmix_alpha=cfg.cutmix_alpha, val_robust_acc_best=state.best["acc"],
         best_epoch=state.best["epoch"], val_robust_acc_last=last.get("val_robust_acc"),
         val_clean_acc_last=last.get("val_clean_acc"), train_loss=last.get("train_loss"),
@@ -606,18 +628,24 @@ def final_metrics(run: Run, state: TrainState) -> Metrics:
 def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, name: str, train: Path, val: Path,
                  generated: list[Path], labels: list[Path], workdir: Path,
                  selection: Path | None = None, stop_after: int | None = None,
-                 progress: bool = True, num_classes: int = 10, threat_file: Path | None = None) -> Result:
+                 progress: bool = True, num_classes: int = 10, threat_file: Path | None = None,
+                 spec: RunSpec | None = None) -> Result:
     """Train (or resume) run `name` and return the EMA model, best EMA weights, curve and metrics.
 
     setup() builds or resumes the state, train_step() takes one step, end_epoch() closes an epoch at its
     last step, and after every step the checkpoint rule all training loops share
     (preemption.checkpoint_after_step: every `checkpoint_every` steps, at the last step, on SIGTERM)
     saves, with SIGTERM agreed over the ranks. `threat_file` is the run's pipeline.threat_model file
-    (required for a learned threat). `stop_after` ends the call after that many global steps as if
+    (required for a learned threat). `spec` says which run of params' run table this is (its
+    generated data, amount, seed); a direct call without one trains run `name` on the generator that sampled
+    `generated` (real data only when none). `stop_after` ends the call after that many global steps as if
     preempted (tests use it). The input files come one argument each, as the CLI flags name them;
     setup() groups them as `Inputs`.
     """
-    run, state = setup(cfg, seed, device_name, name, Inputs(train, val, generated, labels, selection, threat_file),
+    if spec is None:
+        sampled_by = read_attrs(shards.expand(generated)[0]).get("generator", name) if generated else None
+        spec = RunSpec(name, generator=None if sampled_by is None else str(sampled_by))
+    run, state = setup(cfg, seed, device_name, spec, Inputs(train, val, generated, labels, selection, threat_file),
                        workdir, num_classes)
     stop = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
     batches = loader_mod.loader(run.dataset, state.step, stop, cfg.num_workers, pin_memory=run.cuda)
@@ -702,7 +730,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--run", required=True,
-                        help="baseline or a generator name, optionally -<variant> (params `variants`)")
+                        help="a run params defines (pipeline.params.run_table): baseline, gaussian, gaussian-cutmix-s1, ...")
     parser.add_argument("--train", type=Path, required=True, help="real training set (HDF5)")
     parser.add_argument("--val", type=Path, required=True, help="validation split (HDF5)")
     parser.add_argument("--threat-model", type=Path,
@@ -721,17 +749,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg_all = params_mod.load(args.params)
     try:
+        entry = params_mod.get_run(cfg_all, args.run)
         cfg = params_mod.section(TrainRobustConfig, params_mod.train_robust_for(cfg_all, args.run))
     except params_mod.ParamsError as error:
         sys.exit(f"error: {error}")
+    base_seed = cfg_all["base"]["seed"]
     if args.generated and not args.labels:
         log.warning("no --labels: using the labels stored in the generated shards")
     try:
-        result = train_robust(cfg, cfg_all["base"]["seed"], cfg_all["base"]["device"], args.run, args.train,
-                              args.val, list(args.generated), list(args.labels), args.workdir,
+        result = train_robust(cfg, params_mod.training_seed(base_seed, entry), cfg_all["base"]["device"], args.run,
+                              args.train, args.val, list(args.generated), list(args.labels), args.workdir,
                               args.selection, args.stop_after,
                               num_classes=datasets.num_classes(cfg_all["base"]["dataset"]),
-                              threat_file=args.threat_model)
+                              threat_file=args.threat_model,
+                              spec=RunSpec(args.run, entry.generator, entry.amount, base_seed, entry.variant, entry.seed))
     except (NonFiniteLoss, ShardError, ValueError) as error:  # bad input or divergence: one clear line
         sys.exit(f"error: {error}")
     if distributed.rank() == 0:

@@ -20,7 +20,8 @@ with open(PARAMS_FILE) as _handle:
 DATASET = config["base"]["dataset"]
 DATA = f"data/{DATASET}"
 GENERATORS = P.generators(config)
-RUNS = P.runs(config)
+RUN_TABLE = {run.name: run for run in P.run_table(config)}  # every run params defines (pipeline/params.py)
+RUNS = list(RUN_TABLE)
 THREATS = config["evaluate"]["threats"]
 LEARNED_THREATS = config["evaluate"]["learned_threats"]
 SHARDS = [f"{i:05d}" for i in range(P.shard_count(config))]
@@ -60,18 +61,19 @@ def generated_shards(wildcards):
 
 
 def run_source(wildcards):
-    """The data a run trains on: `baseline` or a generator (a variant run, e.g. gaussian-cutmix, reuses it)."""
-    return P.split_run(wildcards.run)[0]
+    """The generator whose data a run trains on (a variant, amount or seed run, e.g. gaussian-cutmix-s1,
+    reuses it); None for the real-data baseline and its repeats."""
+    return RUN_TABLE[wildcards.run].generator
 
 
 def run_shards(wildcards):
-    if run_source(wildcards) == "baseline":
+    if run_source(wildcards) is None:
         return []
     return expand("data/generated/{generator}/shard-{shard}.h5", generator=run_source(wildcards), shard=SHARDS)
 
 
 def run_labels(wildcards):
-    if run_source(wildcards) == "baseline":
+    if run_source(wildcards) is None:
         return []
     return expand("data/pseudolabels/{generator}/shard-{shard}.h5", generator=run_source(wildcards), shard=SHARDS)
 
@@ -79,7 +81,7 @@ def run_labels(wildcards):
 def run_selection(wildcards):
     """The select index of a run's generator (none for the real-data baseline)."""
     source = run_source(wildcards)
-    return [] if source == "baseline" else [f"data/selection/{source}/index.npy"]
+    return [] if source is None else [f"data/selection/{source}/index.npy"]
 
 
 def evaluate_chunks(wildcards):

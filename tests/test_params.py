@@ -128,3 +128,49 @@ def test_snakemake_dry_run_fails_on_bad_params_before_any_job(tmp_path):
     assert result.returncode != 0
     assert "train_robust.beta" in result.stdout + result.stderr
     assert not (tmp_path / "data").exists()
+
+
+# --- the run table: seeds and data amounts ---
+
+
+def test_run_table_repeats_runs_over_amounts_and_seeds():
+    """Every run once per training seed; each generator run again per data amount; names built from the
+    fields (seed 0 and the whole selection add no suffix, so a one-seed table keeps its names)."""
+    cfg = default()
+    cfg["generate"]["generators"] = ["gaussian"]
+    cfg["variants"].update(names=["cutmix"], amounts=[500], seeds=[0, 2])
+    cfg = P.validate(cfg)
+    assert P.runs(cfg) == ["baseline", "baseline-s2", "gaussian", "gaussian-s2", "gaussian-n500", "gaussian-n500-s2",
+                           "baseline-cutmix", "baseline-cutmix-s2", "gaussian-cutmix", "gaussian-cutmix-s2",
+                           "gaussian-cutmix-n500", "gaussian-cutmix-n500-s2"]
+    assert P.get_run(cfg, "gaussian-cutmix-n500-s2") == P.Run("gaussian-cutmix-n500-s2", "gaussian", "cutmix", 500, 2)
+    assert P.train_robust_for(cfg, "gaussian-cutmix-n500-s2") == P.train_robust_for(cfg, "gaussian-cutmix")
+    with pytest.raises(P.ParamsError, match="'gaussian-n1000' is not defined by params"):
+        P.get_run(cfg, "gaussian-n1000")
+
+
+def test_training_seeds_vary_training_alone():
+    base = 7
+    seeds = [P.training_seed(base, P.Run("r", None, None, None, index)) for index in range(4)]
+    assert seeds[0] == base and len(set(seeds)) == 4
+
+
+def test_a_variant_named_like_a_suffix_is_refused():
+    cfg = default()
+    cfg["variants"]["names"] = ["s1"]
+    cfg["variants"]["settings"]["s1"] = {"beta": 3.0}
+    cfg["variants"]["seeds"] = [0, 1]
+    with pytest.raises(P.ParamsError, match=r"variants.names: runs \['baseline-s1', 'gaussian-s1'\] would be defined twice"):
+        P.validate(cfg)
+
+
+@pytest.mark.parametrize("key, value", [("seeds", [0, 1]), ("amounts", [100])])
+def test_dvc_check_refuses_what_dvc_yaml_cannot_plan(tmp_path, key, value):
+    cfg = default()
+    cfg["variants"][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    P.main(["check", str(path)])                               # Snakemake plans it
+    with pytest.raises(SystemExit, match=f"variants.seeds .* run this study with `snakemake`"):
+        P.main(["check", str(path), "--for-dvc", "--stamp", str(tmp_path / "ok")])
+    assert not (tmp_path / "ok").exists()

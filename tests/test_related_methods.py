@@ -127,7 +127,8 @@ def test_resume_with_cutmix_and_aux_bn_equals_uninterrupted(tiny_params, small_s
 
     def run(workdir, stop_after=None):
         return tr.train_robust(cfg, 0, "cpu", "gaussian-cutmix", small_sets["train"], small_sets["val"],
-                               [generated[0]], [generated[1]], workdir, stop_after=stop_after, progress=False)
+                               [generated[0]], [generated[1]], workdir, stop_after=stop_after, progress=False,
+                               spec=tr.RunSpec("gaussian-cutmix", "gaussian", variant="cutmix"))
 
     whole = run(tmp_path / "whole")
     with pytest.raises(tr.Preempted):
@@ -146,11 +147,12 @@ def test_variants_add_runs_with_their_settings(tiny_params):
     cfg = P.validate(tiny_params)
     assert P.runs(cfg) == ["baseline", "gaussian", "baseline-advprop", "gaussian-advprop", "baseline-cutmix",
                            "gaussian-cutmix"]
-    assert P.split_run("gaussian-cutmix") == ("gaussian", "cutmix") and P.split_run("baseline") == ("baseline", None)
+    assert P.get_run(cfg, "gaussian-cutmix") == P.Run("gaussian-cutmix", "gaussian", "cutmix", None, 0)
+    assert P.get_run(cfg, "baseline") == P.Run("baseline", None, None, None, 0)
     assert P.train_robust_for(cfg, "gaussian-advprop")["aux_bn"] == "adversarial"
     assert P.train_robust_for(cfg, "gaussian")["aux_bn"] == "none"
     with pytest.raises(P.ParamsError, match="variants.names"):
-        P.train_robust_for(cfg, "gaussian-source_bn")          # defined but not listed
+        P.train_robust_for(cfg, "gaussian-source_bn")          # settings defined but not listed
 
 
 @pytest.mark.parametrize("change, fragment", [

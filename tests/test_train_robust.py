@@ -197,10 +197,10 @@ def test_baseline_refuses_generated_and_generator_needs_it(tiny_params, small_se
     cfg = robust_cfg(tiny_params)
     with pytest.raises(ValueError, match="real data only"):
         tr.train_robust(cfg, 0, "cpu", "baseline", small_sets["train"], small_sets["val"], [generated[0]],
-                        [generated[1]], tmp_path, progress=False)
+                        [generated[1]], tmp_path, progress=False, spec=tr.RunSpec("baseline"))
     with pytest.raises(ValueError, match="needs --generated"):
         tr.train_robust(cfg, 0, "cpu", "gaussian", small_sets["train"], small_sets["val"], [], [],
-                        tmp_path, progress=False)
+                        tmp_path, progress=False, spec=tr.RunSpec("gaussian", "gaussian"))
 
 
 def _free_port() -> int:
@@ -335,3 +335,24 @@ def test_the_select_index_class_balances_the_generated_draws(tiny_params, small_
     # each class ~ Binomial(512, 1/10): within 4 standard deviations (about 27) of 51.2
     assert np.abs(balanced - n / 10).max() < 4 * np.sqrt(n * 0.1 * 0.9), balanced
     assert skewed[0] > n / 3, skewed
+
+
+def test_amount_draws_on_nested_subsets_of_the_selection(tiny_params, small_sets, generated, tmp_path):
+    """A data amount keeps that many selected images, the same ones whatever the training seed, and a
+    smaller amount's images are among a larger one's."""
+    from pipeline import loader
+
+    cfg = robust_cfg(tiny_params)
+    selection = np.stack([np.repeat(np.arange(3), 40), np.tile(np.arange(40), 3)], 1)
+    kept = {amount: loader.subsample(selection, amount, seed=5) for amount in (10, 30, 120)}
+    as_set = {amount: {tuple(row) for row in rows} for amount, rows in kept.items()}
+    assert [len(rows) for rows in kept.values()] == [10, 30, 120]
+    assert as_set[10] < as_set[30] < as_set[120] == {tuple(row) for row in selection}
+    assert (np.lexsort(kept[30].T[::-1]) == np.arange(30)).all()      # sorted by shard, then row
+    with pytest.raises(ValueError, match="121 images asked for, but the selection holds 120"):
+        loader.subsample(selection, 121, seed=5)
+    index = tmp_path / "index.npy"
+    np.save(index, selection)
+    drawn = [tr.make_dataset(cfg, seed, small_sets["train"], [generated[0]], [generated[1]], index, tr.Dist(),
+                             amount=30, shard_seed=3).generated for seed in (0, 1)]
+    assert len(drawn[0]) == 30 and np.array_equal(drawn[0].selection, drawn[1].selection)   # the same images

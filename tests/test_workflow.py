@@ -114,7 +114,7 @@ def test_changing_select_reruns_select_and_that_generators_runs_only(snakemake_r
     (copy / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
     dry = run([str(BIN / "snakemake"), "-n", "-p", "results/cifar10_table.csv"], copy)
     jobs = planned_jobs(dry.stdout)
-    generator_runs = [r for r in P.runs(cfg) if P.split_run(r)[0] != "baseline"]
+    generator_runs = [r.name for r in P.run_table(cfg) if r.generator is not None]
     assert jobs["select"] == len(P.generators(cfg)), jobs
     assert jobs["train_robust"] == len(generator_runs), jobs
     assert jobs["evaluate"] == len(generator_runs) * len(cfg["evaluate"]["threats"]), jobs

@@ -226,7 +226,7 @@ def snakemake_jobs_reads(workdir, reads_of) -> list[Job]:
             continue
         for wildcards in job_wildcards(stage, cfg):
             reads = reads_of(" ".join(job_parts(stage.cmd, wildcards, cfg)), job_parts(stage.deps, wildcards, cfg))
-            variant = P.split_run(wildcards["run"])[1] if "run" in wildcards else None
+            variant = P.get_run(cfg, wildcards["run"]).variant if "run" in wildcards else None
             if variant:
                 reads = reads.renamed(("variants", "settings", variant), ("train_robust",))
             jobs.append(Job(f"snakemake {stage.name} {wildcards}", dag.job_keys(stage.name, wildcards),
@@ -248,8 +248,8 @@ def job_wildcards(stage: dag.Stage, cfg: dict) -> list[dict[str, str]]:
 def job_parts(parts: tuple[dag.Part, ...], wildcards: dict[str, str], cfg: dict) -> tuple[str, ...]:
     """Command parts or inputs of the table for one job, `${section.key}` filled from params as DVC does.
     A run's `{generator}` is the generator it trains on; the baseline has no generated inputs."""
-    source = P.split_run(wildcards["run"])[0] if "run" in wildcards else None
-    generated = source not in (None, "baseline")
+    source = P.get_run(cfg, wildcards["run"]).generator if "run" in wildcards else None
+    generated = source is not None
     values = {**wildcards, "generator": str(source)} if generated else wildcards
     kept = [part.text if isinstance(part, dag.FromGenerated) else part for part in parts
             if generated or not isinstance(part, dag.FromGenerated)]
