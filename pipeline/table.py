@@ -47,7 +47,8 @@ from pipeline.shards import ShardError, atomic_path, expand, set_sha256
 
 log = logging.getLogger("pipeline.table")
 COLUMNS = [
-    "dataset", "run", "generator", "variant", "seed", "train_threat", "n_generated", "model", "threat", "eps", "eps_255",
+    "dataset", "run", "generator", "variant", "seed", "train_threat", "n_generated", "model", "threat", "eps",
+    "eps_255",
     "clean_acc", "autoattack_acc", "pgd_acc", "pgd_steps", "corrupted_acc", "teacher_acc",
     "complementarity_train", "complementarity_test", "complementarity_self", "coverage_train", "coverage_test",
     "fid", "fid_reference", "fid_feature_space",

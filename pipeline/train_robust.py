@@ -730,7 +730,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--run", required=True,
-                        help="a run params defines (pipeline.params.run_table): baseline, gaussian, gaussian-cutmix-s1, ...")
+                        help="a run params defines (pipeline.params.run_table): baseline, gaussian-cutmix-s1, ...")
     parser.add_argument("--train", type=Path, required=True, help="real training set (HDF5)")
     parser.add_argument("--val", type=Path, required=True, help="validation split (HDF5)")
     parser.add_argument("--threat-model", type=Path,
@@ -762,7 +762,8 @@ def main(argv: list[str] | None = None) -> None:
                               args.selection, args.stop_after,
                               num_classes=datasets.num_classes(cfg_all["base"]["dataset"]),
                               threat_file=args.threat_model,
-                              spec=RunSpec(args.run, entry.generator, entry.amount, base_seed, entry.variant, entry.seed))
+                              spec=RunSpec(args.run, entry.generator, entry.amount, base_seed, entry.variant,
+                                           entry.seed))
     except (NonFiniteLoss, ShardError, ValueError) as error:  # bad input or divergence: one clear line
         sys.exit(f"error: {error}")
     if distributed.rank() == 0:

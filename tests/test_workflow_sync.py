@@ -300,3 +300,22 @@ def test_every_snakemake_job_runs_torch_on_its_own_threads(workdir):
         assert threads and threads.group(1) == threads.group(2), command
         assert 1 <= int(threads.group(1)) <= 3, command
     assert any(c.startswith("OMP_NUM_THREADS=3 ") and "pipeline.train_robust" in c for c in commands)
+
+
+@pytest.mark.slow
+def test_snakemake_plans_every_seed_and_amount_run(tmp_path):
+    """variants.seeds and variants.amounts are DAG axes: one training and one evaluation job per run of the
+    table, the generator's data sampled, labelled and selected once for all of its runs."""
+    path = make_workdir(tmp_path)
+    cfg = yaml.safe_load((path / "params.yaml").read_text())
+    cfg["generate"]["generators"] = ["gaussian"]
+    cfg["variants"].update(names=[], amounts=[10, 20], seeds=[0, 1, 2])
+    (path / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
+    plan = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--forceall", "results/cifar10_table.csv"],
+                          cwd=path, env=env(), capture_output=True, text=True, check=True).stdout
+    trained = set(re.findall(r"--run (\S+)", " ".join(line for line in plan.splitlines() if "train_robust" in line)))
+    assert trained == {"baseline", "baseline-s1", "baseline-s2", "gaussian", "gaussian-s1", "gaussian-s2",
+                       "gaussian-n10", "gaussian-n10-s1", "gaussian-n10-s2", "gaussian-n20", "gaussian-n20-s1",
+                       "gaussian-n20-s2"}
+    assert plan.count("python -m pipeline.select") == 1
+    assert len(re.findall(r"pipeline.evaluate merge", plan)) == len(trained)
