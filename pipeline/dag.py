@@ -1,16 +1,19 @@
 """The DAG as one table: every stage's command, inputs, outputs and the params keys it reads.
 
     python -m pipeline.dag dvc               # print dvc.yaml
-    python -m pipeline.dag write dvc.yaml    # rewrite it after editing STAGES
+    python -m pipeline.dag write dvc.yaml    # rewrite it after editing STAGES or the runs in params.yaml
     python -m pipeline.dag check dvc.yaml    # exit 1, with a diff, when the committed file has drifted
 
-dvc.yaml is generated from STAGES and committed (users read it; tests/test_workflow_sync.py fails when
-it differs from `render()`). It keeps DVC's foreach/matrix over the params lists, so it does not depend on
-params.yaml: changing params never requires regenerating it. The Snakemake rules stay hand-written (one
-job per shard, conditional inputs) but take their params from here: `stage_params` in rules/common.smk
-calls `job_params`, so a rule and its DVC stage rerun on the same keys. tests/test_workflow_sync.py
-runs every stage with a recording params mapping and fails when the keys a stage reads differ from the
-keys declared here.
+dvc.yaml is generated from STAGES and the run table of params.yaml (pipeline.params.run_table) and
+committed (users read it; tests/test_workflow_sync.py fails when it differs from `render(params)`). Stages
+over generators keep DVC's foreach over the params list; the run stages list their runs and threats,
+because DVC's templating can neither name a run (seed 0 adds no suffix) nor drop the baseline's generated
+inputs. So changing the runs (generators, variants, amounts, seeds, threats) means regenerating it:
+`python -m pipeline.params use` does, and DVC's first stage (check_params) stops on a stale file.
+The Snakemake rules stay hand-written (one job per shard, conditional inputs) but take their params
+from here: `stage_params` in rules/common.smk calls `job_params`, so a rule and its DVC stage rerun on
+the same keys. tests/test_workflow_sync.py runs every stage with a recording params mapping and fails
+when the keys a stage reads differ from the keys declared here.
 
 Axes say which jobs exist, never how one job computes: a job does not declare the list it is one item of
 (adding a generator must not resample the Gaussian's shards, adding l2 or the cvae threat must not rerun
@@ -21,40 +24,43 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from pipeline import params as params_mod
 
 Axis = Literal["generator", "run", "threat", "learned", "chunk"]
 YamlValue = str | bool | list["YamlValue"] | dict[str, "YamlValue"]
 
-# The params list each axis runs over, written as DVC templating. A run is `baseline` or a generator,
-# optionally followed by -<variant> (pipeline.params.runs), so it spans two lists.
+# The params list each axis runs over, written as DVC templating.
 AXIS_LISTS: dict[str, str] = {
     "generator": "generate.generators",
-    "variant": "variants.names",
     "threat": "evaluate.threats",
     "learned": "evaluate.learned_threats",
 }
-RUN_AXES = ("generator", "variant")
+# The lists the run table repeats runs over, besides the generators (pipeline.params.run_table).
+RUN_LISTS = ("variants.names", "variants.amounts", "variants.seeds")
 PARAMS_OK = "work/params.ok"   # check_params' stamp: every stage that reads params.yaml runs after it
 SECTIONS = ("base", "data", "train_generator", "generate", "teacher", "pseudolabel", "select", "analysis",
             "train_robust", "variants", "evaluate")   # every section of pipeline/params.schema.yaml
 WIDTH = 110   # longest dvc.yaml line, indentation included, before a command is folded
 HEADER = """\
-# Generated from the stage table in pipeline/dag.py: edit the table, then run
+# Generated from the stage table in pipeline/dag.py and the runs params.yaml defines: after editing either,
 #     python -m pipeline.dag write dvc.yaml
-# (tests/test_workflow_sync.py fails when this file differs from the table).
+# (`python -m pipeline.params use <preset>` does it; check_params stops `dvc repro` when this file is stale,
+# and tests/test_workflow_sync.py fails when the committed file differs from the committed params).
 # The same DAG as the Snakefile, for `dvc repro`. Granularity differs where DVC has no per-shard
 # wildcards: one stage per generator writes the whole shard directory, with byte-identical shards, and
-# one stage per run and threat attacks every evaluation chunk, with byte-identical chunk files. Every
-# value comes from params.yaml, through foreach/matrix over its lists, so editing params.yaml never
-# requires regenerating this file.
+# one stage per run and threat attacks every evaluation chunk, with byte-identical chunk files. The run
+# stages list their runs (pipeline.params.run_table: generators, variants, data amounts, training seeds)
+# and threats; every other value comes from params.yaml through DVC's templating.
 """
 
 
@@ -107,7 +113,7 @@ EVAL_PARTS = "results/evaluate/{run}/{threat}"   # the chunk and sweep files of 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage(
         "check_params",
-        cmd=("python -m pipeline.params check params.yaml", "--for-dvc", f"--stamp {PARAMS_OK}",
+        cmd=("python -m pipeline.params check params.yaml", "--dvc-yaml dvc.yaml", f"--stamp {PARAMS_OK}",
              "--ensure-dir models/generators"),
         outs=(PARAMS_OK,),
         params=SECTIONS,
@@ -330,7 +336,7 @@ def axis_keys(stage: Stage, dvc: bool = False) -> tuple[str, ...]:
     """The params lists that say which jobs exist. A job is one item of them and never declares them: it
     may read one (evaluate's config mirrors its whole section), but it must not compute with it. DVC's
     `all_runs` stage is not expanded over the runs, so it declares the lists it covers."""
-    return () if dvc and stage.all_runs else tuple(AXIS_LISTS.values())
+    return () if dvc and stage.all_runs else (*AXIS_LISTS.values(), *RUN_LISTS)
 
 
 def job_keys(name: str, wildcards: Mapping[str, str]) -> tuple[str, ...]:
@@ -365,69 +371,97 @@ def fill(text: str, values: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class Stanza:
-    """One entry of dvc.yaml's `stages:`; a run stage has four (baseline, generators, and each with variants)."""
+    """One entry of dvc.yaml's `stages:`: one per stage of the table."""
     name: str
     stage: Stage
     body: dict[str, YamlValue]
 
 
-def _run_kinds(stage: Stage) -> Iterator[tuple[str, tuple[str, ...], str | None]]:
-    """(stanza suffix, run axes, run template) of each kind of run; one plain stanza for other stages."""
-    if "run" not in stage.axes:
-        yield "", (), None
-    elif stage.all_runs:
-        yield "", (), "all"
-    else:
-        yield "_baseline", (), "baseline"
-        yield "", ("generator",), "{generator}"
-        yield "_baseline_variant", ("variant",), "baseline-{variant}"
-        yield "_variant", ("generator", "variant"), "{generator}-{variant}"
+def stanzas(cfg: dict[str, Any]) -> list[Stanza]:
+    """Every dvc.yaml stage, in STAGES order; the run stages over the run table of `cfg`."""
+    return [_run_stanza(stage, cfg) if "run" in stage.axes and not stage.all_runs else _stanza(stage)
+            for stage in STAGES.values()]
 
 
-def stanzas() -> list[Stanza]:
-    """Every dvc.yaml stage, in STAGES order."""
-    return [_stanza(stage, suffix, run_axes, run) for stage in STAGES.values()
-            for suffix, run_axes, run in _run_kinds(stage)]
-
-
-def _stanza(stage: Stage, suffix: str, run_axes: tuple[str, ...], run: str | None) -> Stanza:
-    axes = [*run_axes, *(axis for axis in stage.axes if axis not in ("run", "chunk"))]
-    item = {axis: "${item}" if len(axes) == 1 else f"${{item.{axis}}}" for axis in axes}
-    if run is not None:
-        item["run"] = fill(run, item)
-    if stage.all_chunks:
-        item["chunk"] = "all"
-    generated = "generator" in run_axes
-
-    def filled(parts: tuple[Part, ...]) -> list[str]:
-        return [fill(part.text if isinstance(part, FromGenerated) else part, item)
-                for part in parts if generated or not isinstance(part, FromGenerated)]
-
+def _stanza(stage: Stage) -> Stanza:
+    """A stage expanded by DVC's own templating over the params lists of its axes (or not at all)."""
+    axes = [axis for axis in stage.axes if axis not in ("run", "chunk")]
+    item: dict[str, str] = {axis: "${item}" if len(axes) == 1 else f"${{item.{axis}}}" for axis in axes}
     params = list(stage.params)
-    if "variant" in run_axes and any(key.split(".")[0] == "train_robust" for key in stage.params):
-        params.append("variants.settings.{variant}")
-    if stage.all_runs:
-        params += ["variants", AXIS_LISTS["generator"]]   # the run lists and every variant's settings
-    if stage.all_chunks:
-        params.append("evaluate.n_eval")   # how many chunks `--chunk all` attacks
-    body: dict[str, YamlValue] = {"cmd": " ".join(filled(stage.cmd))}
-    for key, paths, cached in (("deps", stage.deps, True), ("params", tuple(params), True),
-                               ("outs", stage.outs, stage.cache), ("metrics", stage.metrics, False),
-                               ("plots", stage.plots, False)):
-        entries: list[YamlValue] = [path if cached else {path: {"cache": False}} for path in filled(paths)]
-        if entries:
-            body[key] = entries
+    if stage.all_runs:   # every run's file, so the run table's lists and every variant's settings
+        item["run"] = "all"
+        params += ["variants", AXIS_LISTS["generator"]]
+    body = _body(stage, item, params, {})
     if len(axes) == 1:
         body = {"foreach": f"${{{AXIS_LISTS[axes[0]]}}}", "do": body}
     elif axes:
         body = {"matrix": {axis: f"${{{AXIS_LISTS[axis]}}}" for axis in axes}, **body}
-    return Stanza(stage.name + suffix, stage, body)
+    return Stanza(stage.name, stage, body)
 
 
-def render() -> str:
-    """dvc.yaml's text: the header, then one block per stanza, blank lines between."""
+def _run_stanza(stage: Stage, cfg: dict[str, Any]) -> Stanza:
+    """A run stage as one `foreach` over its jobs, written out from the run table (pipeline.params.run_table):
+    DVC's templating cannot build run names (seed 0 adds no suffix) nor drop the generated inputs of the
+    baseline. Each job's item holds what differs between runs: its name and threat, its generated inputs
+    (the baseline repeats the params stamp in their place: a DVC list cannot be interpolated), and its
+    variant's settings (others repeat `train_robust`)."""
+    others: list[str] = [axis for axis in stage.axes if axis not in ("run", "chunk")]   # threat or learned
+    axis_values = {"threat": cfg["evaluate"]["threats"], "learned": cfg["evaluate"]["learned_threats"]}
+    generated_deps = [part.text for part in stage.deps if isinstance(part, FromGenerated)]
+    has_generated_cmd = any(isinstance(part, FromGenerated) for part in stage.cmd)
+    variant_params = any(key.split(".")[0] == "train_robust" for key in stage.params)
+    items: dict[str, YamlValue] = {}
+    for run in params_mod.run_table(cfg):
+        combos: list[dict[str, str]] = [{}]
+        for axis in others:
+            combos = [{**combo, axis: value} for combo in combos for value in axis_values[axis]]
+        for combo in combos:
+            item: dict[str, YamlValue] = {"run": run.name, **combo}
+            generator = {"generator": run.generator or ""}
+            if has_generated_cmd:
+                item["generated_args"] = " ".join(fill(part.text, generator) for part in stage.cmd
+                                                  if isinstance(part, FromGenerated)) if run.generator else ""
+            for i, path in enumerate(generated_deps):
+                item[f"generated_dep{i}"] = fill(path, generator) if run.generator else PARAMS_OK
+            if variant_params:
+                item["settings"] = f"variants.settings.{run.variant}" if run.variant else "train_robust"
+            items["-".join([run.name, *combo.values()])] = item
+    placeholders = {"run": "${item.run}", **{axis: f"${{item.{axis}}}" for axis in others}}
+    if stage.all_chunks:
+        placeholders["chunk"] = "all"
+    params = [*stage.params, *(["${item.settings}"] if variant_params else []),
+              *(["evaluate.n_eval"] if stage.all_chunks else [])]   # all_chunks: how many chunks `--chunk all` attacks
+    generated = {path: f"${{item.generated_dep{i}}}" for i, path in enumerate(generated_deps)}
+    return Stanza(stage.name, stage, {"foreach": items, "do": _body(stage, placeholders, params, generated)})
+
+
+def _body(stage: Stage, item: Mapping[str, str], params: list[str], generated: dict[str, str]) -> dict[str, YamlValue]:
+    """cmd, deps, params, outs, metrics and plots of one stanza, `{axis}` filled with `item`'s placeholders;
+    the generated command parts become `${item.generated_args}` and the generated deps `generated`'s."""
+    cmd, seen_generated = [], False
+    for part in stage.cmd:
+        if isinstance(part, FromGenerated):
+            if not seen_generated:
+                cmd.append("${item.generated_args}")
+            seen_generated = True
+        else:
+            cmd.append(fill(part, item))
+    deps = [generated[part.text] if isinstance(part, FromGenerated) else fill(part, item) for part in stage.deps]
+    body: dict[str, YamlValue] = {"cmd": " ".join(cmd)}
+    for key, paths, cached in (("deps", deps, True), ("params", params, True),
+                               ("outs", [fill(p, item) for p in stage.outs], stage.cache),
+                               ("metrics", [fill(p, item) for p in stage.metrics], False),
+                               ("plots", [fill(p, item) for p in stage.plots], False)):
+        entries: list[YamlValue] = [path if cached else {path: {"cache": False}} for path in paths]
+        if entries:
+            body[key] = entries
+    return body
+
+
+def render(cfg: dict[str, Any]) -> str:
+    """dvc.yaml's text for params `cfg`: the header, then one block per stanza, blank lines between."""
     blocks = []
-    for stanza in stanzas():
+    for stanza in stanzas(cfg):
         lines = [f"  {stanza.name}:"]
         lines += [f"    # {line}" for line in _wrap(stanza.stage.note.split(), WIDTH - 6)] if stanza.stage.note else []
         lines += _block(stanza.body, 4)
@@ -444,7 +478,7 @@ def _block(mapping: Mapping[str, YamlValue], indent: int) -> list[str]:
         elif isinstance(value, (str, bool)):
             lines.append(f"{pad}{key}: {_scalar(value)}")
         elif isinstance(value, dict):
-            lines += [f"{pad}{key}:", *_block(value, indent + 2)]
+            lines += [f"{pad}{key}:", *_block(value, indent + 2)] if value else [f"{pad}{key}: {{}}"]
         else:
             lines.append(f"{pad}{key}:")
             for entry in value:
@@ -458,10 +492,11 @@ def _block(mapping: Mapping[str, YamlValue], indent: int) -> list[str]:
 
 
 def _scalar(value: YamlValue) -> str:
+    """A YAML scalar that reads back as `value`: plain where it can be, double-quoted otherwise ("")."""
     if isinstance(value, bool):
         return "true" if value else "false"
     assert isinstance(value, str)
-    return value
+    return value if value and yaml.safe_load(f"k: {value}") == {"k": value} else json.dumps(value)
 
 
 def _groups(cmd: str) -> list[str]:
@@ -479,27 +514,42 @@ def _wrap(words: list[str], width: int) -> list[str]:
     return lines
 
 
+def stale(path: Path, cfg: dict[str, Any]) -> str:
+    """A diff of the dvc.yaml at `path` against the one the table and `cfg` give; empty when up to date."""
+    current, text = (path.read_text() if path.exists() else ""), render(cfg)
+    return "".join(difflib.unified_diff(current.splitlines(True), text.splitlines(True), str(path), "pipeline/dag.py"))
+
+
+def write(path: Path, cfg: dict[str, Any]) -> None:
+    path.write_text(render(cfg))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.dag", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("dvc", help="print dvc.yaml")
+    printing = commands.add_parser("dvc", help="print dvc.yaml")
+    printing.add_argument("--params", type=Path, default=Path("params.yaml"))
     for name, text in (("write", "write dvc.yaml"), ("check", "exit 1 when dvc.yaml differs from the table")):
         command = commands.add_parser(name, help=text)
         command.add_argument("path", type=Path, nargs="?", default=Path("dvc.yaml"))
+        command.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
-    text = render()
+    try:
+        cfg = params_mod.load(args.params)
+    except params_mod.ParamsError as error:
+        sys.exit(f"error: {error}")
     if args.command == "dvc":
-        sys.stdout.write(text)
+        sys.stdout.write(render(cfg))
     elif args.command == "write":
-        args.path.write_text(text)
-        print(f"{args.path}: written from pipeline/dag.py")
+        write(args.path, cfg)
+        print(f"{args.path}: written from pipeline/dag.py and the runs of {args.params}")
     else:
-        current = args.path.read_text() if args.path.exists() else ""
-        if current != text:
-            sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
-                                                       str(args.path), "pipeline/dag.py"))
-            sys.exit(f"{args.path} differs from pipeline/dag.py: run `python -m pipeline.dag write {args.path}`")
+        diff = stale(args.path, cfg)
+        if diff:
+            sys.stdout.write(diff)
+            sys.exit(f"{args.path} differs from pipeline/dag.py and {args.params}: run "
+                     f"`python -m pipeline.dag write {args.path}`")
         print(f"{args.path}: up to date")
 
 

@@ -277,15 +277,15 @@ def train_robust_setting(cfg: dict[str, Any], run: str, key: str) -> Any:
     return overrides[key] if key in overrides else cfg["train_robust"][key]
 
 
-def check_dvc_runs(cfg: dict[str, Any]) -> None:
-    """dvc.yaml expands the run stages over generate.generators and variants.names through DVC's own
-    templating, so it plans the runs of one training seed and every generator's whole selection only: a run
-    table with more (variants.seeds, variants.amounts) is refused before any stage runs, not half planned."""
-    variants = cfg["variants"]
-    if variants["seeds"] != [0] or variants["amounts"]:
-        raise ParamsError(f"variants.seeds {variants['seeds']} / variants.amounts {variants['amounts']}: dvc.yaml "
-                          "plans one training seed (0) and whole selections only; run this study with "
-                          "`snakemake`, or set variants.seeds: [0] and variants.amounts: [] for `dvc repro`")
+def check_dvc_yaml(path: Path, cfg: dict[str, Any]) -> None:
+    """dvc.yaml lists the runs of the params it was written for (pipeline/dag.py): after a change of
+    generators, variants, amounts, seeds or threats it would plan other runs, so `dvc repro` stops here,
+    before any stage, instead of running a stale plan."""
+    from pipeline import dag  # dag reads params: imported here, not at the top
+
+    if dag.stale(path, cfg):
+        raise ParamsError(f"{path}: plans other runs than these params (generators, variants, amounts, seeds or "
+                          f"threats changed): run `python -m pipeline.dag write {path}`, then `dvc repro` again")
 
 
 def shard_count(cfg: dict[str, Any]) -> int:
@@ -315,8 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--stamp", type=Path, help="write this file when valid (DVC dependency)")
     check.add_argument("--ensure-dir", type=Path, action="append", default=[],
                        help="create this folder when valid (a DVC stage depends on it even when empty)")
-    check.add_argument("--for-dvc", action="store_true",
-                       help="also refuse what dvc.yaml cannot plan (more training seeds, data amounts)")
+    check.add_argument("--dvc-yaml", type=Path,
+                       help="also refuse this dvc.yaml when it plans other runs than the params (DVC's first stage)")
     use = commands.add_parser("use", help="write params.yaml from a preset in configs/")
     use.add_argument("name")
     use.add_argument("--dataset", help="also lay configs/datasets/<dataset>.yaml over it (cifar10, cifar100, svhn)")
@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "check":
             cfg = load(args.path)
-            if args.for_dvc:
-                check_dvc_runs(cfg)
+            if args.dvc_yaml:
+                check_dvc_yaml(args.dvc_yaml, cfg)
             if args.stamp:
                 args.stamp.parent.mkdir(parents=True, exist_ok=True)
                 args.stamp.write_text("valid\n")  # constant: params changes must not cascade
@@ -348,6 +348,12 @@ def main(argv: list[str] | None = None) -> None:
             args.out.write_text(text)
             print(f"{args.out}: now the {args.name!r} configuration"
                   + (f" on {args.dataset}" if args.dataset else ""))
+            dvc_yaml = args.out.with_name("dvc.yaml")
+            if dvc_yaml.exists():   # its run stages list the runs of these params
+                from pipeline import dag
+
+                dag.write(dvc_yaml, cfg)
+                print(f"{dvc_yaml}: rewritten for its runs")
     except ParamsError as error:
         sys.exit(f"error: {error}")
 

@@ -86,6 +86,28 @@ def need(data: dict[str, Any], key: str, path: Path, *alternatives: str) -> Any:
     raise TableError(f"{path}: required key {names} missing")
 
 
+def planned(cfg: dict[str, Any], evaluations: list[Path]) -> list[Path]:
+    """The evaluations of exactly the runs and threats params defines, by the run and threat each JSON
+    names: a stale run's file left in a folder (DVC hands the folder) never joins, and a missing one is an
+    error instead of a shorter table."""
+    threats = [*cfg["evaluate"]["threats"], *cfg["evaluate"]["learned_threats"]]
+    wanted = {(run, threat) for run in params_mod.runs(cfg) for threat in threats}
+    kept, found = [], set()
+    for path in evaluations:
+        ev = read_json(path)
+        key = (str(ev.get("run")), str(ev.get("threat")))
+        if key in wanted:
+            kept.append(path)
+            found.add(key)
+        else:
+            log.info("%s: run %s under %s is not among the runs params defines: left out", path, *key)
+    missing = sorted(wanted - found)
+    if missing:
+        raise TableError("no evaluation of " + ", ".join(f"run {run} under {threat}" for run, threat in missing[:5])
+                         + f"{' ...' if len(missing) > 5 else ''} among --evaluations")
+    return kept
+
+
 def files(paths: list[Path], pattern: str) -> list[Path]:
     """Files as given, directories expanded with `pattern` (sorted)."""
     out: list[Path] = []
@@ -482,7 +504,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = params_mod.load(args.params)
-        rows = build_rows(cfg, files(args.evaluations, "*/*.json"), files(args.train_metrics, "*/metrics.json"),
+        rows = build_rows(cfg, planned(cfg, files(args.evaluations, "*/*.json")),
+                          files(args.train_metrics, "*/metrics.json"),
                           args.teacher_metrics, files(args.analysis, "*.json"),
                           generated_checksums(args.generated), git_commit())
     except (TableError, params_mod.ParamsError) as error:

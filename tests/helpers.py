@@ -188,8 +188,20 @@ def make_workdir(path: Path) -> Path:
     default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     overlay = yaml.safe_load((REPO / "tests" / "params.yaml").read_text())
     cfg = params_mod.deep_merge(params_mod.deep_merge(default, overlay), TEST_DAG)
-    (path / "params.yaml").write_text(yaml.safe_dump(params_mod.validate(cfg)))
+    save_params(path, cfg)
     return path
+
+
+def save_params(workdir: Path, cfg: dict) -> dict:
+    """Validate `cfg` and write it as the workdir's params.yaml, with the dvc.yaml that plans its runs (as
+    `python -m pipeline.params use` does); the validated params."""
+    from pipeline import dag
+
+    cfg = params_mod.validate(copy.deepcopy(cfg))
+    (workdir / "params.yaml").write_text(yaml.safe_dump(cfg))
+    if (workdir / "dvc.yaml").exists():
+        dag.write(workdir / "dvc.yaml", cfg)
+    return cfg
 
 
 def read_table(path: Path) -> list[dict[str, str]]:

@@ -164,13 +164,29 @@ def test_a_variant_named_like_a_suffix_is_refused():
         P.validate(cfg)
 
 
-@pytest.mark.parametrize("key, value", [("seeds", [0, 1]), ("amounts", [100])])
-def test_dvc_check_refuses_what_dvc_yaml_cannot_plan(tmp_path, key, value):
+@pytest.mark.parametrize("key, value", [("seeds", [0, 1]), ("amounts", [100]), ("names", ["cutmix"])])
+def test_dvc_check_stops_a_stale_dvc_yaml(tmp_path, key, value):
+    """dvc.yaml lists the runs of the params it was written for: after a change of the run table, DVC's
+    first stage stops (naming the command that rewrites it) instead of running a stale plan."""
+    from pipeline import dag
+
     cfg = default()
-    cfg["variants"][key] = value
-    path = tmp_path / "params.yaml"
+    path, dvc_yaml = tmp_path / "params.yaml", tmp_path / "dvc.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    P.main(["check", str(path)])                               # Snakemake plans it
-    with pytest.raises(SystemExit, match="variants.seeds .* run this study with `snakemake`"):
-        P.main(["check", str(path), "--for-dvc", "--stamp", str(tmp_path / "ok")])
+    dag.write(dvc_yaml, P.validate(cfg))
+    P.main(["check", str(path), "--dvc-yaml", str(dvc_yaml)])
+    cfg["variants"][key] = value
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match="plans other runs than these params .*`python -m pipeline.dag write"):
+        P.main(["check", str(path), "--dvc-yaml", str(dvc_yaml), "--stamp", str(tmp_path / "ok")])
     assert not (tmp_path / "ok").exists()
+    dag.main(["write", str(dvc_yaml), "--params", str(path)])
+    P.main(["check", str(path), "--dvc-yaml", str(dvc_yaml)])
+    planned = yaml.safe_load(dvc_yaml.read_text())["stages"]["train_robust"]["foreach"]
+    assert list(planned) == P.runs(P.validate(cfg))
+
+
+def test_use_rewrites_dvc_yaml_for_the_presets_runs(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stale\n")
+    P.main(["use", "study", "--out", str(tmp_path / "params.yaml")])
+    P.main(["check", str(tmp_path / "params.yaml"), "--dvc-yaml", str(tmp_path / "dvc.yaml")])

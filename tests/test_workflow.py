@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline import params as P
-from tests.helpers import BIN, make_workdir, read_table, run
+from tests.helpers import BIN, make_workdir, read_table, run, save_params
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +56,22 @@ def test_dvc_repro_gives_the_same_table(snakemake_run, dvc_repo):
         [[row[c] for c in measured] for row in sorted(theirs, key=key)]
     status = run([str(BIN / "dvc"), "status"], dvc_repo)
     assert "up to date" in status.stdout.lower()
+
+
+def test_dvc_table_lists_exactly_the_runs_params_defines(dvc_repo, tmp_path):
+    """DVC hands the table the results folders: a stale run's files left there (its run since dropped from
+    params) change the folder, so the table stage reruns, and its rows stay the runs params defines."""
+    repo = tmp_path / "dvc"
+    shutil.copytree(dvc_repo, repo, symlinks=True)
+    cfg = P.load(repo / "params.yaml")
+    for folder in ("results/evaluate", "results/train_robust"):
+        shutil.copytree(repo / folder / "baseline", repo / folder / "dropped")
+    stale = repo / "results/evaluate/dropped/linf.json"
+    stale.write_text(stale.read_text().replace('"run": "baseline"', '"run": "dropped"'))
+    done = run([str(BIN / "dvc"), "repro", "table"], repo).stdout
+    assert "table" in ran_stages(done), done[-3000:]
+    rows = read_table(repo / "results" / "cifar10_table.csv")
+    assert sorted({row["run"] for row in rows}) == sorted(P.runs(cfg))
 
 
 def test_adding_a_threat_or_variant_reruns_only_the_new_jobs(snakemake_run, tmp_path):
@@ -126,7 +142,7 @@ def test_changing_select_reruns_select_and_that_generators_runs_only(snakemake_r
     (repo / "params.yaml").write_text(yaml.safe_dump(P.validate(
         P.deep_merge(yaml.safe_load((repo / "params.yaml").read_text()), {"select": {"top_fraction": 0.75}}))))
     generator = P.generators(cfg)[0]
-    done = run([str(BIN / "dvc"), "repro", f"train_robust@{generator}", "train_robust_baseline"], repo).stdout
+    done = run([str(BIN / "dvc"), "repro", f"train_robust@{generator}", "train_robust@baseline"], repo).stdout
     assert ran_stages(done) - {"check_params"} == {f"select@{generator}", f"train_robust@{generator}"}, done[-3000:]
 
 
@@ -161,13 +177,13 @@ def test_retraining_the_cvae_reruns_only_runs_trained_in_its_set(tmp_path):
 
     run(["git", "init", "-q"], workdir)   # the DVC config came with the workflow files
     cfg["train_generator"]["cvae"]["train_steps"] = 10
-    (workdir / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
-    first = run([str(BIN / "dvc"), "repro", "train_robust_baseline", "train_robust_baseline_variant@latent_at"],
+    save_params(workdir, cfg)
+    first = run([str(BIN / "dvc"), "repro", "train_robust@baseline", "train_robust@baseline-latent_at"],
                 workdir).stdout
-    assert {"threat_model", "train_robust_baseline", "train_robust_baseline_variant@latent_at"} <= ran_stages(first)
+    assert {"threat_model", "train_robust@baseline", "train_robust@baseline-latent_at"} <= ran_stages(first)
     cfg["train_generator"]["cvae"]["train_steps"] = 12
-    (workdir / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
-    second = run([str(BIN / "dvc"), "repro", "train_robust_baseline", "train_robust_baseline_variant@latent_at"],
+    save_params(workdir, cfg)
+    second = run([str(BIN / "dvc"), "repro", "train_robust@baseline", "train_robust@baseline-latent_at"],
                  workdir).stdout
     assert ran_stages(second) - {"check_params"} == {
-        "train_generator@cvae", "threat_model", "train_robust_baseline_variant@latent_at"}, second[-3000:]
+        "train_generator@cvae", "threat_model", "train_robust@baseline-latent_at"}, second[-3000:]

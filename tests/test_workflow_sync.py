@@ -21,18 +21,18 @@ import yaml
 
 from pipeline import dag
 from pipeline import params as P
-from tests.helpers import BIN, REPO, env, make_workdir
+from tests.helpers import BIN, REPO, env, make_workdir, save_params
 from tests.params_reads import Reads, mismatches, stage_reads
 
 MODULE = re.compile(r"python -m (pipeline\.\w+(?: grid| summary| chunk| sweep| merge)?)")
-STANZA_STAGES = {stanza.name: stanza.stage for stanza in dag.stanzas()}
+COMMITTED = P.load(REPO / "params.yaml")
 
 
 # --- dvc.yaml is generated from the table ---
 
 
 def test_dvc_yaml_is_the_rendered_stage_table():
-    committed, generated = (REPO / "dvc.yaml").read_text(), dag.render()
+    committed, generated = (REPO / "dvc.yaml").read_text(), dag.render(COMMITTED)
     diff = "".join(difflib.unified_diff(committed.splitlines(True), generated.splitlines(True),
                                         "dvc.yaml", "pipeline/dag.py"))
     assert committed == generated, f"run `python -m pipeline.dag write dvc.yaml`:\n{diff}"
@@ -40,7 +40,7 @@ def test_dvc_yaml_is_the_rendered_stage_table():
 
 def test_rendered_yaml_is_the_stanzas():
     """The hand-written emitter (comments, folded commands) says what the stanzas say."""
-    assert yaml.safe_load(dag.render()) == {"stages": {s.name: s.body for s in dag.stanzas()}}
+    assert yaml.safe_load(dag.render(COMMITTED)) == {"stages": {s.name: s.body for s in dag.stanzas(COMMITTED)}}
 
 
 def rule_blocks() -> dict[str, str]:
@@ -105,7 +105,9 @@ def workdir(tmp_path_factory) -> Path:
     cfg["evaluate"]["threats"] = ["linf", "l2"]
     cfg["evaluate"]["learned_threats"] = ["cvae"]
     cfg["variants"]["names"] = [*cfg["variants"]["names"], "latent_at"]   # runs trained in the cvae set
-    (path / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
+    cfg["variants"]["seeds"] = [0, 1]     # a second training seed
+    cfg["variants"]["amounts"] = [100]    # a data amount
+    save_params(path, cfg)
     subprocess.run(["git", "init", "-q"], cwd=path, check=True)
     return path
 
@@ -132,7 +134,7 @@ class DvcStage:
 
     @property
     def stage(self) -> dag.Stage:
-        return STANZA_STAGES[self.name.split("@")[0]]
+        return dag.STAGES[self.name.split("@")[0]]
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +312,7 @@ def test_snakemake_plans_every_seed_and_amount_run(tmp_path):
     cfg = yaml.safe_load((path / "params.yaml").read_text())
     cfg["generate"]["generators"] = ["gaussian"]
     cfg["variants"].update(names=[], amounts=[10, 20], seeds=[0, 1, 2])
-    (path / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
+    save_params(path, cfg)
     plan = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--forceall", "results/cifar10_table.csv"],
                           cwd=path, env=env(), capture_output=True, text=True, check=True).stdout
     trained = set(re.findall(r"--run (\S+)", " ".join(line for line in plan.splitlines() if "train_robust" in line)))
