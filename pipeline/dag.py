@@ -258,7 +258,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     ),
     Stage(
         "evaluate_chunk",
-        cmd=("python -m pipeline.evaluate chunk", "--params params.yaml", f"--model {EVAL_MODEL}",
+        cmd=("python -m pipeline.evaluate chunk", "--params params.yaml", "--run {run}", f"--model {EVAL_MODEL}",
              f"--test {DATA}/test.h5", "--threat {threat}", "--chunk {chunk}", "--workdir work/evaluate/{run}/{threat}",
              f"--out-dir {EVAL_PARTS}/chunks"),
         deps=(PARAMS_OK, EVAL_MODEL, f"{DATA}/test.h5"),
@@ -274,7 +274,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     ),
     Stage(
         "evaluate_sweep",
-        cmd=("python -m pipeline.evaluate sweep", "--params params.yaml", f"--model {EVAL_MODEL}",
+        cmd=("python -m pipeline.evaluate sweep", "--params params.yaml", "--run {run}", f"--model {EVAL_MODEL}",
              f"--test {DATA}/test.h5", "--threat {threat}", f"--out {EVAL_PARTS}/sweep.h5"),
         deps=(PARAMS_OK, EVAL_MODEL, f"{DATA}/test.h5"),
         outs=(f"{EVAL_PARTS}/sweep.h5",),
@@ -285,7 +285,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     ),
     Stage(
         "evaluate",
-        cmd=("python -m pipeline.evaluate merge", "--params params.yaml", f"--model {EVAL_MODEL}",
+        cmd=("python -m pipeline.evaluate merge", "--params params.yaml", "--run {run}", f"--model {EVAL_MODEL}",
              f"--test {DATA}/test.h5", "--threat {threat}", f"--chunk-dir {EVAL_PARTS}/chunks",
              f"--sweep {EVAL_PARTS}/sweep.h5", "--out results/evaluate/{run}/{threat}.json",
              "--out-examples results/evaluate/{run}/{threat}.h5"),
@@ -299,7 +299,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     ),
     Stage(
         "evaluate_latent",
-        cmd=("python -m pipeline.evaluate_latent", "--params params.yaml",
+        cmd=("python -m pipeline.evaluate_latent", "--params params.yaml", "--run {run}",
              "--model models/robust/{run}/${evaluate.checkpoint}.pt", "--cvae models/generators/{learned}/model.pt",
              f"--test {DATA}/test.h5", "--out results/evaluate/{run}/{learned}.json",
              "--out-examples results/evaluate/{run}/{learned}.h5"),
@@ -448,7 +448,7 @@ def _body(stage: Stage, item: Mapping[str, str], params: list[str], generated: d
             cmd.append(fill(part, item))
     deps = [generated[part.text] if isinstance(part, FromGenerated) else fill(part, item) for part in stage.deps]
     body: dict[str, YamlValue] = {"cmd": " ".join(cmd)}
-    for key, paths, cached in (("deps", deps, True), ("params", params, True),
+    for key, paths, cached in (("deps", deps, True), ("params", [fill(key, item) for key in params], True),
                                ("outs", [fill(p, item) for p in stage.outs], stage.cache),
                                ("metrics", [fill(p, item) for p in stage.metrics], False),
                                ("plots", [fill(p, item) for p in stage.plots], False)):

@@ -26,6 +26,7 @@ rule evaluate_chunk:
     shell:
         THREADS + "python -m pipeline.evaluate chunk"
         " --params {params.params_file}"
+        " --run {wildcards.run}"
         " --model {input.model}"
         " --test {input.test}"
         " --threat {wildcards.threat}"
@@ -58,6 +59,7 @@ rule evaluate_sweep:
     shell:
         THREADS + "python -m pipeline.evaluate sweep"
         " --params {params.params_file}"
+        " --run {wildcards.run}"
         " --model {input.model}"
         " --test {input.test}"
         " --threat {wildcards.threat}"
@@ -90,6 +92,7 @@ rule evaluate:
     shell:
         THREADS + "python -m pipeline.evaluate merge"
         " --params {params.params_file}"
+        " --run {wildcards.run}"
         " --model {input.model}"
         " --test {input.test}"
         " --threat {wildcards.threat}"
@@ -125,6 +128,7 @@ rule evaluate_latent:
     shell:
         THREADS + "python -m pipeline.evaluate_latent"
         " --params {params.params_file}"
+        " --run {wildcards.run}"
         " --model {input.model}"
         " --cvae {input.cvae}"
         " --test {input.test}"

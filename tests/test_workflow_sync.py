@@ -105,8 +105,6 @@ def workdir(tmp_path_factory) -> Path:
     cfg["evaluate"]["threats"] = ["linf", "l2"]
     cfg["evaluate"]["learned_threats"] = ["cvae"]
     cfg["variants"]["names"] = [*cfg["variants"]["names"], "latent_at"]   # runs trained in the cvae set
-    cfg["variants"]["seeds"] = [0, 1]     # a second training seed
-    cfg["variants"]["amounts"] = [100]    # a data amount
     save_params(path, cfg)
     subprocess.run(["git", "init", "-q"], cwd=path, check=True)
     return path
@@ -305,9 +303,12 @@ def test_every_snakemake_job_runs_torch_on_its_own_threads(workdir):
 
 
 @pytest.mark.slow
-def test_snakemake_plans_every_seed_and_amount_run(tmp_path):
+def test_both_tools_plan_every_seed_and_amount_run(tmp_path):
     """variants.seeds and variants.amounts are DAG axes: one training and one evaluation job per run of the
-    table, the generator's data sampled, labelled and selected once for all of its runs."""
+    table, the generator's data sampled, labelled and selected once for all of its runs; dvc.yaml, written
+    for the same params, plans the same runs (its stage names are the run names)."""
+    from dvc.repo import Repo
+
     path = make_workdir(tmp_path)
     cfg = yaml.safe_load((path / "params.yaml").read_text())
     cfg["generate"]["generators"] = ["gaussian"]
@@ -321,3 +322,8 @@ def test_snakemake_plans_every_seed_and_amount_run(tmp_path):
                        "gaussian-n20-s2"}
     assert plan.count("python -m pipeline.select") == 1
     assert len(re.findall(r"pipeline.evaluate merge", plan)) == len(trained)
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    with Repo(str(path)) as repo:
+        stages = {stage.name for stage in repo.index.stages}
+    assert {name.split("@")[1] for name in stages if name.startswith("train_robust@")} == trained
+    assert {name.split("@")[1] for name in stages if name.startswith("evaluate@")} == {f"{run}-linf" for run in trained}
