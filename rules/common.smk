@@ -31,8 +31,8 @@ EVAL_CHUNKS = [f"{i:05d}" for i in range(P.eval_chunk_count(config["evaluate"]))
 wildcard_constraints:
     generator="|".join(GENERATORS) or "none",
     run="|".join(re.escape(run) for run in RUNS),
-    threat="linf|l2",
-    learned="cvae",
+    threat="|".join(THREATS) or "none",  # the params lists: a typo'd path matches no rule
+    learned="|".join(LEARNED_THREATS) or "none",
     shard=r"\d{5}",
     chunk=r"\d{5}",
 
