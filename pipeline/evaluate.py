@@ -427,7 +427,7 @@ def model_name_for(cfg_all: dict[str, Any], run: str) -> str:
     no run params defines (evaluated by hand) is expected to be train_robust.model."""
     if run not in params_mod.runs(cfg_all):
         return str(cfg_all["train_robust"]["model"])
-    return str(params_mod.train_robust_setting(cfg_all, run, "model"))
+    return str(params_mod.train_robust_for(cfg_all, run)["model"])
 
 
 def load_model(args: argparse.Namespace, cfg_all: dict[str, Any], checkpoint: CheckpointKind,

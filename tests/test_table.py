@@ -195,6 +195,10 @@ def test_a_learned_threat_row_goes_through_the_cli(project, caplog):
     learned = {**linf, "threat": "cvae", "eps_label": "latent 6.18", "eps_255": None, "autoattack_acc": None,
                "corrupted_acc": 0.3, "latent_acc": 0.2, "pgd_acc": 0.2}
     (results / "evaluate" / "baseline" / "cvae.json").write_text(json.dumps(learned))
+    cfg = P.load(project["params"])
+    cfg["generate"]["generators"].append("cvae")
+    cfg["evaluate"]["learned_threats"] = ["cvae"]   # a cvae row of a params that has none is stale: left out
+    project["params"].write_text(yaml.safe_dump(P.validate(cfg)))
     caplog.set_level("INFO", logger="pipeline.table")
     T.main(table_args(project))
     rows = {(r["run"], r["threat"]): r for r in read_rows(results / "cifar10_table.csv")}
@@ -246,3 +250,14 @@ def test_fid_column_names_inception_when_the_analysis_used_it():
     assert T.fid_header(rows) == "FID (Inception)"
     assert "the standard FID" in T.fid_note(rows)[1] and "scores 2.2 " in T.fid_note(rows)[1]
     assert T.fid_header(rows[1:]) == "FID" and T.fid_note(rows[1:]) == []
+
+
+def test_a_stale_runs_evaluation_left_in_the_folder_never_joins(project):
+    """DVC hands the table whole folders: the files of a run params no longer defines are left out."""
+    results = project["root"] / "results"
+    for folder in ("evaluate", "train_robust"):
+        shutil.copytree(results / folder / "baseline", results / folder / "dropped")
+    stale = results / "evaluate" / "dropped" / "linf.json"
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "run": "dropped"}))
+    T.main(table_args(project))
+    assert sorted(r["run"] for r in read_rows(results / "cifar10_table.csv")) == ["baseline", "gaussian"]
