@@ -31,7 +31,7 @@ Key = tuple[str, ...]
 # The table reads (and hashes) params only after it has read one evaluation and the teacher's accuracy.
 STAND_IN_TEXT = {
     "results/teacher/metrics.json": '{"test_acc": 0.5}',
-    "results/evaluate/baseline/linf.json": "{}",
+    "results/evaluate/baseline/linf.json": '{"run": "baseline", "threat": "linf"}',
 }
 
 
