@@ -83,8 +83,8 @@ def report(path: Path) -> None:
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     by = {(r["setting"], r["seed"]): r for r in runs}
     first = runs[0]
-    print(f"# {first['steps']} steps of batch {first['batch']} on {first['n_train']} CIFAR-10 training images; clean and "
-          f"PGD-{first['pgd_steps']} (eps 8/255) accuracy of the last EMA model on the first "
+    print(f"# {first['steps']} steps of batch {first['batch']} on {first['n_train']} CIFAR-10 training images; "
+          f"clean and PGD-{first['pgd_steps']} (eps 8/255) accuracy of the last EMA model on the first "
           f"{first['n_test']} test images, in %\n")
     print("| setting | seeds | clean per seed | clean mean (sd) | PGD per seed | PGD mean (sd) "
           "| train CPU s per run (median) |")
@@ -105,10 +105,11 @@ def report(path: Path) -> None:
         base = by.get(("fp32", seed))
         if setting == "fp32" or base is None:
             continue
-        agree = (lambda key: float(np.mean(np.array(run[key]) == np.array(base[key]))))
+        agree = {key: float(np.mean(np.array(run[key]) == np.array(base[key])))
+                 for key in ("clean_correct", "robust_correct")}
         print(f"| {setting} | {seed} | {100 * (run['clean'] - base['clean']):+.1f} | "
-              f"{100 * (run['robust'] - base['robust']):+.1f} | {100 * agree('clean_correct'):.1f}% | "
-              f"{100 * agree('robust_correct'):.1f}% |")
+              f"{100 * (run['robust'] - base['robust']):+.1f} | {100 * agree['clean_correct']:.1f}% | "
+              f"{100 * agree['robust_correct']:.1f}% |")
 
 
 def main() -> None:

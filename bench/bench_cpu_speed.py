@@ -1,6 +1,7 @@
 """CPU speed of the TRADES training step and of the evaluation attacks: precision, layout, compile, threads.
 
-    python bench/bench_cpu_speed.py --quick                      # small_cnn, about 5 minutes
+    python bench/bench_cpu_speed.py --quick                      # small_cnn, no compile: 5-10 minutes
+    python bench/bench_cpu_speed.py --quick --variants fp32 compile channels_last compile+channels_last
     python bench/bench_cpu_speed.py --parts train --models wrn-16-4 --variants fp32 channels_last bf16 \\
         --repeats 2 --warmup 0
     python bench/bench_cpu_speed.py [--parts train eval] [--models small_cnn wrn-16-4] [--batch 128]
@@ -219,12 +220,13 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="small_cnn only, 64 evaluation images, APGD-CE 25 iterations, 3 rounds, no compile+channels_last")
+                        help="small_cnn only, 64 evaluation images, APGD-CE 25 iterations, 3 rounds, no compile")
     parser.add_argument("--parts", nargs="+", choices=["train", "eval"], default=["train", "eval"])
     parser.add_argument("--models", nargs="+", default=["small_cnn", "wrn-16-4"], help="training-step models")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--attack-steps", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="fp32 first: the baseline")
+    parser.add_argument("--variants", nargs="+", help=f"fp32 (the baseline) first; default {' '.join(VARIANTS)} "
+                        "(--quick: those without compile)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds: one timed call of every variant each")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each variant first")
     parser.add_argument("--eval-model", default="small_cnn")
@@ -236,7 +238,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.models, args.eval_n, args.apgd_iter, args.repeats = ["small_cnn"], 64, 25, 3
-        args.variants = [v for v in args.variants if v != "compile+channels_last"]
+        args.variants = args.variants or [v for v in VARIANTS if "compile" not in v]
+    args.variants = args.variants or VARIANTS
     variants = [Variant.parse(v) for v in args.variants]
     print(hardware())
     print(f"# batch {args.batch}, TRADES with a {args.attack_steps}-step attack; evaluation {args.eval_n} images, "
