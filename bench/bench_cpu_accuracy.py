@@ -89,7 +89,7 @@ def report(path: Path) -> None:
     print("| setting | seeds | clean per seed | clean mean (sd) | PGD per seed | PGD mean (sd) "
           "| train CPU s per run (median) |")
     print("|---|---|---|---|---|---|---|")
-    for setting in dict.fromkeys(r["setting"] for r in runs):
+    for setting in sorted({r["setting"] for r in runs}, key=list(SETTINGS).index):   # fp32 first
         rows = sorted((r for r in runs if r["setting"] == setting), key=lambda r: r["seed"])
         clean = [100 * r["clean"] for r in rows]
         robust = [100 * r["robust"] for r in rows]
