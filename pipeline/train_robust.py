@@ -483,7 +483,7 @@ def precision(cfg: TrainRobustConfig, device: torch.device
               ) -> tuple[torch.memory_format, contextlib.AbstractContextManager[Any]]:
     """(memory format, autocast) of the run's forwards. `auto` is bf16 autocast in channels-last layout on
     CUDA and fp32 contiguous on the CPU, where bf16 is only fast with native bf16 instructions
-    (avx512_bf16, AMX) and can be ten times slower without them (bench/bench_cpu_speed.py)."""
+    (avx512_bf16, AMX): on an AVX2-only CPU a bf16 TRADES step took 9-15x as long (bench/README.md)."""
     cuda = device.type == "cuda"
     channels_last = cfg.memory_format == "channels_last" or (cfg.memory_format == "auto" and cuda)
     bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and cuda)
