@@ -38,7 +38,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -69,11 +68,10 @@ def make_ours(cfg: TrainRobustConfig, device: torch.device, images: torch.Tensor
     batch (uint8 NCHW `images`, already on `device`), check_finite every checkpoint_every steps. No
     cutmix, no auxiliary batch norm (the params defaults)."""
     ctx = tr.Dist()
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format, autocast = tr.precision(cfg, device)
     state = tr.build_state(cfg, 0, 10, ctx, device, memory_format)
     initial = copy.deepcopy(state.model)
     attack_model, forward = tr.forwards(state.model, cfg, ctx, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     run = tr.Run(cfg, 0, "bench", ctx, device, Path("."), {}, None, None, None,  # type: ignore[arg-type]
                  cfg.attack(), attack_model, forward, autocast, memory_format, 10)
     state.model.train()

@@ -34,8 +34,9 @@ epoch end (so at most `checkpoint_every` steps apart), with no host synchronisat
 
 `compile: true` runs the attack's and the training forwards through torch.compile (inductor) of the same
 module, so the two share parameters and checkpoints hold the plain module's state_dict; validation (and
-evaluation, another stage) use the uncompiled EMA model. On CUDA the forwards run under bf16 autocast in
-channels-last layout, compiled or not.
+evaluation, another stage) use the uncompiled EMA model. `autocast` and `memory_format` set the forwards'
+precision and layout (validation's too), compiled or not: `auto` is bf16 autocast in channels-last layout
+on CUDA and fp32 contiguous on the CPU (precision()).
 
 Code layout: setup() (devices, data, model, resume) returns the fixed `Run` and the changing
 `TrainState`; train_robust() loops train_step() over the loader's batches, calls end_epoch() at each
@@ -55,7 +56,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -80,6 +81,8 @@ from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermF
 from pipeline.shards import ShardError, atomic_path, file_sha256, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.train_robust")
+Autocast = Literal["auto", "bf16", "fp32"]
+MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 CURVE_FIELDS = ["epoch", "step", "lr", "train_loss", "train_ce", "train_kl", "train_acc",
                 "val_clean_acc", "val_robust_acc"]
 
@@ -118,6 +121,8 @@ class TrainRobustConfig:
     bn_momentum: float          # running-statistics momentum of every batch norm (the references: 0.01)
     ema_buffers: BufferMode     # copy (the references: the trained model's statistics) or average
     compile: bool               # torch.compile (inductor) the model of the attack and the training forwards
+    autocast: Autocast          # auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32: the forwards' precision
+    memory_format: MemoryFormat  # auto (channels_last on CUDA, contiguous on CPU), channels_last or contiguous
 
     def epoch_end(self, epoch: int) -> int:
         """Global step at which epoch `epoch` (1-based) ends: epoch * epoch_size // batch_size, so an
@@ -486,16 +491,28 @@ def setup(cfg: TrainRobustConfig, seed: int, device_name: str, spec: RunSpec, in
     ctx, device = init_distributed(device_name)
     latent = load_threat(cfg, inputs.threat_file, device)
     dataset, val_set = load_data(cfg, seed, spec, inputs, ctx, device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format, autocast = precision(cfg, device)
     state = build_state(cfg, seed, num_classes, ctx, device, memory_format)
     identity = run_identity(cfg, seed, spec, inputs)
     resume(state, checkpoint.latest(workdir, map_location="cpu", identity=identity, move_aside=ctx.main),
            cfg, ctx, device, workdir)
     attack_model, forward = forwards(state.model, cfg, ctx, device)
     state.model.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     return Run(cfg, seed, spec.name, spec, ctx, device, workdir, identity, dataset, val_set, latent, cfg.attack(latent),
                attack_model, forward, autocast, memory_format, num_classes), state
+
+
+def precision(cfg: TrainRobustConfig, device: torch.device
+              ) -> tuple[torch.memory_format, contextlib.AbstractContextManager[Any]]:
+    """(memory format, autocast) of the run's forwards. `auto` is bf16 autocast in channels-last layout on
+    CUDA and fp32 contiguous on the CPU, where bf16 is only fast with native bf16 instructions
+    (avx512_bf16, AMX): on an AVX2-only CPU a bf16 TRADES step took 9-15x as long (bench/README.md)."""
+    cuda = device.type == "cuda"
+    channels_last = cfg.memory_format == "channels_last" or (cfg.memory_format == "auto" and cuda)
+    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and cuda)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    return memory_format, autocast
 
 
 def compiled(module: nn.Module, enabled: bool) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -356,3 +357,56 @@ def test_amount_draws_on_nested_subsets_of_the_selection(tiny_params, small_sets
     drawn = [tr.make_dataset(cfg, seed, small_sets["train"], [generated[0]], [generated[1]], index, tr.Dist(),
                              amount=30, shard_seed=3).generated for seed in (0, 1)]
     assert len(drawn[0]) == 30 and np.array_equal(drawn[0].selection, drawn[1].selection)   # the same images
+
+
+def first_conv_calls(model: torch.nn.Module, calls: list[tuple[torch.dtype, bool, bool]]):
+    """Record (output dtype, input channels-last, weight channels-last) of every call of the first conv."""
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    cl = torch.channels_last
+    return conv.register_forward_hook(lambda mod, args, out: calls.append(
+        (out.dtype, args[0].is_contiguous(memory_format=cl) and not args[0].is_contiguous(),
+         mod.weight.is_contiguous(memory_format=cl) and not mod.weight.is_contiguous())))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({}, (torch.float32, False, False)),                                   # auto on the CPU: fp32, contiguous
+    ({"autocast": "bf16", "memory_format": "channels_last"}, (torch.bfloat16, True, True)),
+    ({"autocast": "bf16"}, (torch.bfloat16, False, False)),
+    ({"memory_format": "channels_last"}, (torch.float32, True, True)),
+])
+def test_autocast_and_memory_format_reach_every_training_forward(tiny_params, small_sets, generated, tmp_path,
+                                                                  monkeypatch, overrides, expected):
+    """train_robust.autocast / memory_format set the dtype of the attack's and the training forwards and the
+    layout of the model and its inputs; the params default (auto) is fp32 contiguous on the CPU."""
+    calls: list[tuple[torch.dtype, bool, bool]] = []
+    real_build = tr.build_state
+
+    def build_state(*args, **kwargs):
+        state = real_build(*args, **kwargs)
+        first_conv_calls(state.model, calls)
+        return state
+
+    monkeypatch.setattr(tr, "build_state", build_state)
+    cfg = robust_cfg(tiny_params, checkpoint_every=1, **overrides)
+    with pytest.raises(tr.Preempted):
+        run(cfg, small_sets, generated, tmp_path, stop_after=1)
+    assert len(calls) == 1 + cfg.attack_steps + 2   # TRADES: the clean target, the attack, clean and adversarial views
+    assert set(calls) == {expected}
+
+
+def test_precision_defaults_are_bf16_channels_last_on_cuda_and_fp32_contiguous_on_cpu(tiny_params):
+    import yaml
+
+    for path in (REPO / "params.yaml", REPO / "configs" / "default.yaml"):
+        section = yaml.safe_load(path.read_text())["train_robust"]
+        assert (section["autocast"], section["memory_format"]) == ("auto", "auto"), path
+    cfg = robust_cfg(tiny_params)
+    memory_format, autocast = tr.precision(cfg, torch.device("cpu"))
+    assert memory_format == torch.contiguous_format and not isinstance(autocast, torch.autocast)
+    with pytest.warns(UserWarning, match="CUDA") if not torch.cuda.is_available() else contextlib.nullcontext():
+        memory_format, autocast = tr.precision(cfg, torch.device("cuda"))
+    assert memory_format == torch.channels_last and isinstance(autocast, torch.autocast)
+    assert (autocast.device, autocast.fast_dtype) == ("cuda", torch.bfloat16)
+    memory_format, autocast = tr.precision(robust_cfg(tiny_params, autocast="fp32", memory_format="contiguous"),
+                                           torch.device("cuda"))
+    assert memory_format == torch.contiguous_format and not isinstance(autocast, torch.autocast)
