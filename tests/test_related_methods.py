@@ -11,6 +11,7 @@ from torch import nn
 
 from pipeline import aux_bn, checkpoint, models
 from pipeline import cutmix as cm
+from pipeline import loader as loader_mod
 from pipeline import params as P
 from pipeline import train_robust as tr
 from pipeline.losses import mixed_cross_entropy, smoothed_cross_entropy
@@ -19,25 +20,41 @@ from tests.helpers import robust_cfg
 # --- auxiliary batch norm ---
 
 
-@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4, 5, 6, 7], [4, 0, 5, 1, 6, 2, 7, 3]],
-                         ids=["real-then-generated", "interleaved"])
-def test_mask_route_sends_each_row_through_its_own_batch_norm(order):
+def test_count_route_sends_each_row_through_its_own_batch_norm():
+    """Route 4 on 8 rows: the 4 leading (real) rows through main, the rest (generated) through aux."""
     torch.manual_seed(0)
     dual = aux_bn.DualBatchNorm2d(nn.BatchNorm2d(3))
     reference_main, reference_aux = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
     x = torch.randn(8, 3, 4, 4)
     x[4:] = x[4:] * 3 + 5                                   # the "generated" rows: another distribution
-    mask = torch.tensor([False] * 4 + [True] * 4)
-    x, mask = x[order], mask[order]
-    with aux_bn.routed(dual, mask):
+    with aux_bn.routed(dual, 4):
         out = dual(x)
-    torch.testing.assert_close(out[~mask], reference_main(x[~mask]))
-    torch.testing.assert_close(out[mask], reference_aux(x[mask]))
+    torch.testing.assert_close(out[:4], reference_main(x[:4]))
+    torch.testing.assert_close(out[4:], reference_aux(x[4:]))
     # each set of running statistics saw only its own rows
     torch.testing.assert_close(dual.main.running_mean, reference_main.running_mean)
     torch.testing.assert_close(dual.aux.running_mean, reference_aux.running_mean)
     assert not torch.allclose(dual.main.running_mean, dual.aux.running_mean)
     assert dual.route is None                                # the route ends with the block
+    with aux_bn.routed(dual, 9), pytest.raises(ValueError, match="leading rows"):
+        dual(x)
+
+
+def test_the_source_route_traces_without_a_graph_break():
+    """torch.compile (dynamo) traces a source-routed forward as one graph: the route is a host-side count,
+    not a mask whose .all()/.any()/.sum() are read back on every batch norm (a graph break and a device
+    synchronisation each)."""
+    model = aux_bn.convert(models.build("small_cnn")).train()
+    x = torch.rand(8, 3, 32, 32)
+    routes = aux_bn.routes_for("source", 5)
+    assert routes is not None and all(isinstance(route, int) for route in routes)
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with aux_bn.routed(model, routes[0]):
+            return model(images)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(forward)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
 
 
 def test_advprop_training_keeps_two_sets_of_statistics_and_infers_with_main(tiny_params, small_sets, tmp_path):
@@ -72,13 +89,22 @@ def test_source_mode_sends_generated_rows_through_aux(tiny_params, small_sets, g
 
 
 def test_routes_for_each_mode():
-    is_generated = torch.tensor([False, True])
-    assert aux_bn.routes_for("none", is_generated) is None
-    assert aux_bn.routes_for("adversarial", is_generated) == ("main", "aux")
-    clean, adversarial = aux_bn.routes_for("source", is_generated)
-    assert torch.equal(clean, is_generated) and torch.equal(adversarial, is_generated)
+    assert aux_bn.routes_for("none", 1) is None
+    assert aux_bn.routes_for("adversarial", 1) == ("main", "aux")
+    assert aux_bn.routes_for("source", 1) == (1, 1)
     with pytest.raises(ValueError, match="aux_bn"):
-        aux_bn.routes_for("both", is_generated)
+        aux_bn.routes_for("both", 1)
+
+
+def test_the_loader_puts_each_ranks_real_rows_first(small_sets, generated):
+    """The source route's count is the rank's leading real rows of every batch (loader.MixedBatches)."""
+    real = loader_mod.pool([small_sets["train"]])
+    gen = loader_mod.pool([generated[0]], [generated[1]])
+    for rank in range(3):
+        batches = loader_mod.MixedBatches(real, gen, loader_mod.BatchSpec(16, 7, 0, rank, 3))
+        for step in range(2):
+            _, _, is_generated = batches[step]
+            assert not is_generated[:batches.real_rows].any() and is_generated[batches.real_rows:].all()
 
 
 # --- CutMix ---

@@ -78,9 +78,12 @@ def test_nonfinite_loss_is_caught_at_the_next_check_and_never_saved(tiny_params,
     assert kept["step"] == 2 and all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
-def test_a_training_step_reads_nothing_back_to_the_host(tiny_params, small_sets, generated, tmp_path, monkeypatch):
-    """No .item(), float(), bool(), .tolist(), .cpu() or .numpy() of a tensor inside train_step (each is a
-    GPU synchronisation on CUDA); the run still reports its losses, read at the checks."""
+@pytest.mark.parametrize("aux_bn", ["none", "source"])
+def test_a_training_step_reads_nothing_back_to_the_host(tiny_params, small_sets, generated, tmp_path, monkeypatch,
+                                                        aux_bn):
+    """No .item(), float(), int(), bool(), .tolist(), .cpu() or .numpy() of a tensor inside train_step (each
+    is a GPU synchronisation on CUDA), also with real and generated rows through their own batch norms;
+    the run still reports its losses, read at the checks."""
     real_step = tr.train_step
     inside = {"now": False, "steps": 0}
 
@@ -93,7 +96,7 @@ def test_a_training_step_reads_nothing_back_to_the_host(tiny_params, small_sets,
             return real(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, method)
 
-    for name in ("item", "__float__", "__bool__", "tolist", "cpu", "numpy"):
+    for name in ("item", "__float__", "__int__", "__index__", "__bool__", "tolist", "cpu", "numpy"):
         guarded(name)
 
     def step(*args, **kwargs):
@@ -105,7 +108,7 @@ def test_a_training_step_reads_nothing_back_to_the_host(tiny_params, small_sets,
             inside["steps"] += 1
 
     monkeypatch.setattr(tr, "train_step", step)
-    result = run(robust_cfg(tiny_params, checkpoint_every=100), small_sets, generated, tmp_path)
+    result = run(robust_cfg(tiny_params, checkpoint_every=100, aux_bn=aux_bn), small_sets, generated, tmp_path)
     assert inside["steps"] == 4 and np.isfinite([row["train_loss"] for row in result.curve]).all()
 
 
