@@ -418,11 +418,6 @@ def build_state(cfg: TrainRobustConfig, seed: int, num_classes: int, ctx: Dist, 
     if cfg.aux_bn != "none":  # main + auxiliary batch norms; the EMA averages both
         model, shadow = aux_bn.convert(model), aux_bn.convert(shadow)
     ema = EMA(model, cfg.ema_decay, shadow=shadow, buffers=cfg.ema_buffers)
-    if ctx.world_size > 1 and cfg.sync_bn:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif ctx.main:  # torch's SyncBatchNorm has no CPU kernel
-            log.warning("train_robust.sync_bn: ignored on CPU (SyncBatchNorm needs CUDA); per-rank batch norm")
     # Module.to takes a device and a memory format in one call (torch/nn/modules/module.py, _parse_to); the
     # stubs' overloads list them apart
     model.to(device, memory_format=memory_format)  # type: ignore[call-overload]
@@ -460,7 +455,10 @@ def setup(cfg: TrainRobustConfig, seed: int, device_name: str, name: str, inputs
 
     A rerun with other settings or inputs starts afresh (rank 0 moves the old checkpoints aside), never
     resumes, let alone returns, the old run."""
+    refuse_unmeasured(cfg, distributed.world_size())
     ctx, device = init_distributed(device_name)
+    if device.type == "cuda":  # fastest convolution kernels for the fixed shapes, as the diffusion loop does
+        torch.backends.cudnn.benchmark = True
     latent = load_threat(cfg, inputs.threat_file, device)
     dataset, val_set = load_data(cfg, seed, name, inputs, ctx, device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -473,6 +471,23 @@ def setup(cfg: TrainRobustConfig, seed: int, device_name: str, name: str, inputs
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     return Run(cfg, seed, name, ctx, device, workdir, identity, dataset, val_set, latent, cfg.attack(latent),
                attack_model, forward, autocast, memory_format, num_classes), state
+
+
+def refuse_unmeasured(cfg: TrainRobustConfig, world_size: int) -> None:
+    """Under torchrun, refuse the two settings no run has measured, before any rank starts working.
+
+    `sync_bn` would make the inner attack and the clean pass use the global batch's statistics, while
+    both references normalise per device (docs/fidelity.md, data parallelism); `compile` of the
+    DDP-wrapped module (DDPOptimizer graph splits) has not run on any backend yet."""
+    if world_size <= 1:
+        return
+    if cfg.sync_bn:
+        raise ValueError(f"train_robust.sync_bn: true under torchrun ({world_size} ranks): SyncBatchNorm would "
+                         "give the attack global-batch statistics, unlike both references (per-device batch "
+                         "norm); set sync_bn: false")
+    if cfg.compile:
+        raise ValueError(f"train_robust.compile: true under torchrun ({world_size} ranks) has not been measured "
+                         "(compiled DDP never ran); set compile: false for multi-GPU runs")
 
 
 def compiled(module: nn.Module, enabled: bool) -> nn.Module:

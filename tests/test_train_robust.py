@@ -206,6 +206,41 @@ def test_baseline_refuses_generated_and_generator_needs_it(tiny_params, small_se
                         tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("option", ["sync_bn", "compile"])
+def test_unmeasured_multi_gpu_options_are_refused_before_any_work(tiny_params, small_sets, generated, tmp_path,
+                                                                   monkeypatch, option):
+    """Under torchrun (WORLD_SIZE 2), sync_bn (global-batch statistics in the attack, unlike the references)
+    and compile (compiled DDP has never run) stop with one line naming the key, before joining the group."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=f"train_robust.{option}: true under torchrun"):
+        run(robust_cfg(tiny_params, **{option: True}), small_sets, generated, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cuda_runs_pick_the_fastest_convolution_kernels(tiny_params, small_sets, generated, tmp_path, monkeypatch):
+    """train_robust sets cudnn.benchmark on CUDA (fixed shapes), as the diffusion loop does: the CPU run
+    takes the device path through a stand-in for init_distributed that reports a CUDA device."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    seen = {}
+
+    def init(device_name):
+        seen["benchmark_before"] = torch.backends.cudnn.benchmark
+        return tr.Dist(), torch.device("cuda")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        seen["benchmark"] = torch.backends.cudnn.benchmark
+        raise Stop
+
+    monkeypatch.setattr(tr, "init_distributed", init)
+    monkeypatch.setattr(tr, "load_threat", stop)
+    with pytest.raises(Stop):
+        run(robust_cfg(tiny_params), small_sets, generated, tmp_path)
+    assert seen == {"benchmark_before": False, "benchmark": True}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -215,7 +250,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_ddp_two_gloo_processes(tiny_params, write_params, small_sets, generated, tmp_path):
     cfg = dict(tiny_params)
-    cfg["train_robust"] = {**cfg["train_robust"], **TINY_ROBUST, "sync_bn": True}   # ignored on CPU, with a warning
+    cfg["train_robust"] = {**cfg["train_robust"], **TINY_ROBUST}
     params = write_params(cfg)
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -226,7 +261,6 @@ def test_ddp_two_gloo_processes(tiny_params, write_params, small_sets, generated
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 4
-    assert "sync_bn: ignored on CPU" in done.stderr
     models.load_checkpoint(out / "model.pt", expected="small_cnn")
 
 
