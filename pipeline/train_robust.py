@@ -566,7 +566,8 @@ def train_step(run: Run, state: TrainState, images: torch.Tensor, y: torch.Tenso
         x, mix = cutmix_mod.cutmix(x, y, smoothing, cutmix_mod.selection(cfg.cutmix_apply_to, is_generated),
                                    cfg.cutmix_alpha, seeding.numpy_rng(run.seed, "train_robust", run.name, "cutmix",
                                                                        step, run.ctx.rank))
-    routes = aux_bn.routes_for(cfg.aux_bn, run.dataset.real_rows)   # real rows lead (loader.MixedBatches)
+    # source routing: the loader's leading real rows through main, the generated rest through aux
+    routes = None if cfg.aux_bn == "none" else aux_bn.routes_for(cfg.aux_bn, run.dataset.real_rows)
     with run.autocast:
         loss, parts = adversarial_loss(cfg.loss, run.attack_model, x, y, cfg.beta, run.attack,
                                        smoothing, attack_rng, run.forward, mix, routes)
