@@ -70,6 +70,7 @@ from pipeline import params as params_mod
 from pipeline.attacks import BnMode, robust_accuracy
 from pipeline.aux_bn import AuxBnMode
 from pipeline.cutmix import ApplyTo
+from pipeline.cutmix import Scheme as CutmixScheme
 from pipeline.distributed import Dist, agree, init_distributed, rank_share, sigterm_on_any_rank
 from pipeline.ema import EMA, BufferMode
 from pipeline.inference import predict_labels, to_float
@@ -113,6 +114,7 @@ class TrainRobustConfig:
     aux_bn: AuxBnMode           # none, adversarial (AdvProp) or source (real vs generated); pipeline/aux_bn.py
     cutmix_alpha: float         # CutMix Beta(alpha, alpha) box areas; 0 = off (pipeline/cutmix.py)
     cutmix_apply_to: ApplyTo    # real, generated or both rows of each batch
+    cutmix_scheme: CutmixScheme  # reference (JAX: one box per batch, attack from mixed labels) or per_row
     attack_bn: BnMode           # batch (the references) or running: batch-norm statistics of the inner attack
     attack_start: StartMode     # uniform (the references) or gaussian (x + 0.001 N(0, I)): the attack's start
     bn_momentum: float          # running-statistics momentum of every batch norm (the references: 0.01)
@@ -565,7 +567,8 @@ def train_step(run: Run, state: TrainState, images: torch.Tensor, y: torch.Tenso
     if cfg.cutmix_alpha > 0:
         x, mix = cutmix_mod.cutmix(x, y, smoothing, cutmix_mod.selection(cfg.cutmix_apply_to, is_generated),
                                    cfg.cutmix_alpha, seeding.numpy_rng(run.seed, "train_robust", run.name, "cutmix",
-                                                                       step, run.ctx.rank))
+                                                                       step, run.ctx.rank),
+                                   cfg.cutmix_scheme, run.num_classes)
     # source routing: the loader's leading real rows through main, the generated rest through aux
     routes = None if cfg.aux_bn == "none" else aux_bn.routes_for(cfg.aux_bn, run.dataset.real_rows)
     with run.autocast:

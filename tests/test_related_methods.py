@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import aux_bn, checkpoint, models
+from pipeline import aux_bn, checkpoint, losses, models
 from pipeline import cutmix as cm
 from pipeline import loader as loader_mod
 from pipeline import params as P
@@ -116,7 +116,7 @@ def test_cutmix_label_weight_equals_the_pasted_area():
     y = torch.arange(n) % 10
     selected = torch.ones(n, dtype=torch.bool)
     selected[:4] = False                                       # rows 0..3 are not mixed
-    mixed, mix = cm.cutmix(x, y, torch.zeros(n), selected, 1.0, np.random.default_rng(0))
+    mixed, mix = cm.cutmix(x, y, torch.zeros(n), selected, 1.0, np.random.default_rng(0), "per_row", 10)
     for i in range(n):
         pasted = (mixed[i, 0] != i).float().mean().item()     # share of pixels now from the partner
         partner = int(mixed[i, 0][mixed[i, 0] != i][0]) if pasted else i
@@ -127,8 +127,42 @@ def test_cutmix_label_weight_equals_the_pasted_area():
             assert mix.y_partner[i] == y[partner]
             assert 4 <= partner < n                            # partners come from selected rows only
     assert (mix.lam[4:] < 1).any()
-    again, mix_again = cm.cutmix(x, y, torch.zeros(n), selected, 1.0, np.random.default_rng(0))
+    again, mix_again = cm.cutmix(x, y, torch.zeros(n), selected, 1.0, np.random.default_rng(0), "per_row", 10)
     assert torch.equal(again, mixed) and torch.equal(mix_again.lam, mix.lam)   # seeded: resume-safe
+    assert len(set(mix.lam[4:].tolist())) > 1 and mix.attack_target is None   # a box per row, clean target
+
+
+def test_the_reference_scheme_draws_one_box_per_batch_and_attacks_from_the_mixed_labels():
+    """As the JAX reference (utils.py:130-167, experiment.py:271-275): every selected row gets the same box
+    (so the same lam), and the TRADES attack's target is lam * y + (1 - lam) * y_partner (smoothed)."""
+    n = 16
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 32, 32).clone()
+    y, smoothing = torch.arange(n) % 10, torch.full((n,), 0.1)
+    selected = torch.ones(n, dtype=torch.bool)
+    selected[:4] = False
+    mixed, mix = cm.cutmix(x, y, smoothing, selected, 1.0, np.random.default_rng(1), "reference", 10)
+    pasted = [mask for mask in (mixed[i, 0] != i for i in range(4, n)) if mask.any()]   # rows with another partner
+    assert len(pasted) > 1 and all(torch.equal(mask, pasted[0]) for mask in pasted)   # one box for the batch
+    assert len(set(mix.lam[4:].tolist())) == 1 and (mix.lam[:4] == 1).all()
+    lam = mix.lam.unsqueeze(1)
+    expected = lam * cm.soft_labels(y, smoothing, 10) + (1 - lam) * cm.soft_labels(mix.y_partner, smoothing, 10)
+    torch.testing.assert_close(mix.attack_target, expected)
+    torch.testing.assert_close(mix.attack_target.sum(1), torch.ones(n))
+    # the attack moves away from that target, not from the clean prediction
+    torch.manual_seed(0)
+    model = models.build("small_cnn").train()
+    attack = tr.AttackSpec("linf", 8 / 255, 2 / 255, 2)
+    images = torch.rand(n, 3, 32, 32)
+    runs = [losses.trades_attack(model, images, attack, torch.Generator().manual_seed(0), target=target)
+            for target in (None, mix.attack_target, None)]
+    assert torch.equal(runs[0], runs[2]) and not torch.equal(runs[0], runs[1])
+
+
+def test_a_label_attack_with_the_reference_cutmix_is_refused(tiny_params):
+    robust = {**tiny_params["train_robust"], "loss": "pgd", "cutmix_alpha": 1.0, "cutmix_scheme": "reference"}
+    with pytest.raises(P.ParamsError, match="train_robust.cutmix_scheme: reference"):
+        P.validate({**tiny_params, "train_robust": robust})
+    P.validate({**tiny_params, "train_robust": {**robust, "cutmix_scheme": "per_row"}})
 
 
 def test_mixed_cross_entropy_weights_both_labels():
