@@ -12,9 +12,10 @@ is a function of (checkpoint, base.seed, generator, index) alone, so Snakemake's
 form and DVC's `--shard all` form write byte-identical files, in any order, on any machine of the same
 kind. Of the same kind only: CUDA kernels round differently from the CPU's and from one GPU type to
 another, so a shard records the `device` it was sampled on (provenance, not identity: `--shard all`
-keeps a verified shard made elsewhere). (For ddpm and edm, network calls are tiles of `generate.batch_size` images aligned to index
-multiples: float rounding depends on the batch shape, so batch_size is part of such a shard's identity and
-is stored with it; gaussian and import bytes do not depend on it.) Shards are written atomically, with a
+keeps a verified shard made elsewhere). (For ddpm and edm, network calls are tiles of
+`generate.batch_size` images aligned to index multiples: float rounding depends on the batch shape, so
+batch_size is part of such a shard's identity and is stored with it; gaussian and import bytes do not
+depend on it.) Shards are written atomically, with a
 checksum and provenance attributes; `--shard all` keeps existing shards that verify and match.
 """
 

@@ -69,7 +69,8 @@ def float_tensor(values: np.ndarray | torch.Tensor, device: torch.device | str) 
     return torch.as_tensor(np.asarray(values), dtype=torch.float32, device=device)
 
 
-def sq_dist_blocks(queries: np.ndarray, pool: np.ndarray, block_size: int, device: torch.device | str = "cpu",
+def sq_dist_blocks(queries: np.ndarray | torch.Tensor, pool: np.ndarray | torch.Tensor, block_size: int,
+                   device: torch.device | str = "cpu",
                    desc: str | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """(first query row, squared L2 distances of `block_size` queries to the whole pool) on `device`.
 

@@ -58,8 +58,8 @@ def evaluated(tmp_path_factory, cifar_sets):
                 "--threat", "linf", "--workdir", str(root / "work" / run), "--out", str(out / "linf.json"),
                 "--out-examples", str(out / "linf.h5")])
         metrics = {"run": run, "generator": None if run == "baseline" else run,
-                   "n_generated": 0 if run == "baseline" else 10, "cutmix_alpha": 0.0, "model": "small_cnn", "loss": "trades",
-                   "threat": "linf", "eps_255": 8.0, "epochs": 2, "model_sha256": file_sha256(model)}
+                   "n_generated": 0 if run == "baseline" else 10, "cutmix_alpha": 0.0, "model": "small_cnn",
+                   "loss": "trades", "threat": "linf", "eps_255": 8.0, "epochs": 2, "model_sha256": file_sha256(model)}
         path = root / "results" / "train_robust" / run / "metrics.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(metrics))
