@@ -46,9 +46,9 @@ def make_step(model: torch.nn.Module, mode: str, alpha: float, latent: bool):
     def step(x: torch.Tensor, y: torch.Tensor, smoothing: torch.Tensor, is_generated: torch.Tensor) -> None:
         mix = None
         if alpha > 0:
-            x, mix = cm.cutmix(x, y, smoothing, cm.selection("both", is_generated), alpha, rng)
+            x, mix = cm.cutmix(x, y, smoothing, cm.selection("both", is_generated), alpha, rng, "reference", 10)
         loss, _ = adversarial_loss("trades", model, x, y, BETA, attack, smoothing, gen, forward, mix,
-                                   aux_bn.routes_for(mode, is_generated))
+                                   aux_bn.routes_for(mode, int((~is_generated).sum())))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

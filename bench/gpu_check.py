@@ -1,30 +1,38 @@
-"""One command that proves the GPU path, and what it costs: throughput and peak GPU memory side by side.
+"""One command that proves the GPU path and what it costs, built so that no failure loses a result.
 
-    python bench/gpu_check.py                         # on one GPU: all four parts (about 8 minutes budgeted)
-    python bench/gpu_check.py --device cpu --skip-dag # the tiny CPU setting the tests run, labelled "cpu"
+    python bench/gpu_check.py                    # one GPU, about 8 minutes: every part but the DAG
+    python bench/gpu_check.py --device cpu       # the toy CPU setting the tests run, labelled "cpu"
+    python bench/gpu_check.py --parts stages,sampling --dag   # a choice of parts; --dag adds the whole test DAG
 
-1. DAG: the test-scale workflow (configs/default.yaml + tests/params.yaml) with `base.device` set to the
-   device, end to end through Snakemake in a temporary copy; the table must have one row per (run,
+Each part runs in its own guarded call, and `<out>/gpu_check-<label>.json` (and `.md`) is rewritten
+atomically before each part starts (the part marked `running`) and the moment it ends (`ok`, with its
+rows, or `error`, with the exception and the tail of its traceback). A part that raises, runs out of
+memory or is killed with the whole process leaves every earlier part's result on disk. The risky part,
+torch.compile, runs last. Parts, in order:
+
+1. `stages`: the stages themselves, end to end through their CLIs in a temporary folder, on the device:
+   `pipeline.data` (the shipped demo archive), `pipeline.threat_model`, `pipeline.train_robust` (the
+   baseline run: loader, TRADES with bf16 autocast, validation of the EMA model, checkpoints) and
+   `pipeline.evaluate` (AutoAttack standard on the model it trained, with the PGD sweep). Seconds per
+   stage, training images/s end to end, the run's validation robust accuracy, the evaluation's clean,
+   PGD and AutoAttack accuracies and flags, and whether the newest checkpoint reads back at the last step.
+2. `train`: WRN-28-10 TRADES (10 attack steps) images/s at batch 512: ours (pipeline.train_robust's
+   step: bf16 autocast, channels-last, eager) against the PyTorch port's `trades_loss` loop as that
+   repository runs it (fp32): bench/bench_train.py's `make_ours` and `make_port`. Also the host
+   synchronisations of one training step (torch.cuda.set_sync_debug_mode; 0 expected).
+3. `sampling`: the generate stage's own samplers as they run in that stage (fp32, each image's noise
+   drawn on the CPU from its own seed, tiles of `generate.batch_size`): pipeline.generators.ddpm's
+   DDPMSampler (ancestral, the paper UNet) and pipeline.generators.edm's EDMSampler (Heun, the paper
+   EDM UNet), randomly initialised (the cost of sampling does not depend on the weights).
+4. `dag` (only with --dag): the test-scale workflow through Snakemake with `base.device` set to the
+   device (about 100 processes: not a first smoke test); the table must have one row per (run,
    threat) with 0 <= AutoAttack accuracy <= clean accuracy <= 1.
-2. Robust training: WRN-28-10 TRADES (10 attack steps) images/s at batch 512: ours
-   (pipeline.train_robust.train_step: bf16 autocast, channels-last, `compile` off and on) against the
-   PyTorch port's `trades_loss` loop as that repository runs it (fp32, `model.train()` with running
-   statistics frozen for the attack): bench/bench_train.py's `make_ours` and `make_port`, one copy. Also
-   the host synchronisations in one training step (torch.cuda.set_sync_debug_mode; 0 expected).
-3. Sampling and evaluation: DDPM ancestral sampling (pipeline.generators.ddpm.DDPMSampler, the paper
-   UNet), EDM Heun sampling (pipeline.generators.edm.heun_sample, the paper DDPM++-like UNet, when that
-   module exists), and AutoAttack (standard, as pipeline.evaluate runs it) images/s on WRN-28-10.
-4. The peak GPU memory of each (torch.cuda.max_memory_allocated; for the DAG, the most device memory in
-   use while its jobs ran).
+5. `compile`: ours with `train_robust.compile: true` (inductor): first step (compilation) and images/s.
 
-Randomly initialised networks: throughput does not depend on the weights, except AutoAttack's, which
-attacks only the images still classified correctly. Labels are the model's own clean predictions, so
-every image starts correct; how many survive is reported beside the rate (a robust model keeps more
-images through all four attacks and runs slower per image).
-
-On a CPU (`--device cpu`, or no GPU visible) every part runs at toy scale (small_cnn, batch 8, two
-sampling steps): it shows the script works, not how fast anything is. Writes
-`<out>/gpu_check-<label>.json` and `.md`.
+Peak GPU memory (torch.cuda.max_memory_allocated) beside each figure. On a CPU (`--device cpu`, or no GPU
+visible) every part runs at toy scale (small_cnn, batch 8, two sampling steps): it shows the script
+works, not how fast anything is. Preparing a machine that has torch but not the other dependencies:
+bench/prepare_device.sh and bench/README.md.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -39,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,14 +64,16 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import bench_train  # noqa: E402
 
-from pipeline import models  # noqa: E402
 from pipeline import params as P  # noqa: E402
+from pipeline.models import resolve_device  # noqa: E402
+
+DEMO_ARCHIVE = ROOT / "data" / "demo" / "cifar-10-demo-python.tar.gz"
 
 
 @dataclass(frozen=True)
 class Scale:
     label: str               # "cuda" or "cpu": printed with every figure
-    model: str               # robust model of parts 2 and 3
+    model: str               # robust model of the train and compile parts
     batch: int               # training batch
     attack_steps: int
     steps: int               # timed training steps per block
@@ -70,12 +82,27 @@ class Scale:
     sampling_steps: int      # DDPM ancestral steps (the stage's default at test scale is far fewer than 1000)
     edm_steps: int           # EDM Heun steps (2 * steps - 1 network calls)
     sample_images: int
-    sample_batch: int
-    aa_images: int
+    sample_batch: int        # generate.batch_size: the samplers' tile
+    stages: dict[str, Any]   # laid over configs/default.yaml for the stages part
 
 
-GPU = Scale("cuda", "wrn-28-10", 512, 10, 5, 2, "configs/paper.yaml", 20, 18, 512, 256, 256)
-CPU = Scale("cpu", "small_cnn", 8, 1, 1, 1, "tests/params.yaml", 2, 2, 4, 4, 8)
+# The stages part on a GPU: WRN-28-10 as the paper trains it (TRADES-10, batch 512 here), 20 steps over
+# two epochs (so validation, best.pt and an epoch boundary all happen), a checkpoint every 10 steps, then
+# AutoAttack on the 500 demo test images. About 2 minutes on one recent GPU (an estimate, not measured).
+GPU_STAGES = {
+    "data": {"val_size": 512},
+    "train_robust": {"model": "wrn-28-10", "batch_size": 512, "epochs": 2, "epoch_size": 5120, "attack_steps": 10,
+                     "lr": 0.2, "warmup_epochs": 1, "val_pgd_steps": 10, "val_batch_size": 512,
+                     "checkpoint_every": 10, "num_workers": 4},
+    "evaluate": {"n_eval": 500, "batch_size": 500, "chunk_size": 500, "pgd_steps": 20, "n_sweep": 100},
+}
+GPU = Scale("cuda", "wrn-28-10", 512, 10, 5, 2, "configs/paper.yaml", 20, 18, 512, 256, GPU_STAGES)
+# On a CPU: the test settings (tests/params.yaml), AutoAttack on 4 images (one chunk): an 8-step small_cnn
+# keeps a few images correct, and each survivor costs AutoAttack's later attacks tens of seconds on a CPU.
+CPU_STAGES = {key: value for key, value in yaml.safe_load((ROOT / "tests" / "params.yaml").read_text()).items()
+              if key in ("data", "train_robust", "evaluate")}
+CPU_STAGES["evaluate"] = {**CPU_STAGES["evaluate"], "n_eval": 4, "batch_size": 4, "chunk_size": 4, "n_sweep": 4}
+CPU = Scale("cpu", "small_cnn", 8, 1, 1, 1, "tests/params.yaml", 2, 2, 4, 4, CPU_STAGES)
 
 
 def synchronize(device: torch.device) -> None:
@@ -90,15 +117,14 @@ def peak_memory(device: torch.device, into: dict[str, Any]) -> Iterator[None]:
         synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    into["peak_gib"] = None
     yield
     if device.type == "cuda":
         synchronize(device)
         into["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    else:
-        into["peak_gib"] = None
 
 
-def rate(fn: Callable[[], None], images: int, device: torch.device) -> float:
+def rate(fn: Callable[[], Any], images: int, device: torch.device) -> float:
     """Images per second of one call of `fn` that handles `images` images."""
     synchronize(device)
     start = time.perf_counter()
@@ -107,63 +133,77 @@ def rate(fn: Callable[[], None], images: int, device: torch.device) -> float:
     return images / (time.perf_counter() - start)
 
 
-# --- 1. the DAG ---
+@contextmanager
+def cudnn_flags() -> Iterator[None]:
+    """Restore cudnn's flags after the block (the samplers set deterministic kernels for themselves)."""
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 
-def device_memory_poller(device: torch.device) -> tuple[Callable[[], float | None], threading.Event]:
-    """A thread sampling the device memory in use (every process) every 0.2 s; returns (peak GiB, stop)."""
-    stop, peak = threading.Event(), {"used": 0}
-    if device.type != "cuda":
-        return (lambda: None), stop
-    free, total = torch.cuda.mem_get_info(device)
-    base = total - free
-
-    def poll() -> None:
-        while not stop.wait(0.2):
-            free_now, _ = torch.cuda.mem_get_info(device)
-            peak["used"] = max(peak["used"], total - free_now - base)
-    threading.Thread(target=poll, daemon=True).start()
-    return (lambda: round(peak["used"] / 2**30, 2)), stop
+# --- 1. the stages, end to end ---
 
 
-def dag_part(device: torch.device, cores: int, keep: Path | None) -> dict[str, Any]:
-    """The test-scale DAG with base.device = the device, in a fresh copy of the workflow."""
-    from tests.helpers import BIN, env, make_workdir
-
-    root = Path(tempfile.mkdtemp(prefix="gpu_check_dag_")) if keep is None else keep
-    workdir = make_workdir(root / "workflow")
-    cfg = yaml.safe_load((workdir / "params.yaml").read_text())
+def stage_params(scale: Scale, device: torch.device, root: Path) -> Path:
+    """configs/default.yaml with the scale's stage settings and base.device, validated, as root/params.yaml."""
+    cfg = P.deep_merge(yaml.safe_load((ROOT / "configs" / "default.yaml").read_text()), scale.stages)
     cfg["base"]["device"] = device.type
-    (workdir / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
-    peak, stop = device_memory_poller(device)
-    start = time.perf_counter()
-    table = f"results/{cfg['base']['dataset']}_table.csv"
-    done = subprocess.run([str(BIN / "snakemake"), "--cores", str(cores), table], cwd=workdir, env=env(),
-                          capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    stop.set()
-    result: dict[str, Any] = {"seconds": round(seconds, 1), "returncode": done.returncode, "workdir": str(workdir),
-                              "peak_gib": peak()}
-    if done.returncode != 0:
-        result["error"] = (done.stdout + done.stderr)[-3000:]
-        return result
-    result.update(table_check(workdir / table, cfg))
-    return result
+    cfg["data"]["archive"] = str(DEMO_ARCHIVE)
+    cfg["generate"]["generators"], cfg["variants"]["names"] = [], []   # the real-data baseline run only
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(P.validate(cfg)))
+    return path
 
 
-def table_check(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    """The DAG's table has one row per (run, threat), each with 0 <= AutoAttack <= clean <= 1."""
-    from tests.helpers import read_table
+def stages_part(scale: Scale, device: torch.device, root: Path) -> list[dict[str, Any]]:
+    """data -> threat_model -> train_robust -> evaluate through their CLIs (in this process)."""
+    from pipeline import checkpoint
+    from pipeline import data as data_stage
+    from pipeline import evaluate as evaluate_stage
+    from pipeline import threat_model as threat_stage
+    from pipeline import train_robust as train_stage
 
-    rows = read_table(path)
-    sane = all(0 <= float(r["autoattack_acc"]) <= float(r["clean_acc"]) <= 1 for r in rows)
-    found = {(r["run"], r["threat"]) for r in rows}
-    expected = {(run, threat) for run in P.runs(cfg) for threat in cfg["evaluate"]["threats"]}
-    return {"rows": len(rows), "expected_rows": len(expected),
-            "table_ok": sane and found == expected and len(rows) == len(expected)}
+    params = stage_params(scale, device, root)
+    cfg = P.load(params)
+    data, work = root / "data", root / "work"
+    run = "baseline"
+    model, best = root / "models" / run / "last.pt", root / "models" / run / "best.pt"
+    metrics, evaluation = root / "results" / "train_robust.json", root / "results" / "evaluate.json"
+    calls: list[tuple[str, Callable[[list[str]], None], list[str]]] = [
+        ("data", data_stage.main, ["--params", str(params), "--out-dir", str(data), "--raw-dir", str(root / "raw")]),
+        ("threat_model", threat_stage.main, ["--params", str(params), "--run", run, "--generators-dir",
+                                             str(root / "generators"), "--out-dir", str(root / "threat")]),
+        ("train_robust", train_stage.main, [
+            "--params", str(params), "--run", run, "--train", str(data / "train.h5"), "--val", str(data / "val.h5"),
+            "--threat-model", str(root / "threat" / f"{run}.json"), "--workdir", str(work / "train_robust"),
+            "--out-model", str(model), "--out-best", str(best), "--out-metrics", str(metrics),
+            "--out-curve", str(root / "results" / "curve.csv")]),
+        ("evaluate", evaluate_stage.main, [
+            "--params", str(params), "--model", str(best if cfg["evaluate"]["checkpoint"] == "best" else model),
+            "--test", str(data / "test.h5"), "--threat", "linf", "--run", run, "--workdir", str(work / "evaluate"),
+            "--out", str(evaluation), "--out-examples", str(root / "results" / "evaluate.h5")])]
+    record: dict[str, Any] = {"part": "stages", "variant": f"{run}: {cfg['train_robust']['model']}, TRADES-"
+                              f"{cfg['train_robust']['attack_steps']}, batch {cfg['train_robust']['batch_size']}"}
+    with peak_memory(device, record):
+        for name, main, argv in calls:
+            start = time.perf_counter()
+            main(argv)
+            synchronize(device)
+            record[f"{name}_s"] = round(time.perf_counter() - start, 1)
+    trained, evaluated = json.loads(metrics.read_text()), json.loads(evaluation.read_text())
+    saved = checkpoint.latest(work / "train_robust")
+    record.update({
+        "images_per_s": round(trained["steps"] * cfg["train_robust"]["batch_size"] / record["train_robust_s"], 2),
+        "steps": trained["steps"], "val_robust_acc_best": trained["val_robust_acc_best"],
+        "checkpoint_ok": saved is not None and saved["step"] == trained["steps"],
+        **{key: evaluated.get(key) for key in ("n_eval", "clean_acc", "pgd_acc", "autoattack_acc", "flags")}})
+    return [record]
 
 
-# --- 2. robust training ---
+# --- 2 and 5. robust training throughput ---
 
 
 def host_syncs_per_step(step: Callable[[], None], device: torch.device, steps: int = 2) -> float | None:
@@ -202,14 +242,16 @@ def train_variant(name: str, scale: Scale, device: torch.device, compiled: bool,
 
 def train_part(scale: Scale, device: torch.device) -> list[dict[str, Any]]:
     rows = [train_variant("port (fp32)", scale, device, compiled=False, port=True),
-            train_variant("ours, eager", scale, device, compiled=False, port=False),
-            train_variant("ours, compile", scale, device, compiled=True, port=False)]
-    for row in rows:
-        row["vs_port"] = round(row["images_per_s"] / rows[0]["images_per_s"], 2)
+            train_variant("ours, eager", scale, device, compiled=False, port=False)]
+    rows[1]["vs_port"] = round(rows[1]["images_per_s"] / rows[0]["images_per_s"], 2)
     return rows
 
 
-# --- 3. sampling and AutoAttack ---
+def compile_part(scale: Scale, device: torch.device) -> list[dict[str, Any]]:
+    return [train_variant("ours, compile", scale, device, compiled=True, port=False)]
+
+
+# --- 3. the generate stage's samplers ---
 
 
 def generator_sections(scale: Scale) -> dict[str, Any]:
@@ -219,118 +261,195 @@ def generator_sections(scale: Scale) -> dict[str, Any]:
     return dict(P.deep_merge(default, overlay)["train_generator"])
 
 
-def ddpm_part(scale: Scale, device: torch.device) -> dict[str, Any]:
-    from pipeline.generators import base, ddpm, diffusion_training
-
-    cfg = P.section(ddpm.Config, {**generator_sections(scale)["ddpm"], "pretrained": ""})
-    unet = ddpm.build_unet(cfg)
-    model = {"kind": ddpm.NAME, "unet_config": diffusion_training.unet_config(unet), "state_dict": unet.state_dict(),
-             "num_train_timesteps": cfg.num_train_timesteps, "beta_start": ddpm.BETA_START, "beta_end": ddpm.BETA_END}
-    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark   # the sampler sets both
-    record: dict[str, Any] = {"part": "sampling", "variant": f"DDPM ancestral, {scale.sampling_steps} steps"}
-    try:
-        with peak_memory(device, record):
-            sampler = ddpm.DDPMSampler(model, base.SampleSettings(0, scale.sample_batch, "ddpm", scale.sampling_steps),
-                                       device)
-            sampler.sample(0, scale.sample_batch)   # warm-up
-            record["images_per_s"] = round(rate(lambda: sampler.sample(0, scale.sample_images),
-                                                scale.sample_images, device), 2)
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
-    return record
-
-
-def edm_part(scale: Scale, device: torch.device) -> dict[str, Any]:
-    """EDM Heun sampling through `heun_sample`, the sampler of the edm generator."""
-    from pipeline.generators import edm
-
-    section = generator_sections(scale)["edm"]
-    denoiser = edm.Denoiser(edm.build_unet(P.section(edm.Config, section), 10)).to(device).eval()
-    labels = torch.arange(scale.sample_images, device=device) % 10
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                        enabled=False)
-
-    def sample(n: int) -> None:
-        latents = torch.randn(n, 3, 32, 32, device=device)
-        with torch.inference_mode(), autocast:
-            for lo in range(0, n, scale.sample_batch):
-                part = slice(lo, min(n, lo + scale.sample_batch))
-                edm.heun_sample(lambda x, sigma, c=labels[part]: denoiser(x, sigma.expand(len(x)), c),
-                                latents[part], scale.edm_steps)
-
-    record: dict[str, Any] = {"part": "sampling", "variant": f"EDM Heun, {scale.edm_steps} steps"}
-    with peak_memory(device, record):
-        sample(scale.sample_batch)   # warm-up
-        record["images_per_s"] = round(rate(lambda: sample(scale.sample_images), scale.sample_images, device), 2)
-    return record
-
-
-def autoattack_part(scale: Scale, device: torch.device) -> dict[str, Any]:
-    """AutoAttack standard, Linf 8/255, as pipeline.evaluate calls it, on the scale's model."""
-    from pyautoattack import AutoAttack
+def sampler_models(scale: Scale) -> dict[str, dict[str, Any]]:
+    """Randomly initialised DDPM and EDM in the checkpoint form train_generator writes (what generate loads)."""
+    from pipeline.generators import ddpm, diffusion_training, edm
 
     torch.manual_seed(0)
-    model = models.build(scale.model).to(device).eval()
-    x = torch.rand(scale.aa_images, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
-    with torch.no_grad():
-        y = model(x).argmax(1)      # every image starts classified "correctly"
-    record: dict[str, Any] = {"part": "autoattack", "variant": "standard, Linf 8/255"}
-    with peak_memory(device, record), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        adversary = AutoAttack(model, norm="Linf", eps=8 / 255, version="standard", seed=0, device=device)
-        found: dict[str, torch.Tensor] = {}
-        record["images_per_s"] = round(rate(lambda: found.update(x=adversary.run_standard_evaluation(
-            x, y, batch_size=scale.aa_images)[0]), scale.aa_images, device), 2)
-    with torch.no_grad():
-        record["survived"] = float((model(found["x"]).argmax(1) == y).float().mean())
-    return record
+    sections = generator_sections(scale)
+    cfg = P.section(ddpm.Config, {**sections["ddpm"], "pretrained": ""})
+    unet = ddpm.build_unet(cfg)
+    ddpm_model = {"kind": ddpm.NAME, "unet_config": diffusion_training.unet_config(unet),
+                  "state_dict": unet.state_dict(), "num_train_timesteps": cfg.num_train_timesteps,
+                  "beta_start": ddpm.BETA_START, "beta_end": ddpm.BETA_END}
+    edm_unet = edm.build_unet(P.section(edm.Config, sections["edm"]), 10)
+    edm_model = {"kind": edm.NAME, "unet_config": diffusion_training.unet_config(edm_unet),
+                 "state_dict": edm_unet.state_dict(), "num_classes": 10, "sigma_data": edm.SIGMA_DATA}
+    return {"ddpm": ddpm_model, "edm": edm_model}
 
 
-# --- report ---
+def sampling_part(scale: Scale, device: torch.device) -> list[dict[str, Any]]:
+    """images/s of DDPMSampler and EDMSampler, as `python -m pipeline.generate` runs them."""
+    from pipeline.generators import base, ddpm, edm
+
+    settings = base.SampleSettings(seed=0, batch_size=scale.sample_batch, sampler="ddpm",
+                                   sampling_steps=scale.sampling_steps, edm_steps=scale.edm_steps)
+    made = sampler_models(scale)
+    samplers = {f"DDPM ancestral, {scale.sampling_steps} steps": (ddpm.DDPMSampler, made["ddpm"]),
+                f"EDM Heun, {scale.edm_steps} steps": (edm.EDMSampler, made["edm"])}
+    rows = []
+    for variant, (kind, model) in samplers.items():
+        record: dict[str, Any] = {"part": "sampling", "variant": variant}
+        with cudnn_flags(), peak_memory(device, record):
+            sampler = kind(model, settings, device)
+            sampler.sample(0, scale.sample_batch)   # warm-up
+            record["images_per_s"] = round(rate(lambda s=sampler: s.sample(0, scale.sample_images),
+                                                scale.sample_images, device), 2)
+        rows.append(record)
+    return rows
+
+
+# --- 4. the whole test DAG (opt-in) ---
+
+
+def device_memory_poller(device: torch.device) -> tuple[Callable[[], float | None], threading.Event]:
+    """A thread sampling the device memory in use (every process) every 0.2 s; returns (peak GiB, stop)."""
+    stop, peak = threading.Event(), {"used": 0}
+    if device.type != "cuda":
+        return (lambda: None), stop
+    free, total = torch.cuda.mem_get_info(device)
+    base = total - free
+
+    def poll() -> None:
+        while not stop.wait(0.2):
+            free_now, _ = torch.cuda.mem_get_info(device)
+            peak["used"] = max(peak["used"], total - free_now - base)
+    threading.Thread(target=poll, daemon=True).start()
+    return (lambda: round(peak["used"] / 2**30, 2)), stop
+
+
+def dag_part(device: torch.device, cores: int, keep: Path | None) -> list[dict[str, Any]]:
+    """The test-scale DAG with base.device = the device, in a fresh copy of the workflow."""
+    from tests.helpers import BIN, env, make_workdir
+
+    root = Path(tempfile.mkdtemp(prefix="gpu_check_dag_")) if keep is None else keep
+    workdir = make_workdir(root / "workflow")
+    cfg = yaml.safe_load((workdir / "params.yaml").read_text())
+    cfg["base"]["device"] = device.type
+    (workdir / "params.yaml").write_text(yaml.safe_dump(P.validate(cfg)))
+    peak, stop = device_memory_poller(device)
+    start = time.perf_counter()
+    table = f"results/{cfg['base']['dataset']}_table.csv"
+    done = subprocess.run([str(BIN / "snakemake"), "--cores", str(cores), table], cwd=workdir, env=env(),
+                          capture_output=True, text=True)
+    stop.set()
+    record: dict[str, Any] = {"part": "dag", "variant": "test DAG through Snakemake",
+                              "seconds": round(time.perf_counter() - start, 1), "returncode": done.returncode,
+                              "workdir": str(workdir), "peak_gib": peak()}
+    if done.returncode != 0:
+        raise RuntimeError(f"snakemake exited {done.returncode}: {(done.stdout + done.stderr)[-3000:]}")
+    record.update(table_check(workdir / table, cfg))
+    if not record["table_ok"]:
+        raise RuntimeError(f"the DAG's table fails its checks: {record}")
+    return [record]
+
+
+def table_check(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The DAG's table has one row per (run, threat), each with 0 <= AutoAttack <= clean <= 1."""
+    from tests.helpers import read_table
+
+    rows = read_table(path)
+    sane = all(0 <= float(r["autoattack_acc"]) <= float(r["clean_acc"]) <= 1 for r in rows)
+    found = {(r["run"], r["threat"]) for r in rows}
+    expected = {(run, threat) for run in P.runs(cfg) for threat in cfg["evaluate"]["threats"]}
+    return {"rows": len(rows), "expected_rows": len(expected),
+            "table_ok": sane and found == expected and len(rows) == len(expected)}
+
+
+# --- the guarded runner and the report ---
+
+PART_ORDER = ("stages", "train", "sampling", "dag", "compile")   # compile last: the likeliest to fail or hang
+DEFAULT_PARTS = ("stages", "train", "sampling", "compile")
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """JSON and markdown of the report so far, each replaced atomically (a kill leaves the previous one)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, text in (("json", json.dumps(report, indent=2) + "\n"), ("md", markdown(report))):
+        final = out / f"gpu_check-{report['label']}.{suffix}"
+        tmp = final.with_name(f".{final.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, final)
+
+
+def run_part(name: str, fn: Callable[[], list[dict[str, Any]]], report: dict[str, Any], out: Path,
+             device: torch.device) -> bool:
+    """Run one part guarded: its entry is `running` on disk while it runs, then `ok` with its rows or
+    `error` with the exception; the report is written after either. Returns whether it succeeded."""
+    entry: dict[str, Any] = {"status": "running"}
+    report["parts"][name] = entry
+    write_report(report, out)
+    start = time.perf_counter()
+    try:
+        entry["rows"] = fn()
+        entry["status"] = "ok"
+    except (Exception, SystemExit) as error:  # a stage CLI leaves with SystemExit("error: ...")
+        entry.update(status="error", error=f"{type(error).__name__}: {error}"[:2000],
+                     traceback=traceback.format_exc()[-4000:])
+        print(f"gpu_check: part {name} failed: {entry['error']}", file=sys.stderr)
+    finally:
+        entry["seconds"] = round(time.perf_counter() - start, 1)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        write_report(report, out)
+    return entry["status"] == "ok"
+
+
+NOTES = ("first_step_s", "host_syncs_per_step", "data_s", "threat_model_s", "train_robust_s", "evaluate_s",
+         "steps", "val_robust_acc_best", "checkpoint_ok", "n_eval", "clean_acc", "pgd_acc", "autoattack_acc", "flags",
+         "seconds", "table_ok")
 
 
 def markdown(report: dict[str, Any]) -> str:
     head = (f"# gpu_check ({report['label']}): {report['device_name']}, torch {report['torch']}, "
             f"Python {report['python']}\n\n")
-    dag = report.get("dag")
-    if dag:
-        head += (f"DAG (test scale, base.device {report['label']}): {dag['seconds']} s, exit {dag['returncode']}, "
-                 f"table ok: {dag.get('table_ok')}, peak device memory {dag['peak_gib']} GiB\n\n")
     lines = ["| part | variant | images/s | vs port | peak GPU memory GiB | notes |", "|---|---|---:|---:|---:|---|"]
-    for row in report["parts"]:
-        notes = [f"{k} {row[k]}" for k in ("first_step_s", "host_syncs_per_step", "survived") if row.get(k) is not None]
-        peak = "n/a (cpu)" if row["peak_gib"] is None else row["peak_gib"]
-        lines.append(f"| {row['part']} | {row['variant']} | {row['images_per_s']} | {row.get('vs_port', '')} | "
-                     f"{peak} | {', '.join(notes)} |")
-    return head + "\n".join(lines) + "\n"
+    problems = []
+    for name, entry in report["parts"].items():
+        if entry["status"] != "ok":
+            problems.append(f"- {name}: {entry['status']}" + (f" ({entry['error']})" if "error" in entry else ""))
+            continue
+        for row in entry["rows"]:
+            notes = [f"{k} {row[k]}" for k in NOTES if row.get(k) not in (None, "")]
+            peak = "n/a (cpu)" if row.get("peak_gib") is None else row["peak_gib"]
+            lines.append(f"| {row['part']} | {row['variant']} | {row.get('images_per_s', '')} | "
+                         f"{row.get('vs_port', '')} | {peak} | {', '.join(notes)} |")
+    tail = "\n\nNot finished:\n" + "\n".join(problems) if problems else ""
+    return head + "\n".join(lines) + tail + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu_check")
-    parser.add_argument("--skip-dag", action="store_true", help="leave out part 1 (the tests do, on a CPU)")
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                        help=f"comma-separated, run in the order {', '.join(PART_ORDER)} (default: all but dag)")
+    parser.add_argument("--dag", action="store_true", help="add part dag (the whole test DAG; ~100 processes)")
     parser.add_argument("--dag-dir", type=Path, help="run the DAG here (kept) instead of a temporary folder")
     parser.add_argument("--cores", type=int, default=8, help="snakemake --cores of the DAG part")
+    parser.add_argument("--work", type=Path, help="folder of the stages part (default: a temporary one)")
     args = parser.parse_args(argv)
-    device = models.resolve_device(args.device)
+    chosen = {part.strip() for part in args.parts.split(",") if part.strip()} | ({"dag"} if args.dag else set())
+    unknown = chosen - set(PART_ORDER)
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; known: {', '.join(PART_ORDER)}")
+    device = resolve_device(args.device)
     scale = GPU if device.type == "cuda" else CPU
+    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    parts: dict[str, Callable[[], list[dict[str, Any]]]] = {
+        "stages": lambda: stages_part(scale, device, work / "stages"),
+        "train": lambda: train_part(scale, device),
+        "sampling": lambda: sampling_part(scale, device),
+        "dag": lambda: dag_part(device, args.cores, args.dag_dir),
+        "compile": lambda: compile_part(scale, device),
+    }
     report: dict[str, Any] = {
         "label": scale.label, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(), "torch": torch.__version__,
-        "python": platform.python_version(), "scale": dataclasses.asdict(scale), "parts": []}
-    if not args.skip_dag:
-        report["dag"] = dag_part(device, args.cores, args.dag_dir)
-    report["parts"] += train_part(scale, device)
-    report["parts"].append(autoattack_part(scale, device))
-    report["parts"].append(ddpm_part(scale, device))
-    report["parts"].append(edm_part(scale, device))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"gpu_check-{scale.label}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"gpu_check-{scale.label}.md").write_text(markdown(report))
+        "python": platform.python_version(), "scale": dataclasses.asdict(scale), "parts": {}}
+    ok = [run_part(name, parts[name], report, args.out, device) for name in PART_ORDER if name in chosen]
     print(markdown(report))
-    dag_ok = args.skip_dag or bool(report["dag"].get("table_ok"))
-    return 0 if dag_ok else 1
+    return 0 if all(ok) else 1
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ class AnalysisConfig:
     quality_n: int          # generated and training images of the quality metrics (paper protocol: 50,000)
     inception_weights: str  # local torch-fidelity Inception-v3 weights; "" = teacher features, labelled so
     quality_k: int          # k of precision/recall (Kynkaanniemi et al.: 3) and density/coverage
-    leakage_quantile: float  # near-duplicate threshold: this quantile of real test -> train distances
+    leakage_quantile: float  # near-duplicate threshold: this quantile of real-to-pool nearest distances
 
 
 # --- samples ----------------------------------------------------------------------------------------
@@ -494,7 +494,7 @@ def _pairs_panel(ax: Any, pool: str, pair: tuple[np.ndarray, np.ndarray], images
     ax.set_xticks([side * (k + 0.5) for k in range(len(order))], [f"{distance[i]:.2f}" for i in order], fontsize=7)
     ax.set_yticks([])
     leak = block["leakage"]["pixels"]
-    ax.set_title(f"closest generated (top) / {pool} (bottom), pixel L2; threshold {leak['threshold']:.2f}, "
+    ax.set_title(f"closest generated (top) / {pool} (bottom), pixel L2; threshold {leak[pool]['threshold']:.2f}, "
                  f"flagged {100 * leak[pool]['share']:.2f}%", fontsize=8)
 
 

@@ -31,19 +31,27 @@ PATTERN = re.compile(r"step-(\d{8})\.pt$")
 
 
 def rng_state() -> dict[str, Any]:
-    """Every global RNG a training loop may touch, so a resumed run draws the same numbers."""
+    """The global RNGs a training loop may touch, so a resumed run draws the same numbers.
+
+    On CUDA only the current device's generator: a process (one rank) draws on its own device, and a
+    list of every visible GPU's state could not be restored with fewer GPUs visible (IndexError). The
+    training stages draw their noise from explicit generators (pipeline/seeding.py) anyway.
+    """
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`; the CUDA state goes to the current device (an older checkpoint's list of
+    every GPU's state: its first entry, the one rank 0 drew from)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
 
 
 def save_atomic(obj: Any, path: Path) -> None:

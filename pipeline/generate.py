@@ -10,9 +10,12 @@
 Shard i holds global image indices [i * shard_size, min((i+1) * shard_size, n_images)). Every image
 is a function of (checkpoint, base.seed, generator, index) alone, so Snakemake's one-job-per-shard
 form and DVC's `--shard all` form write byte-identical files, in any order, on any machine of the same
-kind. (For ddpm and edm, network calls are tiles of `generate.batch_size` images aligned to index
-multiples: float rounding depends on the batch shape, so batch_size is part of such a shard's identity and
-is stored with it; gaussian and import bytes do not depend on it.) Shards are written atomically, with a
+kind. Of the same kind only: CUDA kernels round differently from the CPU's and from one GPU type to
+another, so a shard records the `device` it was sampled on (provenance, not identity: `--shard all`
+keeps a verified shard made elsewhere). (For ddpm and edm, network calls are tiles of
+`generate.batch_size` images aligned to index multiples: float rounding depends on the batch shape, so
+batch_size is part of such a shard's identity and is stored with it; gaussian and import bytes do not
+depend on it.) Shards are written atomically, with a
 checksum and provenance attributes; `--shard all` keeps existing shards that verify and match.
 """
 
@@ -28,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from pipeline import generators, shards
 from pipeline import params as params_mod
 from pipeline.generators import GeneratorName, Sampler, SampleSettings
 from pipeline.generators.ddpm import DdpmVariance, SamplerName
-from pipeline.models import resolve_device
+from pipeline.models import describe_device, resolve_device
 
 log = logging.getLogger("pipeline.generate")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -76,17 +80,21 @@ def generate_shard(sampler: Sampler, start: int, stop: int, batch_size: int, out
 
 
 def shard_attrs(name: str, checkpoint_sha: str, settings: SampleSettings, sampler: Sampler,
-                start: int, stop: int) -> dict[str, Any]:
-    """Provenance stored beside the checksum: everything the bytes depend on, and the software."""
+                start: int, stop: int, device: torch.device) -> dict[str, Any]:
+    """Provenance stored beside the checksum: everything the bytes depend on, the software and the device."""
     return {"generator": name, "checkpoint_sha256": checkpoint_sha, "seed": settings.seed,
-            "index_start": start, "index_stop": stop, **sampler.provenance(), "versions": versions()}
+            "index_start": start, "index_stop": stop, **sampler.provenance(), "versions": versions(),
+            "device": describe_device(device)}
+
+
+PROVENANCE_ONLY = ("versions", "device")   # recorded, but a shard made with others is still kept
 
 
 def _matches(path: Path, attrs: dict[str, Any]) -> bool:
     """An existing shard is kept only if it verifies and was made the same way."""
     try:
         found = shards.read_attrs(path)
-        same = all(found.get(k) == v for k, v in attrs.items() if k != "versions")
+        same = all(found.get(k) == v for k, v in attrs.items() if k not in PROVENANCE_ONLY)
         return same and shards.verify_imageset(path) is not None
     except shards.ShardError as error:
         log.warning("%s: regenerating (%s)", path, error)
@@ -114,7 +122,8 @@ def run(cfg_all: dict[str, Any], name: str, model: Path, shard: str, out: Path |
             raise params_mod.ParamsError("--shard INDEX needs --out (or use --shard all --out-dir DIR)")
         jobs = [(int(shard), out)]
     checkpoint_sha = shards.file_sha256(model)
-    sampler = generators.load(name, model, settings, resolve_device(cfg_all["base"]["device"]))
+    device = resolve_device(cfg_all["base"]["device"])
+    sampler = generators.load(name, model, settings, device)
     available = getattr(sampler, "n", None)  # an imported set has a fixed size
     if available is not None and available < cfg.n_images:
         raise params_mod.ParamsError(f"generate.n_images: {cfg.n_images} asked, but {model} imports only "
@@ -122,7 +131,7 @@ def run(cfg_all: dict[str, Any], name: str, model: Path, shard: str, out: Path |
     written = []
     for index, path in tqdm(jobs, desc=f"{name} shards", unit="shard", disable=len(jobs) == 1):
         start, stop = params_mod.shard_range(cfg_all, index)
-        attrs = shard_attrs(name, checkpoint_sha, settings, sampler, start, stop)
+        attrs = shard_attrs(name, checkpoint_sha, settings, sampler, start, stop, device)
         if shard == "all" and path.exists() and _matches(path, attrs):
             log.info("%s: up to date", path)
         else:

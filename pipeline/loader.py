@@ -309,6 +309,11 @@ class MixedBatches(Dataset):
         assert out is not None
         return out
 
+    @property
+    def real_rows(self) -> int:
+        """This rank's real images per batch: the leading rows of every item (the generated ones follow)."""
+        return len(np.array_split(np.arange(self.spec.n_real), self.spec.world_size)[self.spec.rank])
+
     def members(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """This rank's real members, generated members and their positions in global batch `step`."""
         spec = self.spec

@@ -144,14 +144,19 @@ def attack_start(x: torch.Tensor, attack: AttackSpec, generator: torch.Generator
 
 
 def trades_attack(model: nn.Module, x: torch.Tensor, attack: AttackSpec,
-                  generator: torch.Generator | None = None, route: Route = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, route: Route = None,
+                  target: torch.Tensor | None = None) -> torch.Tensor:
     """TRADES inner maximisation: maximise KL(f(x) || f(x')) from `attack_start`, with the batch-norm
     statistics `attack.bn` names (through the batch norms `route` names, when the model has auxiliary
-    ones). The clean target f(x) is computed in the same mode, as in the references."""
+    ones). The clean target f(x) is computed in the same mode, as in the references; `target`
+    (probabilities, e.g. CutMix's mixed labels) replaces it."""
     start = attack_start(x, attack, generator)
     with attack_mode(model, attack.bn), routed(model, route):
-        with torch.no_grad():
-            p_nat = F.softmax(model(x).float(), dim=1)
+        if target is not None:
+            p_nat = target.float()
+        else:
+            with torch.no_grad():
+                p_nat = F.softmax(model(x).float(), dim=1)
 
         def kl(logits: torch.Tensor) -> torch.Tensor:
             return F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
@@ -167,7 +172,8 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, beta: float,
                 routes: tuple[Route, Route] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Full TRADES step loss (attack on `model`, then train-mode forwards); returns (loss, parts).
     `routes` = (clean, adversarial) batch-norm routes (pipeline/aux_bn.py); the attack uses the second."""
-    x_adv = trades_attack(model, x, attack, generator, routes[1] if routes else None)
+    x_adv = trades_attack(model, x, attack, generator, routes[1] if routes else None,
+                          mix.attack_target if mix is not None else None)
     views = forward or _plain(model)
     logits_nat, logits_adv = views(x, x_adv, routes=routes) if routes else views(x, x_adv)
     total, ce, kl = trades_objective(logits_nat, logits_adv, y, beta, smoothing, mix)

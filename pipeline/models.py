@@ -184,6 +184,15 @@ def checkpoint_kind(path: Path | str, expected: CheckpointKind | None = None) ->
     return {"checkpoint": kind, "checkpoint_epoch": payload.get("epoch") if isinstance(payload, dict) else None}
 
 
+def describe_device(device: torch.device) -> str:
+    """`cpu`, or `cuda <GPU name> (sm_<capability>)`: floating-point results differ between these, so
+    outputs that promise reproducible bytes record it."""
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"cuda {torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; tests and CI run on the CPU."""
     if name == "auto":

@@ -20,9 +20,11 @@ Sources:
   e.g. cifar10_linf_wrn28-10_cutmix_ddpm_v2: the published setting nearest the paper preset (1M images).
 
 A published number is comparable to one of ours only when the architecture, the threat the model was
-trained against, the threat it is evaluated under and the number of generated images all match
-(`PaperResult.comparable`): the L2 78.31% is an L2-trained model, not a Linf-trained one evaluated under
-L2, and the 100M rows are not what a 1M run should reach.
+trained against, the threat it is evaluated under, the generator, CutMix and the number of images the
+generator sampled all match (`PaperResult.comparable`): the L2 78.31% is an L2-trained model, not a
+Linf-trained one evaluated under L2; the 100M rows are not what a 1M run should reach; Rebuffi et al.'s
+1M row is DDPM samples with CutMix, not a Gaussian or EDM run without it. The count compared is what
+the generator sampled (`generate.n_images`), before our class-balancing selection keeps slightly fewer.
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ class PaperResult:
     threat: str                   # linf or l2
     eps_255: float                # radius in 1/255 units
     model: str
-    generator: str                # the paper's generated data (DDPM samples)
-    n_generated: int | None       # generated images used; None where the source does not say
+    generator: str                # the paper's generator, as our registry names it (ddpm: DDPM samples)
+    n_generated: int | None       # images the generator sampled; None where the source does not say
     clean_acc: float | None       # None: not checked, not shown
     autoattack_acc: float
     source: str
     note: str = ""
     train_threat: str | None = None   # the threat the model was trained against (None: the same as `threat`)
+    cutmix: bool = False              # trained with CutMix (the released checkpoint's name says so)
 
     @property
     def trained_under(self) -> str:
@@ -57,27 +60,34 @@ class PaperResult:
     @property
     def label(self) -> str:
         data = f"{self.n_generated // 1_000_000}M " if self.n_generated else ""
-        return f"paper: {self.model}, {data}{self.generator}, trained {self.trained_under}"
+        return f"paper: {self.model}, {data}{self.data}, trained {self.trained_under}"
 
-    def comparable(self, model: str, train_threat: str, threat: str, n_generated: int) -> bool:
-        """Whether one of our rows (registry model name, e.g. wrn-28-10) measures the same setting."""
+    @property
+    def data(self) -> str:
+        return self.generator.upper() + (" + CutMix" if self.cutmix else "")
+
+    def comparable(self, model: str, train_threat: str, threat: str, generator: str, n_sampled: int,
+                   cutmix: bool) -> bool:
+        """Whether one of our rows (registry model and generator names, e.g. wrn-28-10, ddpm) measures the
+        same setting; `n_sampled`: the images our generator sampled, before any selection."""
         return (self.model.lower() == model.lower() and self.trained_under == train_threat
-                and self.threat == threat and self.n_generated == n_generated)
+                and self.threat == threat and self.generator == generator and self.n_generated == n_sampled
+                and self.cutmix == cutmix)
 
 
 REFERENCES: tuple[PaperResult, ...] = (
-    PaperResult("cifar10", "linf", 8, "WRN-70-16", "DDPM", 100_000_000, 0.8874, 0.6610, ABSTRACT,
+    PaperResult("cifar10", "linf", 8, "WRN-70-16", "ddpm", 100_000_000, 0.8874, 0.6610, ABSTRACT,
                 "AutoAttack 66.10 from the abstract; clean 88.74 from the released checkpoint "
-                "cifar10_linf_wrn70-16_cutmix_ddpm_100m (AutoAttack 66.11 there; trained with CutMix)"),
-    PaperResult("cifar10", "linf", 8, "WRN-28-10", "DDPM", 100_000_000, 0.8750, 0.6344, RELEASE,
+                "cifar10_linf_wrn70-16_cutmix_ddpm_100m (AutoAttack 66.11 there; trained with CutMix)", cutmix=True),
+    PaperResult("cifar10", "linf", 8, "WRN-28-10", "ddpm", 100_000_000, 0.8750, 0.6344, RELEASE,
                 "released checkpoint cifar10_linf_wrn28-10_ddpm_100m"),
-    PaperResult("cifar10", "linf", 8, "ResNet-18", "DDPM", 100_000_000, 0.8735, 0.5863, RELEASE,
+    PaperResult("cifar10", "linf", 8, "ResNet-18", "ddpm", 100_000_000, 0.8735, 0.5863, RELEASE,
                 "released checkpoint cifar10_linf_resnet18_ddpm_100m"),
-    PaperResult("cifar10", "linf", 8, "WRN-28-10", "DDPM + CutMix", 1_000_000, 0.8733, 0.6075, REBUFFI,
-                "released checkpoint cifar10_linf_wrn28-10_cutmix_ddpm_v2 (1M DDPM samples, CutMix)"),
-    PaperResult("cifar10", "l2", 128, "WRN-70-16", "DDPM", None, None, 0.7831, ABSTRACT,
+    PaperResult("cifar10", "linf", 8, "WRN-28-10", "ddpm", 1_000_000, 0.8733, 0.6075, REBUFFI,
+                "released checkpoint cifar10_linf_wrn28-10_cutmix_ddpm_v2 (1M DDPM samples, CutMix)", cutmix=True),
+    PaperResult("cifar10", "l2", 128, "WRN-70-16", "ddpm", None, None, 0.7831, ABSTRACT,
                 "an L2-trained model; clean accuracy not checked, so not shown", train_threat="l2"),
-    PaperResult("cifar100", "linf", 8, "WRN-70-16", "DDPM", None, None, 0.3349, ABSTRACT,
+    PaperResult("cifar100", "linf", 8, "WRN-70-16", "ddpm", None, None, 0.3349, ABSTRACT,
                 "clean accuracy not checked, so not shown"),
 )
 

@@ -118,6 +118,10 @@ def _check_cross_keys(cfg: dict[str, Any]) -> None:
         raise ParamsError("train_robust.epoch_size: smaller than one batch (train_robust.batch_size)")
     if robust["step_255"] > robust["eps_255"]:
         raise ParamsError("train_robust.step_255: larger than train_robust.eps_255")
+    if robust["loss"] == "pgd" and robust["cutmix_alpha"] > 0 and robust["cutmix_scheme"] == "reference":
+        raise ParamsError("train_robust.cutmix_scheme: reference attacks from the mixed labels, which a label "
+                          "attack (loss pgd) cannot (the JAX reference refuses it too); use loss trades or "
+                          "cutmix_scheme per_row")
     sweep = cfg["evaluate"]["sweep_factors"]
     if sorted(sweep) != list(sweep):
         raise ParamsError("evaluate.sweep_factors: must be increasing")

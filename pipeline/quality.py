@@ -14,11 +14,17 @@ al. 2020) are not in torch-fidelity: they are computed here with the same k as p
 blocked exact search below (the only copy of it; the complementarity analysis uses it too).
 
 Leakage: for each generated image, its nearest test (and train) image in pixel L2 ([0, 1] pixels) and in
-the feature space; it is flagged when closer than a threshold calibrated on the real split: the
-`leakage_quantile` quantile of the distances from each real test image to its nearest training image.
-CIFAR-10's own train/test near-duplicates (Barz & Denzler 2020 found them for 3.3% of the test images)
-make up that low tail, so a flagged image is as close to a test image as the closest real near-duplicate
-pairs are.
+the feature space; it is flagged when closer than a threshold calibrated on real images against the
+same pool: for the test pool, the `leakage_quantile` quantile of the distances from each real training
+image to its nearest test image; for the train pool, from each test image to its nearest training image.
+Nearest-neighbour distances shrink as a pool grows, so a threshold calibrated on a pool of another size
+would flag held-out real images far more or far less often than the quantile says; calibrated on the
+pool itself, a real image not in it is flagged with probability about `leakage_quantile`. CIFAR-10's own
+train/test near-duplicates (Barz & Denzler 2020 found them for 3.3% of the test images) make up that
+low tail, so a flagged image is as close to a pool image as the closest real near-duplicate pairs are.
+The nearest neighbours are found with the fast ||q||^2 + ||p||^2 - 2 q.p expansion, then (for leakage)
+their distances are recomputed as ||q - p||^2, so an exact copy is at distance 0 (the expansion's
+float32 cancellation leaves about 0.01 in pixel space).
 """
 
 from __future__ import annotations
@@ -56,14 +62,21 @@ class WeightsError(RuntimeError):
 # --- exact nearest neighbours in blocks ---------------------------------------------------------------
 
 
-def sq_dist_blocks(queries: np.ndarray, pool: np.ndarray, block_size: int, device: torch.device | str = "cpu",
+def float_tensor(values: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """float32 on `device` (no copy when it already is)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, dtype=torch.float32)
+    return torch.as_tensor(np.asarray(values), dtype=torch.float32, device=device)
+
+
+def sq_dist_blocks(queries: np.ndarray | torch.Tensor, pool: np.ndarray | torch.Tensor, block_size: int,
+                   device: torch.device | str = "cpu",
                    desc: str | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """(first query row, squared L2 distances of `block_size` queries to the whole pool) on `device`.
 
     Memory is block_size x len(pool) floats; ||q||^2 + ||p||^2 - 2 q.p, clamped at 0.
     """
-    q_all = torch.as_tensor(np.asarray(queries), dtype=torch.float32, device=device)
-    p = torch.as_tensor(np.asarray(pool), dtype=torch.float32, device=device)
+    q_all, p = float_tensor(queries, device), float_tensor(pool, device)
     p_sq = p.pow(2).sum(1)
     for start in tqdm(range(0, len(q_all), block_size), desc=desc, disable=desc is None, leave=False,
                       unit="block"):
@@ -72,8 +85,12 @@ def sq_dist_blocks(queries: np.ndarray, pool: np.ndarray, block_size: int, devic
 
 
 def knn_sq_dist(queries: np.ndarray, pool: np.ndarray, k: int, block_size: int, exclude_self: bool = False,
-                device: torch.device | str = "cpu", desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                device: torch.device | str = "cpu", desc: str | None = None,
+                exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The k smallest squared L2 distances from each query to the pool, ascending, and their pool indices.
+
+    With `exact`, the neighbours' distances are recomputed as ||q - p||^2 (a copy at exactly 0); without,
+    they are the expansion's, comparable with sq_dist_blocks' (density and coverage compare the two).
 
     With `exclude_self`, queries and pool are the same set and each row skips itself. Missing neighbours
     (pool smaller than k) are inf with index -1.
@@ -87,20 +104,24 @@ def knn_sq_dist(queries: np.ndarray, pool: np.ndarray, k: int, block_size: int, 
     if n == 0 or available <= 0:
         return values, index
     take = min(k, available)
-    for start, d in sq_dist_blocks(queries, pool, block_size, device, desc):
+    q_all, p = float_tensor(queries, device), float_tensor(pool, device)
+    for start, d in sq_dist_blocks(q_all, p, block_size, device, desc):
         if exclude_self:
             rows = torch.arange(len(d), device=d.device)
             d[rows, rows + start] = float("inf")
-        best = torch.topk(d, take, dim=1, largest=False)   # sorted ascending
-        values[start:start + len(d), :take] = best.values.cpu().numpy()
-        index[start:start + len(d), :take] = best.indices.cpu().numpy()
+        found, best = torch.topk(d, take, dim=1, largest=False)   # sorted ascending
+        if exact:  # the neighbours' distances again, as differences: copies at 0, no cancellation
+            found, order = (q_all[start:start + len(d)].unsqueeze(1) - p[best]).pow_(2).sum(2).sort(dim=1)
+            best = best.gather(1, order)
+        values[start:start + len(d), :take] = found.cpu().numpy()
+        index[start:start + len(d), :take] = best.cpu().numpy()
     return values, index
 
 
 def min_sq_dist(queries: np.ndarray, pool: np.ndarray, block_size: int, exclude_self: bool = False,
-                device: torch.device | str = "cpu", desc: str | None = None) -> np.ndarray:
+                device: torch.device | str = "cpu", desc: str | None = None, exact: bool = False) -> np.ndarray:
     """Smallest squared L2 distance from each query to the pool, exact (inf when the pool is empty)."""
-    return knn_sq_dist(queries, pool, 1, block_size, exclude_self, device, desc)[0][:, 0]
+    return knn_sq_dist(queries, pool, 1, block_size, exclude_self, device, desc, exact)[0][:, 0]
 
 
 def complementarity_coverage(train: np.ndarray, test: np.ndarray, generated: np.ndarray, block_size: int,
@@ -205,12 +226,19 @@ def inception_score(logits: np.ndarray) -> dict[str, float]:
     return {"is_mean": out[metric_isc.KEY_METRIC_ISC_MEAN], "is_std": out[metric_isc.KEY_METRIC_ISC_STD]}
 
 
-def kernel_distance(features_1: np.ndarray, features_2: np.ndarray) -> dict[str, float]:
-    """KID (Binkowski et al. 2018): cubic polynomial kernel MMD^2 over 100 subsets of min(1000, n)."""
+def kernel_distance(features_1: np.ndarray, features_2: np.ndarray) -> dict[str, float | None]:
+    """KID (Binkowski et al. 2018): cubic polynomial kernel MMD^2 over 100 subsets of min(1000, n).
+
+    `kid_std` is the spread over the subsets; it is None when a subset is a whole set (below 1,000
+    images), since every subset then holds the same images of that set and the spread (about 0 when both
+    sets are that small) says nothing about the estimate's uncertainty."""
+    size = min(KID_SUBSET_SIZE, len(features_1), len(features_2))
     out = metric_kid.kid_features_to_metric(
         torch.from_numpy(features_1), torch.from_numpy(features_2), kid_subsets=KID_SUBSETS,
-        kid_subset_size=min(KID_SUBSET_SIZE, len(features_1), len(features_2)), rng_seed=LIBRARY_SEED, verbose=False)
-    return {"kid_mean": out[metric_kid.KEY_METRIC_KID_MEAN], "kid_std": out[metric_kid.KEY_METRIC_KID_STD]}
+        kid_subset_size=size, rng_seed=LIBRARY_SEED, verbose=False)
+    whole = size in (len(features_1), len(features_2))
+    return {"kid_mean": out[metric_kid.KEY_METRIC_KID_MEAN],
+            "kid_std": None if whole else out[metric_kid.KEY_METRIC_KID_STD]}
 
 
 def precision_recall(generated: np.ndarray, real: np.ndarray, k: int, block_size: int,
@@ -266,17 +294,18 @@ def per_class_fid(generated: np.ndarray, generated_labels: np.ndarray, real: np.
 # --- leakage and memorisation -----------------------------------------------------------------------
 
 
-def calibrated_threshold(test: np.ndarray, train: np.ndarray, quantile: float, block_size: int,
+def calibrated_threshold(real: np.ndarray, pool: np.ndarray, quantile: float, block_size: int,
                          device: torch.device | str = "cpu") -> float:
-    """The `quantile` quantile of real test -> nearest train L2 distances: the near-duplicate scale."""
-    distances = np.sqrt(min_sq_dist(test, train, block_size, device=device))
+    """The `quantile` quantile of the L2 distances from real images not in `pool` to their nearest `pool`
+    image: the near-duplicate scale for generated images compared with that same pool."""
+    distances = np.sqrt(min_sq_dist(real, pool, block_size, device=device, exact=True))
     return float(np.quantile(distances, quantile))
 
 
 def nearest(queries: np.ndarray, pool: np.ndarray, block_size: int,
             device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(L2 distance, pool index) of each query's nearest pool row."""
-    values, index = knn_sq_dist(queries, pool, 1, block_size, device=device)
+    values, index = knn_sq_dist(queries, pool, 1, block_size, device=device, exact=True)
     return np.sqrt(values[:, 0]), index[:, 0]
 
 
@@ -303,9 +332,9 @@ def leakage(generated: dict[str, np.ndarray], test: dict[str, np.ndarray], train
     report: dict[str, Any] = {"quantile": quantile}
     pairs: Pairs = {}
     for space in generated:
-        threshold = calibrated_threshold(test[space], train[space], quantile, block_size, device)
-        entry: dict[str, Any] = {"threshold": threshold}
-        for name, pool in (("test", test[space]), ("train", train[space])):
+        entry: dict[str, Any] = {}
+        for name, pool, real in (("test", test[space], train[space]), ("train", train[space], test[space])):
+            threshold = calibrated_threshold(real, pool, quantile, block_size, device)   # on this very pool
             distance, row = nearest(generated[space], pool, block_size, device)
             entry[name] = flagged(distance, ids[name][row], threshold, ids["generated"])
             if space == "pixels":

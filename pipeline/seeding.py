@@ -1,7 +1,11 @@
 """Seeds derived from names and indices, so results never depend on order, batch size or device count.
 
 Like EDM's sampler: each generated image gets its own generator seeded from (base seed, generator
-name, global image index), so "regenerate shard 417" reproduces the same bytes anywhere.
+name, global image index), so "regenerate shard 417" reproduces the same bytes on the same kind of
+device with the same software. The seeds are the same everywhere, but the arithmetic is not: CUDA
+kernels round differently from the CPU and from one GPU type to another (and a CUDA generator draws
+other numbers than a CPU one), so generated shards record the device they were sampled on
+(pipeline/generate.py, attribute `device`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ Inputs may be files or directories (Snakemake passes file lists, DVC directories
 evaluations means every results/evaluate/{run}/{threat}.json in it, of train metrics every
 {run}/metrics.json, of analyses every {generator}.json, of generated sets every {generator}/shard-*.h5.
 
-Columns: accuracies are fractions of `n_eval` test images. `pgd_acc` is PGD with `pgd_steps` steps
+Columns: accuracies are fractions of `n_eval` test images. `n_generated` counts the generated images
+the run could draw (after the selection), `n_sampled` those its generator sampled (`generate.n_images`;
+0 for the baseline), `cutmix_alpha` the run's CutMix setting (0: off). `pgd_acc` is PGD with `pgd_steps` steps
 (40 steps in the default and paper presets, fewer in the test preset, so the step count is its own
 column rather than part of the name). `checkpoint` names the evaluated model of the run: `best` (the EMA
 model chosen by validation robust accuracy, evaluate.checkpoint's default) or `last`, with
@@ -47,8 +49,8 @@ from pipeline.shards import ShardError, atomic_path, expand, set_sha256
 
 log = logging.getLogger("pipeline.table")
 COLUMNS = [
-    "dataset", "run", "generator", "variant", "seed", "train_threat", "n_generated", "model", "threat", "eps",
-    "eps_255",
+    "dataset", "run", "generator", "variant", "seed", "train_threat", "n_generated", "n_sampled", "cutmix_alpha",
+    "model", "threat", "eps", "eps_255",
     "clean_acc", "autoattack_acc", "pgd_acc", "pgd_steps", "corrupted_acc", "teacher_acc",
     "complementarity_train", "complementarity_test", "complementarity_self", "coverage_train", "coverage_test",
     "fid", "fid_reference", "fid_feature_space",
@@ -252,6 +254,9 @@ def evaluation_row(path: Path, context: Context) -> dict[str, Any]:
         "seed": int(train.get("seed_index", 0)),   # variants.seeds entry the run trained with
         "train_threat": train.get("threat") or "",   # linf, l2 or cvae (trained in the learned set)
         "n_generated": 0 if is_baseline else int(need(train, "n_generated", train_path)),
+        # what the generator sampled (generate.n_images), before the selection: the count papers report
+        "n_sampled": 0 if is_baseline else int(context.cfg["generate"]["n_images"]),
+        "cutmix_alpha": float(need(train, "cutmix_alpha", train_path)),
         "model": need(train, "model", train_path),
         # learned threat models (pipeline/evaluate_latent.py) have a latent radius, no pixel eps and no
         # AutoAttack value; their pgd_acc is the latent attack's accuracy
@@ -386,13 +391,13 @@ def markdown(rows: list[dict[str, Any]], dataset: str) -> str:
     lines += ["", f"## For comparison: published results ({paper_reference.CITATION})", "",
               "NOT our measurements. Full CIFAR test set, AutoAttack; each value's source is named in "
               "pipeline/paper_reference.py. A blank clean accuracy was not checked against a source. A published "
-              "number compares with one of ours only when model, training threat, evaluated threat and "
-              "generated images all match.", ""]
+              "number compares with one of ours only when model, training threat, evaluated threat, "
+              "generator, CutMix and the number of images sampled all match.", ""]
     if refs:
         lines += ["| paper model | generated data | trained under | threat | eps | clean | AutoAttack | source |",
                   "|---|---|---|---|---|---:|---:|---|"]
         for ref in refs:
-            data = f"{ref.n_generated:,} {ref.generator}" if ref.n_generated else ref.generator
+            data = f"{ref.n_generated:,} {ref.data}" if ref.n_generated else ref.data
             lines.append(f"| {ref.model} | {data} | {ref.trained_under} | {ref.threat} | {ref.eps_255:g}/255 "
                          f"| {_pct(ref.clean_acc)} | {_pct(ref.autoattack_acc)} | {ref.source} |")
         lines += ["", *comparisons(rows, refs)]
@@ -404,15 +409,17 @@ def markdown(rows: list[dict[str, Any]], dataset: str) -> str:
 def comparable_refs(row: dict[str, Any], refs: list[paper_reference.PaperResult]) -> list[paper_reference.PaperResult]:
     """The published results measuring the same setting as one of our rows (PaperResult.comparable)."""
     return [ref for ref in refs if ref.comparable(str(row["model"]), str(row["train_threat"] or row["threat"]),
-                                                  str(row["threat"]), int(row["n_generated"]))]
+                                                  str(row["threat"]), str(row["generator"]), int(row["n_sampled"]),
+                                                  float(row["cutmix_alpha"]) > 0)]
 
 
 def comparisons(rows: list[dict[str, Any]], refs: list[paper_reference.PaperResult]) -> list[str]:
     """Markdown lines pairing each of our rows with the published results of the same setting, if any."""
     pairs = [(row, ref) for row in rows if row["autoattack_acc"] != "" for ref in comparable_refs(row, refs)]
     if not pairs:
-        return ["None of our rows has a published counterpart (same model, training threat, evaluated threat "
-                "and number of generated images): a difference to the rows above is not a gap to close."]
+        return ["None of our rows has a published counterpart (same model, training threat, evaluated threat, "
+                "generator, CutMix and number of images sampled): a difference to the rows above is not a gap "
+                "to close."]
     lines = ["Same setting, ours beside the published result:", ""]
     for row, ref in pairs:
         lines.append(f"- {row['run']} ({row['model']}, {row['n_generated']:,} generated, trained "

@@ -71,6 +71,7 @@ from pipeline import params as params_mod
 from pipeline.attacks import BnMode, robust_accuracy
 from pipeline.aux_bn import AuxBnMode
 from pipeline.cutmix import ApplyTo
+from pipeline.cutmix import Scheme as CutmixScheme
 from pipeline.distributed import Dist, agree, init_distributed, rank_share, sigterm_on_any_rank
 from pipeline.ema import EMA, BufferMode
 from pipeline.inference import predict_labels, to_float
@@ -116,6 +117,7 @@ class TrainRobustConfig:
     aux_bn: AuxBnMode           # none, adversarial (AdvProp) or source (real vs generated); pipeline/aux_bn.py
     cutmix_alpha: float         # CutMix Beta(alpha, alpha) box areas; 0 = off (pipeline/cutmix.py)
     cutmix_apply_to: ApplyTo    # real, generated or both rows of each batch
+    cutmix_scheme: CutmixScheme  # reference (JAX: one box per batch, attack from mixed labels) or per_row
     attack_bn: BnMode           # batch (the references) or running: batch-norm statistics of the inner attack
     attack_start: StartMode     # uniform (the references) or gaussian (x + 0.001 N(0, I)): the attack's start
     bn_momentum: float          # running-statistics momentum of every batch norm (the references: 0.01)
@@ -446,11 +448,6 @@ def build_state(cfg: TrainRobustConfig, seed: int, num_classes: int, ctx: Dist, 
     if cfg.aux_bn != "none":  # main + auxiliary batch norms; the EMA averages both
         model, shadow = aux_bn.convert(model), aux_bn.convert(shadow)
     ema = EMA(model, cfg.ema_decay, shadow=shadow, buffers=cfg.ema_buffers)
-    if ctx.world_size > 1 and cfg.sync_bn:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif ctx.main:  # torch's SyncBatchNorm has no CPU kernel
-            log.warning("train_robust.sync_bn: ignored on CPU (SyncBatchNorm needs CUDA); per-rank batch norm")
     # Module.to takes a device and a memory format in one call (torch/nn/modules/module.py, _parse_to); the
     # stubs' overloads list them apart
     model.to(device, memory_format=memory_format)  # type: ignore[call-overload]
@@ -488,7 +485,10 @@ def setup(cfg: TrainRobustConfig, seed: int, device_name: str, spec: RunSpec, in
 
     A rerun with other settings or inputs starts afresh (rank 0 moves the old checkpoints aside), never
     resumes, let alone returns, the old run."""
+    refuse_unmeasured(cfg, distributed.world_size())
     ctx, device = init_distributed(device_name)
+    if device.type == "cuda":  # fastest convolution kernels for the fixed shapes, as the diffusion loop does
+        torch.backends.cudnn.benchmark = True
     latent = load_threat(cfg, inputs.threat_file, device)
     dataset, val_set = load_data(cfg, seed, spec, inputs, ctx, device)
     memory_format, autocast = precision(cfg, device)
@@ -513,6 +513,23 @@ def precision(cfg: TrainRobustConfig, device: torch.device
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     return memory_format, autocast
+
+
+def refuse_unmeasured(cfg: TrainRobustConfig, world_size: int) -> None:
+    """Under torchrun, refuse the two settings no run has measured, before any rank starts working.
+
+    `sync_bn` would make the inner attack and the clean pass use the global batch's statistics, while
+    both references normalise per device (docs/fidelity.md, data parallelism); `compile` of the
+    DDP-wrapped module (DDPOptimizer graph splits) has not run on any backend yet."""
+    if world_size <= 1:
+        return
+    if cfg.sync_bn:
+        raise ValueError(f"train_robust.sync_bn: true under torchrun ({world_size} ranks): SyncBatchNorm would "
+                         "give the attack global-batch statistics, unlike both references (per-device batch "
+                         "norm); set sync_bn: false")
+    if cfg.compile:
+        raise ValueError(f"train_robust.compile: true under torchrun ({world_size} ranks) has not been measured "
+                         "(compiled DDP never ran); set compile: false for multi-GPU runs")
 
 
 def compiled(module: nn.Module, enabled: bool) -> nn.Module:
@@ -590,8 +607,10 @@ def train_step(run: Run, state: TrainState, images: torch.Tensor, y: torch.Tenso
     if cfg.cutmix_alpha > 0:
         x, mix = cutmix_mod.cutmix(x, y, smoothing, cutmix_mod.selection(cfg.cutmix_apply_to, is_generated),
                                    cfg.cutmix_alpha, seeding.numpy_rng(run.seed, "train_robust", run.name, "cutmix",
-                                                                       step, run.ctx.rank))
-    routes = aux_bn.routes_for(cfg.aux_bn, generated_rows)
+                                                                       step, run.ctx.rank),
+                                   cfg.cutmix_scheme, run.num_classes)
+    # source routing: the loader's leading real rows through main, the generated rest through aux
+    routes = None if cfg.aux_bn == "none" else aux_bn.routes_for(cfg.aux_bn, run.dataset.real_rows)
     with run.autocast:
         loss, parts = adversarial_loss(cfg.loss, run.attack_model, x, y, cfg.beta, run.attack,
                                        smoothing, attack_rng, run.forward, mix, routes)

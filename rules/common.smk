@@ -135,6 +135,14 @@ def data_archive():
 THREADS = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
 
 
+# Seconds torchrun waits, after forwarding SIGTERM to its ranks, before it SIGKILLs them (its default:
+# 30 s). On SIGTERM a rank finishes its step and writes a checkpoint (model, EMA, optimiser: about 3 GB
+# for WRN-70-16) and may be in a validation pass (docs/cluster.md, "Preemption"); 30 s does not cover
+# that. Through the environment, which every torch release accepts (older ones ignore it and keep 30 s;
+# `--shutdown-timeout` would be an unknown flag there). SLURM's KillWait / GraceTime must be as long.
+TORCHRUN_SHUTDOWN_TIMEOUT_S = 300
+
+
 def launcher(resources, threads, module="train_robust"):
     """`python -m pipeline.<module>` with the job's threads, or torchrun over the job's GPUs when it has
     more than one (the job's threads shared by its ranks): train_robust, train_generator (DDPM, EDM).
@@ -146,6 +154,7 @@ def launcher(resources, threads, module="train_robust"):
         per_rank = max(1, int(threads) // gpus)
         return (
             f"OMP_NUM_THREADS={per_rank} MKL_NUM_THREADS={per_rank} "
+            f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={TORCHRUN_SHUTDOWN_TIMEOUT_S} "
             f"torchrun --standalone --nproc_per_node {gpus} -m pipeline.{module} --"
         )
     return f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} python -m pipeline.{module}"

@@ -151,7 +151,7 @@ def test_latent_threat_evaluation_and_its_table_row(tiny_params, write_params, s
     train_metrics = tmp_path / "results" / "train_robust" / "baseline" / "metrics.json"
     train_metrics.parent.mkdir(parents=True)
     train_metrics.write_text(json.dumps({"run": "baseline", "generator": None, "model": "small_cnn", "epochs": 1,
-                                         "model_sha256": report["model_sha256"]}))
+                                         "cutmix_alpha": 0.0, "model_sha256": report["model_sha256"]}))
     teacher = tmp_path / "teacher.json"
     teacher.write_text(json.dumps({"test_acc": 0.5}))
     (row,) = T.build_rows(P.validate(tiny_params), [out / "cvae.json"], [train_metrics], teacher, [], {}, "abc")

@@ -337,6 +337,22 @@ def test_up_to_date_shards_are_kept(gaussian_model, tiny_params, tmp_path):
     assert shards.read_attrs(path)["seed"] == 1
 
 
+def test_shards_record_their_device_and_keep_a_verified_shard_made_on_another(gaussian_model, tiny_params,
+                                                                              tmp_path):
+    """The same seeds give other bytes on CUDA (and between GPU types): each shard names its device. That is
+    provenance, not identity: `--shard all` keeps a shard that verifies though another device made it."""
+    import h5py
+
+    cfg = with_generate(tiny_params, n_images=20, shard_size=20, batch_size=20)
+    (path,) = generate.run(cfg, "gaussian", gaussian_model, "all", None, tmp_path)
+    assert shards.read_attrs(path)["device"] == "cpu"
+    with h5py.File(path, "r+") as h5:
+        h5.attrs["device"] = "cuda NVIDIA H200 (sm_90)"
+    before = path.stat().st_mtime_ns
+    generate.run(cfg, "gaussian", gaussian_model, "all", None, tmp_path)
+    assert path.stat().st_mtime_ns == before and shards.read_attrs(path)["device"].startswith("cuda")
+
+
 @pytest.mark.parametrize("name", ["gaussian", "ddpm"])
 def test_sample_grid_png(name, request, tiny_params, tmp_path):
     model = request.getfixturevalue(f"{name}_model")

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import aux_bn, checkpoint, models
+from pipeline import aux_bn, checkpoint, losses, models
 from pipeline import cutmix as cm
+from pipeline import loader as loader_mod
 from pipeline import params as P
 from pipeline import train_robust as tr
 from pipeline.losses import mixed_cross_entropy, smoothed_cross_entropy
@@ -19,25 +20,41 @@ from tests.helpers import robust_cfg
 # --- auxiliary batch norm ---
 
 
-@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4, 5, 6, 7], [4, 0, 5, 1, 6, 2, 7, 3]],
-                         ids=["real-then-generated", "interleaved"])
-def test_mask_route_sends_each_row_through_its_own_batch_norm(order):
+def test_count_route_sends_each_row_through_its_own_batch_norm():
+    """Route 4 on 8 rows: the 4 leading (real) rows through main, the rest (generated) through aux."""
     torch.manual_seed(0)
     dual = aux_bn.DualBatchNorm2d(nn.BatchNorm2d(3))
     reference_main, reference_aux = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
     x = torch.randn(8, 3, 4, 4)
     x[4:] = x[4:] * 3 + 5                                   # the "generated" rows: another distribution
-    mask = torch.tensor([False] * 4 + [True] * 4)
-    x, mask = x[order], mask[order]
-    with aux_bn.routed(dual, mask):
+    with aux_bn.routed(dual, 4):
         out = dual(x)
-    torch.testing.assert_close(out[~mask], reference_main(x[~mask]))
-    torch.testing.assert_close(out[mask], reference_aux(x[mask]))
+    torch.testing.assert_close(out[:4], reference_main(x[:4]))
+    torch.testing.assert_close(out[4:], reference_aux(x[4:]))
     # each set of running statistics saw only its own rows
     torch.testing.assert_close(dual.main.running_mean, reference_main.running_mean)
     torch.testing.assert_close(dual.aux.running_mean, reference_aux.running_mean)
     assert not torch.allclose(dual.main.running_mean, dual.aux.running_mean)
     assert dual.route is None                                # the route ends with the block
+    with aux_bn.routed(dual, 9), pytest.raises(ValueError, match="leading rows"):
+        dual(x)
+
+
+def test_the_source_route_traces_without_a_graph_break():
+    """torch.compile (dynamo) traces a source-routed forward as one graph: the route is a host-side count,
+    not a mask whose .all()/.any()/.sum() are read back on every batch norm (a graph break and a device
+    synchronisation each)."""
+    model = aux_bn.convert(models.build("small_cnn")).train()
+    x = torch.rand(8, 3, 32, 32)
+    routes = aux_bn.routes_for("source", 5)
+    assert routes is not None and all(isinstance(route, int) for route in routes)
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with aux_bn.routed(model, routes[0]):
+            return model(images)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(forward)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
 
 
 def test_advprop_training_keeps_two_sets_of_statistics_and_infers_with_main(tiny_params, small_sets, tmp_path):
@@ -72,13 +89,22 @@ def test_source_mode_sends_generated_rows_through_aux(tiny_params, small_sets, g
 
 
 def test_routes_for_each_mode():
-    is_generated = torch.tensor([False, True])
-    assert aux_bn.routes_for("none", is_generated) is None
-    assert aux_bn.routes_for("adversarial", is_generated) == ("main", "aux")
-    clean, adversarial = aux_bn.routes_for("source", is_generated)
-    assert torch.equal(clean, is_generated) and torch.equal(adversarial, is_generated)
+    assert aux_bn.routes_for("none", 1) is None
+    assert aux_bn.routes_for("adversarial", 1) == ("main", "aux")
+    assert aux_bn.routes_for("source", 1) == (1, 1)
     with pytest.raises(ValueError, match="aux_bn"):
-        aux_bn.routes_for("both", is_generated)
+        aux_bn.routes_for("both", 1)
+
+
+def test_the_loader_puts_each_ranks_real_rows_first(small_sets, generated):
+    """The source route's count is the rank's leading real rows of every batch (loader.MixedBatches)."""
+    real = loader_mod.pool([small_sets["train"]])
+    gen = loader_mod.pool([generated[0]], [generated[1]])
+    for rank in range(3):
+        batches = loader_mod.MixedBatches(real, gen, loader_mod.BatchSpec(16, 7, 0, rank, 3))
+        for step in range(2):
+            _, _, is_generated = batches[step]
+            assert not is_generated[:batches.real_rows].any() and is_generated[batches.real_rows:].all()
 
 
 # --- CutMix ---
@@ -90,7 +116,7 @@ def test_cutmix_label_weight_equals_the_pasted_area():
     y = torch.arange(n) % 10
     selected = torch.ones(n, dtype=torch.bool)
     selected[:4] = False                                       # rows 0..3 are not mixed
-    mixed, mix = cm.cutmix(x, y, torch.zeros(n), selected, 1.0, np.random.default_rng(0))
+    mixed, mix = cm.cutmix(x, y, torch.zeros(n), selected, 1.0, np.random.default_rng(0), "per_row", 10)
     for i in range(n):
         pasted = (mixed[i, 0] != i).float().mean().item()     # share of pixels now from the partner
         partner = int(mixed[i, 0][mixed[i, 0] != i][0]) if pasted else i
@@ -101,8 +127,42 @@ def test_cutmix_label_weight_equals_the_pasted_area():
             assert mix.y_partner[i] == y[partner]
             assert 4 <= partner < n                            # partners come from selected rows only
     assert (mix.lam[4:] < 1).any()
-    again, mix_again = cm.cutmix(x, y, torch.zeros(n), selected, 1.0, np.random.default_rng(0))
+    again, mix_again = cm.cutmix(x, y, torch.zeros(n), selected, 1.0, np.random.default_rng(0), "per_row", 10)
     assert torch.equal(again, mixed) and torch.equal(mix_again.lam, mix.lam)   # seeded: resume-safe
+    assert len(set(mix.lam[4:].tolist())) > 1 and mix.attack_target is None   # a box per row, clean target
+
+
+def test_the_reference_scheme_draws_one_box_per_batch_and_attacks_from_the_mixed_labels():
+    """As the JAX reference (utils.py:130-167, experiment.py:271-275): every selected row gets the same box
+    (so the same lam), and the TRADES attack's target is lam * y + (1 - lam) * y_partner (smoothed)."""
+    n = 16
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 32, 32).clone()
+    y, smoothing = torch.arange(n) % 10, torch.full((n,), 0.1)
+    selected = torch.ones(n, dtype=torch.bool)
+    selected[:4] = False
+    mixed, mix = cm.cutmix(x, y, smoothing, selected, 1.0, np.random.default_rng(1), "reference", 10)
+    pasted = [mask for mask in (mixed[i, 0] != i for i in range(4, n)) if mask.any()]   # rows with another partner
+    assert len(pasted) > 1 and all(torch.equal(mask, pasted[0]) for mask in pasted)   # one box for the batch
+    assert len(set(mix.lam[4:].tolist())) == 1 and (mix.lam[:4] == 1).all()
+    lam = mix.lam.unsqueeze(1)
+    expected = lam * cm.soft_labels(y, smoothing, 10) + (1 - lam) * cm.soft_labels(mix.y_partner, smoothing, 10)
+    torch.testing.assert_close(mix.attack_target, expected)
+    torch.testing.assert_close(mix.attack_target.sum(1), torch.ones(n))
+    # the attack moves away from that target, not from the clean prediction
+    torch.manual_seed(0)
+    model = models.build("small_cnn").train()
+    attack = tr.AttackSpec("linf", 8 / 255, 2 / 255, 2)
+    images = torch.rand(n, 3, 32, 32)
+    runs = [losses.trades_attack(model, images, attack, torch.Generator().manual_seed(0), target=target)
+            for target in (None, mix.attack_target, None)]
+    assert torch.equal(runs[0], runs[2]) and not torch.equal(runs[0], runs[1])
+
+
+def test_a_label_attack_with_the_reference_cutmix_is_refused(tiny_params):
+    robust = {**tiny_params["train_robust"], "loss": "pgd", "cutmix_alpha": 1.0, "cutmix_scheme": "reference"}
+    with pytest.raises(P.ParamsError, match="train_robust.cutmix_scheme: reference"):
+        P.validate({**tiny_params, "train_robust": robust})
+    P.validate({**tiny_params, "train_robust": {**robust, "cutmix_scheme": "per_row"}})
 
 
 def test_mixed_cross_entropy_weights_both_labels():

@@ -58,8 +58,8 @@ def evaluated(tmp_path_factory, cifar_sets):
                 "--threat", "linf", "--workdir", str(root / "work" / run), "--out", str(out / "linf.json"),
                 "--out-examples", str(out / "linf.h5")])
         metrics = {"run": run, "generator": None if run == "baseline" else run,
-                   "n_generated": 0 if run == "baseline" else 10, "model": "small_cnn", "loss": "trades",
-                   "threat": "linf", "eps_255": 8.0, "epochs": 2, "model_sha256": file_sha256(model)}
+                   "n_generated": 0 if run == "baseline" else 10, "cutmix_alpha": 0.0, "model": "small_cnn",
+                   "loss": "trades", "threat": "linf", "eps_255": 8.0, "epochs": 2, "model_sha256": file_sha256(model)}
         path = root / "results" / "train_robust" / run / "metrics.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(metrics))
@@ -232,14 +232,19 @@ def test_published_rows_say_how_they_were_trained_and_pair_only_like_with_like()
     l2 = [ref for ref in paper_reference.matching("cifar10", "l2")]
     assert l2 and all(ref.trained_under == "l2" and "trained l2" in ref.label for ref in l2)
     one_million = [ref for ref in paper_reference.matching("cifar10", "linf") if ref.n_generated == 1_000_000]
-    assert [ref.model for ref in one_million] == ["WRN-28-10"]
-    row = {"run": "ddpm", "model": "wrn-28-10", "train_threat": "linf", "threat": "linf", "n_generated": 1_000_000,
-           "clean_acc": 0.85, "autoattack_acc": 0.6, "n_eval": 10_000}
+    assert [ref.model for ref in one_million] == ["WRN-28-10"] and "DDPM + CutMix" in one_million[0].label
+    # a class-balanced DDPM + CutMix run: the selection kept fewer than the 1M images the DDPM sampled
+    row = {"run": "ddpm-cutmix", "generator": "ddpm", "model": "wrn-28-10", "train_threat": "linf", "threat": "linf",
+           "n_generated": 987_650, "n_sampled": 1_000_000, "cutmix_alpha": 1.0, "clean_acc": 0.85,
+           "autoattack_acc": 0.6, "n_eval": 10_000}
     refs = paper_reference.matching("cifar10")
     assert T.comparable_refs(row, refs) == one_million          # the 1M row, never the 100M ones
+    # Rebuffi et al.'s 1M row is DDPM samples with CutMix: not a Gaussian, an EDM, or a run without CutMix
+    for other in ({"generator": "gaussian"}, {"generator": "edm"}, {"cutmix_alpha": 0.0}):
+        assert T.comparable_refs({**row, **other}, refs) == [], other
     # our Linf-trained model evaluated under L2 has no published counterpart (the 78.31% is L2-trained)
     assert T.comparable_refs({**row, "threat": "l2"}, refs) == []
-    lines = T.comparisons([{**row, "threat": "l2", "n_generated": 2000}], refs)
+    lines = T.comparisons([{**row, "threat": "l2", "n_sampled": 2000}], refs)
     assert "not a gap to close" in lines[0]
     assert "trained linf" in "\n".join(T.comparisons([row], refs))
 

@@ -79,9 +79,12 @@ def test_nonfinite_loss_is_caught_at_the_next_check_and_never_saved(tiny_params,
     assert kept["step"] == 2 and all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
-def test_a_training_step_reads_nothing_back_to_the_host(tiny_params, small_sets, generated, tmp_path, monkeypatch):
-    """No .item(), float(), bool(), .tolist(), .cpu() or .numpy() of a tensor inside train_step (each is a
-    GPU synchronisation on CUDA); the run still reports its losses, read at the checks."""
+@pytest.mark.parametrize("aux_bn", ["none", "source"])
+def test_a_training_step_reads_nothing_back_to_the_host(tiny_params, small_sets, generated, tmp_path, monkeypatch,
+                                                        aux_bn):
+    """No .item(), float(), int(), bool(), .tolist(), .cpu() or .numpy() of a tensor inside train_step (each
+    is a GPU synchronisation on CUDA), also with real and generated rows through their own batch norms;
+    the run still reports its losses, read at the checks."""
     real_step = tr.train_step
     inside = {"now": False, "steps": 0}
 
@@ -94,7 +97,7 @@ def test_a_training_step_reads_nothing_back_to_the_host(tiny_params, small_sets,
             return real(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, method)
 
-    for name in ("item", "__float__", "__bool__", "tolist", "cpu", "numpy"):
+    for name in ("item", "__float__", "__int__", "__index__", "__bool__", "tolist", "cpu", "numpy"):
         guarded(name)
 
     def step(*args, **kwargs):
@@ -106,7 +109,7 @@ def test_a_training_step_reads_nothing_back_to_the_host(tiny_params, small_sets,
             inside["steps"] += 1
 
     monkeypatch.setattr(tr, "train_step", step)
-    result = run(robust_cfg(tiny_params, checkpoint_every=100), small_sets, generated, tmp_path)
+    result = run(robust_cfg(tiny_params, checkpoint_every=100, aux_bn=aux_bn), small_sets, generated, tmp_path)
     assert inside["steps"] == 4 and np.isfinite([row["train_loss"] for row in result.curve]).all()
 
 
@@ -204,6 +207,41 @@ def test_baseline_refuses_generated_and_generator_needs_it(tiny_params, small_se
                         tmp_path, progress=False, spec=tr.RunSpec("gaussian", "gaussian"))
 
 
+@pytest.mark.parametrize("option", ["sync_bn", "compile"])
+def test_unmeasured_multi_gpu_options_are_refused_before_any_work(tiny_params, small_sets, generated, tmp_path,
+                                                                   monkeypatch, option):
+    """Under torchrun (WORLD_SIZE 2), sync_bn (global-batch statistics in the attack, unlike the references)
+    and compile (compiled DDP has never run) stop with one line naming the key, before joining the group."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=f"train_robust.{option}: true under torchrun"):
+        run(robust_cfg(tiny_params, **{option: True}), small_sets, generated, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cuda_runs_pick_the_fastest_convolution_kernels(tiny_params, small_sets, generated, tmp_path, monkeypatch):
+    """train_robust sets cudnn.benchmark on CUDA (fixed shapes), as the diffusion loop does: the CPU run
+    takes the device path through a stand-in for init_distributed that reports a CUDA device."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    seen = {}
+
+    def init(device_name):
+        seen["benchmark_before"] = torch.backends.cudnn.benchmark
+        return tr.Dist(), torch.device("cuda")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        seen["benchmark"] = torch.backends.cudnn.benchmark
+        raise Stop
+
+    monkeypatch.setattr(tr, "init_distributed", init)
+    monkeypatch.setattr(tr, "load_threat", stop)
+    with pytest.raises(Stop):
+        run(robust_cfg(tiny_params), small_sets, generated, tmp_path)
+    assert seen == {"benchmark_before": False, "benchmark": True}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -213,7 +251,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_ddp_two_gloo_processes(tiny_params, write_params, small_sets, generated, tmp_path):
     cfg = dict(tiny_params)
-    cfg["train_robust"] = {**cfg["train_robust"], **TINY_ROBUST, "sync_bn": True}   # ignored on CPU, with a warning
+    cfg["train_robust"] = {**cfg["train_robust"], **TINY_ROBUST}
     params = write_params(cfg)
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -224,7 +262,6 @@ def test_ddp_two_gloo_processes(tiny_params, write_params, small_sets, generated
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 4
-    assert "sync_bn: ignored on CPU" in done.stderr
     models.load_checkpoint(out / "model.pt", expected="small_cnn")
 
 

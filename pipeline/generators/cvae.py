@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import chi
 from torch import nn
 from tqdm import tqdm
 
@@ -154,6 +153,8 @@ def latent_pgd(objective: Callable[[torch.Tensor], torch.Tensor], latent_dim: in
 def truncated_prior(latent_dim: int, eps: float, generators: list[torch.Generator]) -> torch.Tensor:
     """One u per generator from N(0, I) conditioned on ||u|| <= eps: a uniform direction and a radius from
     the chi distribution (latent_dim degrees of freedom) truncated at eps, by inverse CDF."""
+    from scipy.stats import chi  # here, not at import: the training and sampling paths need no scipy
+
     rows = []
     cap = chi.cdf(eps, latent_dim)
     for generator in generators:
