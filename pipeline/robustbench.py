@@ -149,7 +149,8 @@ def infer(state_dict: dict[str, torch.Tensor], architecture: str, source: str) -
         return ZooArchitecture(architecture, 6 * per_group + 4, width, num_classes, mean, std)
     counts = tuple(len({m.group(1) for k in state_dict if (m := re.match(rf"layer_{g}\.(\d+)\.", k))})
                    for g in range(4))
-    depth = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34}.get(counts)
+    depths: dict[tuple[int, ...], int] = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34}
+    depth = depths.get(counts)
     if depth is None:
         raise ZooError(f"{source}: not a DMPreActResNet state dict (blocks per layer {counts})")
     return ZooArchitecture(architecture, depth, 0, num_classes, mean, std)
@@ -165,7 +166,8 @@ def from_zoo(state_dict: dict[str, torch.Tensor], architecture: str, source: str
     missing = [zoo for zoo in mapping.values() if zoo not in state_dict]
     unexpected = sorted(set(state_dict) - set(mapping.values()))
     if missing or unexpected:
-        raise ZooError(f"{source}: not a {arch.label} state dict: missing {_few(missing)}, unexpected {_few(unexpected)}")
+        raise ZooError(f"{source}: not a {arch.label} state dict: missing {_few(missing)}, "
+                       f"unexpected {_few(unexpected)}")
     ours = model.state_dict()
     wrong = [f"{zoo} {tuple(state_dict[zoo].shape)} (expected {tuple(ours[key].shape)})"
              for key, zoo in mapping.items() if state_dict[zoo].shape != ours[key].shape]
@@ -205,16 +207,25 @@ def to_zoo(model: nn.Module) -> tuple[OrderedDict[str, torch.Tensor], ZooArchite
     return OrderedDict((zoo, ours[key].detach().cpu().clone()) for key, zoo in key_map(model, arch).items()), arch
 
 
-def load_zoo_file(path: Path | str, architecture: str) -> tuple[models.Classifier, ZooArchitecture, str]:
-    """Our model from a local zoo file (never downloaded), its architecture and the file's sha256."""
+def read_zoo_file(path: Path | str) -> Any:
+    """A zoo file's contents: tensors only (weights_only), never code."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: zoo checkpoint missing") from None
     except Exception as error:  # not a torch file, truncated, pickled objects
         raise ZooError(f"{path}: unreadable zoo checkpoint ({str(error).splitlines()[0]})") from None
-    model, arch = from_zoo(payload, architecture, str(path))
-    return model, arch, file_sha256(path)
+
+
+def zoo_architecture(path: Path | str, architecture: str) -> ZooArchitecture:
+    """The architecture of a zoo file, read without building the model (the evaluation's merge job)."""
+    return infer(unwrap(read_zoo_file(path), str(path)), architecture, str(path))
+
+
+def load_zoo_file(path: Path | str, architecture: str) -> tuple[models.Classifier, ZooArchitecture, str]:
+    """Our model from a local zoo file (never downloaded), its architecture and the file's sha256."""
+    model, arch = from_zoo(read_zoo_file(path), architecture, str(path))
+    return model, arch, file_sha256(Path(path))
 
 
 def import_robustbench() -> Any:
