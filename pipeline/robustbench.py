@@ -243,6 +243,23 @@ def import_robustbench() -> Any:
     return importlib.import_module("robustbench")
 
 
+def initialise(model: nn.Module, path: Path | str, model_name: str) -> str:
+    """Load a zoo file's weights into our `model_name` model (train_robust.init_checkpoint); the file's sha256."""
+    architecture = ("DMPreActResNet" if model_name == "dm_preact_resnet18"
+                    else "DMWideResNet" if model_name.startswith("wrn-") else None)
+    if architecture is None:
+        raise ZooError(f"{path}: train_robust.model {model_name} has no RobustBench counterpart "
+                       "(a zoo initialisation needs a wrn-* model or dm_preact_resnet18)")
+    try:
+        zoo, arch, sha = load_zoo_file(path, architecture)
+    except FileNotFoundError as error:
+        raise ZooError(str(error)) from None
+    if arch.robustgen_model != model_name:
+        raise ZooError(f"{path}: holds a {arch.label} ({arch.robustgen_model}), but train_robust.model is {model_name}")
+    model.load_state_dict(zoo.state_dict())
+    return sha
+
+
 def robustbench_class(arch: ZooArchitecture) -> nn.Module:
     """RobustBench's own model of the architecture (needs the optional `robustbench` package)."""
     import_robustbench()
