@@ -192,12 +192,21 @@ def describe(model: nn.Module) -> ZooArchitecture:
     if not blocks or acts != {nn.SiLU} or not all(block.same for block in blocks):
         raise ZooError("only our SiLU WideResNets and dm_preact_resnet18 have a RobustBench counterpart "
                        "(DMWideResNet / DMPreActResNet with Swish)")
-    mean = tuple(float(v) for v in model.normalize.mean.flatten())
-    std = tuple(float(v) for v in model.normalize.std.flatten())
+    mean, std = _constants(model.normalize.mean), _constants(model.normalize.std)
     if all(block.raw_shortcut for block in blocks) and len(blocks) == 8:
         return ZooArchitecture("DMPreActResNet", 18, 0, num_classes, mean, std)
     width = model.head.in_features // 64
     return ZooArchitecture("DMWideResNet", 6 * (len(blocks) // 3) + 4, width, num_classes, mean, std)
+
+
+def _constants(buffer: torch.Tensor) -> tuple[float, ...]:
+    """A normalisation buffer as the dataset constants it holds (float32 read back to the decimals), so
+    the export's constructor arguments are RobustBench's own."""
+    values = buffer.detach().cpu().flatten().float()
+    for known in (c for pair in MEAN_STD.values() for c in pair):
+        if torch.equal(values, torch.tensor(known, dtype=torch.float32)):
+            return known
+    return tuple(float(v) for v in values)
 
 
 def to_zoo(model: nn.Module) -> tuple[OrderedDict[str, torch.Tensor], ZooArchitecture]:
