@@ -18,6 +18,7 @@ from pipeline import evaluate as E
 from pipeline import export, models
 from pipeline import robustbench as rb
 from pipeline import table as T
+from pipeline.eval_chunks import SWEEP_NAME
 from pipeline.inference import predict_labels, to_float
 from pipeline.shards import file_sha256, read_imageset
 from tests.helpers import robust_cfg
@@ -187,6 +188,15 @@ def test_zoo_file_through_evaluate_table_and_export(zoo_file, cifar_sets, tiny_p
     assert report["run"] == zoo_file.stem and report["source"] == "robustbench_zoo"
     assert report["zoo_architecture"] == "DMWideResNet-10-1" and report["model"] == "wrn-10-1"
     assert report["model_sha256"] == file_sha256(zoo_file) and report["checkpoint"] == "zoo"
+    # the DAG's merge job names the zoo model the same way, from the same chunk files
+    merged = tmp_path / "merged"
+    E.main(["merge", "--params", str(params), "--model", str(zoo_file), "--zoo-architecture", "DMWideResNet",
+            "--test", str(cifar_sets["test"]), "--threat", "linf", "--chunk-dir", str(tmp_path / "work"),
+            "--sweep", str(tmp_path / "work" / SWEEP_NAME), "--out", str(merged / "linf.json"),
+            "--out-examples", str(merged / "linf.h5")])
+    again = json.loads((merged / "linf.json").read_text())
+    assert {k: v for k, v in again.items() if k != "examples_path"} == \
+        {k: v for k, v in report.items() if k != "examples_path"}
 
     teacher = tmp_path / "teacher.json"
     teacher.write_text(json.dumps({"test_acc": 0.5}))
