@@ -16,6 +16,11 @@
    module exists), and AutoAttack (standard, as pipeline.evaluate runs it) images/s on WRN-28-10.
 4. The peak GPU memory of each (torch.cuda.max_memory_allocated; for the DAG, the most device memory in
    use while its jobs ran).
+5. With `--zoo FILE --zoo-test data/cifar10/test.h5` (a local RobustBench zoo file, e.g.
+   Gowal2021Improving_70_16_ddpm_100m.pt, and the full CIFAR-10 test set): the file through
+   pipeline/robustbench.py, its clean accuracy on all 10,000 test images against RobustBench's published
+   value (within 5 images), and AutoAttack on the first `--zoo-aa-images`. The full leaderboard
+   reproduction is one `pipeline.evaluate` command over all 10,000 images (docs/robustbench.md), not this check.
 
 Randomly initialised networks: throughput does not depend on the weights, except AutoAttack's, which
 attacks only the images still classified correctly. Labels are the model's own clean predictions, so
@@ -286,6 +291,45 @@ def autoattack_part(scale: Scale, device: torch.device) -> dict[str, Any]:
     return record
 
 
+# RobustBench's published numbers (its model_info/cifar10/Linf/<name>.json): clean, AutoAttack accuracy
+ZOO_PUBLISHED: dict[str, tuple[str, float, float]] = {
+    "Gowal2021Improving_70_16_ddpm_100m": ("DMWideResNet", 0.8874, 0.6611),
+}
+ZOO_CLEAN_SLACK = 5 / 10_000   # GPU convolution rounding may flip a few borderline images
+
+
+def zoo_part(path: Path, test: Path, aa_images: int, device: torch.device) -> dict[str, Any]:
+    """A zoo file's clean accuracy on the whole test set against RobustBench's, and AutoAttack on a few."""
+    from pyautoattack import AutoAttack
+
+    from pipeline import robustbench
+    from pipeline.inference import predict_labels, to_float
+    from pipeline.shards import read_imageset
+
+    if path.stem not in ZOO_PUBLISHED:
+        raise SystemExit(f"error: {path}: no published numbers recorded for {path.stem} (ZOO_PUBLISHED)")
+    architecture, clean_ref, aa_ref = ZOO_PUBLISHED[path.stem]
+    model = robustbench.load_zoo_file(path, architecture)[0].to(device).eval()
+    images, labels = read_imageset(test)
+    record: dict[str, Any] = {"part": "zoo", "variant": f"{path.stem} (clean {len(labels)}, AutoAttack {aa_images})"}
+    with peak_memory(device, record):
+        start = time.perf_counter()
+        clean = float((predict_labels(model, to_float(images), 500, device) == labels).mean())
+        record["images_per_s"] = round(len(labels) / (time.perf_counter() - start), 2)
+        x = to_float(images[:aa_images]).to(device)
+        y = torch.from_numpy(labels[:aa_images].astype("int64")).to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adversary = AutoAttack(model, norm="Linf", eps=8 / 255, version="standard", seed=0, device=device)
+            x_adv = adversary.run_standard_evaluation(x, y, batch_size=500)[0]
+        with torch.no_grad():
+            robust = float((model(x_adv).argmax(1) == y).float().mean())
+    record.update(clean_acc=clean, clean_published=clean_ref, autoattack_acc_first=robust,
+                  autoattack_published=aa_ref, survived=robust,
+                  ok=len(labels) == 10_000 and abs(clean - clean_ref) <= ZOO_CLEAN_SLACK)
+    return record
+
+
 # --- report ---
 
 
@@ -298,7 +342,8 @@ def markdown(report: dict[str, Any]) -> str:
                  f"table ok: {dag.get('table_ok')}, peak device memory {dag['peak_gib']} GiB\n\n")
     lines = ["| part | variant | images/s | vs port | peak GPU memory GiB | notes |", "|---|---|---:|---:|---:|---|"]
     for row in report["parts"]:
-        notes = [f"{k} {row[k]}" for k in ("first_step_s", "host_syncs_per_step", "survived") if row.get(k) is not None]
+        notes = [f"{k} {row[k]}" for k in ("first_step_s", "host_syncs_per_step", "survived", "clean_acc",
+                                           "clean_published", "autoattack_published", "ok") if row.get(k) is not None]
         peak = "n/a (cpu)" if row["peak_gib"] is None else row["peak_gib"]
         lines.append(f"| {row['part']} | {row['variant']} | {row['images_per_s']} | {row.get('vs_port', '')} | "
                      f"{peak} | {', '.join(notes)} |")
@@ -312,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-dag", action="store_true", help="leave out part 1 (the tests do, on a CPU)")
     parser.add_argument("--dag-dir", type=Path, help="run the DAG here (kept) instead of a temporary folder")
     parser.add_argument("--cores", type=int, default=8, help="snakemake --cores of the DAG part")
+    parser.add_argument("--zoo", type=Path, help="a local RobustBench zoo file (part 5; docs/robustbench.md)")
+    parser.add_argument("--zoo-test", type=Path, help="the full CIFAR-10 test set (HDF5) for --zoo")
+    parser.add_argument("--zoo-aa-images", type=int, default=500, help="AutoAttack images of part 5")
     args = parser.parse_args(argv)
     device = models.resolve_device(args.device)
     scale = GPU if device.type == "cuda" else CPU
@@ -325,12 +373,17 @@ def main(argv: list[str] | None = None) -> int:
     report["parts"].append(autoattack_part(scale, device))
     report["parts"].append(ddpm_part(scale, device))
     report["parts"].append(edm_part(scale, device))
+    if args.zoo:
+        if not args.zoo_test:
+            parser.error("--zoo needs --zoo-test (the full CIFAR-10 test set)")
+        report["parts"].append(zoo_part(args.zoo, args.zoo_test, args.zoo_aa_images, device))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"gpu_check-{scale.label}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"gpu_check-{scale.label}.md").write_text(markdown(report))
     print(markdown(report))
     dag_ok = args.skip_dag or bool(report["dag"].get("table_ok"))
-    return 0 if dag_ok else 1
+    zoo_ok = all(row.get("ok", True) for row in report["parts"])
+    return 0 if dag_ok and zoo_ok else 1
 
 
 if __name__ == "__main__":
