@@ -3,7 +3,7 @@
 RobustBench 1.1.1 holds DeepMind's PyTorch models as `DMWideResNet` and `DMPreActResNet`
 (robustbench/model_zoo/architectures/dm_wide_resnet.py, a copy of deepmind-research
 adversarial_robustness/pytorch/model_zoo.py), built with `activation_fn=Swish` and the dataset's mean/std
-(robustbench/model_zoo/cifar10.py L634-L641, L714-L721; cifar100.py). Our `wide_resnet` and
+(robustbench/model_zoo/cifar10.py L634-L641, L714-L721; cifar100.py L249-L256). Our `wide_resnet` and
 `dm_preact_resnet18` (pipeline/models.py) compute the same function, so only the state-dict keys differ:
 this module renames them both ways. Differences that are not names:
 
@@ -36,7 +36,7 @@ from pipeline.shards import file_sha256
 ARCHITECTURES = ("DMWideResNet", "DMPreActResNet")
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-# mean/std RobustBench's zoo constructs the DM models with, by number of classes (dm_wide_resnet.py L24-L27)
+# mean/std RobustBench's zoo constructs the DM models with, by number of classes (dm_wide_resnet.py L25-L28)
 MEAN_STD = {10: (CIFAR10_MEAN, CIFAR10_STD), 100: (CIFAR100_MEAN, CIFAR100_STD)}
 _BLOCK_PARTS = {  # our _PreActBlock's sub-modules -> DeepMind's names (DMWideResNet, DMPreActResNet)
     "DMWideResNet": {"bn1": "batchnorm_0", "conv1": "conv_0", "bn2": "batchnorm_1", "conv2": "conv_1",
