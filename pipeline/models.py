@@ -178,11 +178,17 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> nn.Module:
     return model
 
 
+# Stamped into every saved classifier: WideResNets saved before their stride-2 convolutions padded as `SAME`
+# have the same weights' shapes but computed another function, so loading refuses them rather than
+# evaluating them silently wrong.
+WRN_PADDING = "same"
+
+
 def save_checkpoint(path, model: nn.Module, name: str, num_classes: int, extra: dict | None = None) -> None:
     """Save weights with the architecture name, so loading checks it (atomic)."""
     from pipeline.checkpoint import save_atomic
     save_atomic({"model": name, "num_classes": num_classes, "state_dict": model.state_dict(),
-                 **(extra or {})}, path)
+                 "wrn_padding": WRN_PADDING, **(extra or {})}, path)
 
 
 def load_checkpoint(path, device: torch.device | str = "cpu", expected: str | None = None) -> Classifier:
@@ -197,6 +203,9 @@ def load_checkpoint(path, device: torch.device | str = "cpu", expected: str | No
         raise ValueError(f"{path}: not a robustgen classifier checkpoint")
     if expected is not None and payload["model"] != expected:
         raise ValueError(f"{path}: holds a {payload['model']} model, expected {expected}")
+    if str(payload["model"]).startswith("wrn-") and payload.get("wrn_padding") != WRN_PADDING:
+        raise ValueError(f"{path}: a {payload['model']} saved before WideResNets padded stride-2 convolutions as "
+                         "SAME (docs/fidelity.md); retrain it")
     model = build(payload["model"], payload["num_classes"])
     try:
         model.load_state_dict(payload["state_dict"])
