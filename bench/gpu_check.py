@@ -358,7 +358,50 @@ def table_check(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
 
 # --- the guarded runner and the report ---
 
-PART_ORDER = ("stages", "train", "sampling", "dag", "compile")   # compile last: the likeliest to fail or hang
+# --- 5. a RobustBench zoo file (opt-in, --zoo) ---
+
+
+# RobustBench's published numbers (its model_info/cifar10/Linf/<name>.json): clean, AutoAttack accuracy
+ZOO_PUBLISHED: dict[str, tuple[str, float, float]] = {
+    "Gowal2021Improving_70_16_ddpm_100m": ("DMWideResNet", 0.8874, 0.6611),
+}
+ZOO_CLEAN_SLACK = 5 / 10_000   # GPU convolution rounding may flip a few borderline images
+
+
+def zoo_part(path: Path, test: Path, aa_images: int, device: torch.device) -> dict[str, Any]:
+    """A zoo file's clean accuracy on the whole test set against RobustBench's, and AutoAttack on a few."""
+    from pyautoattack import AutoAttack
+
+    from pipeline import robustbench
+    from pipeline.inference import predict_labels, to_float
+    from pipeline.shards import read_imageset
+
+    if path.stem not in ZOO_PUBLISHED:
+        raise SystemExit(f"error: {path}: no published numbers recorded for {path.stem} (ZOO_PUBLISHED)")
+    architecture, clean_ref, aa_ref = ZOO_PUBLISHED[path.stem]
+    model = robustbench.load_zoo_file(path, architecture)[0].to(device).eval()
+    images, labels = read_imageset(test)
+    record: dict[str, Any] = {"part": "zoo", "variant": f"{path.stem} (clean {len(labels)}, AutoAttack {aa_images})"}
+    with peak_memory(device, record):
+        start = time.perf_counter()
+        clean = float((predict_labels(model, to_float(images), 500, device) == labels).mean())
+        record["images_per_s"] = round(len(labels) / (time.perf_counter() - start), 2)
+        x = to_float(images[:aa_images]).to(device)
+        y = torch.from_numpy(labels[:aa_images].astype("int64")).to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adversary = AutoAttack(model, norm="Linf", eps=8 / 255, version="standard", seed=0, device=device)
+            x_adv = adversary.run_standard_evaluation(x, y, batch_size=500)[0]
+        with torch.no_grad():
+            robust = float((model(x_adv).argmax(1) == y).float().mean())
+    record.update(clean_acc=clean, clean_published=clean_ref, autoattack_acc_first=robust,
+                  autoattack_published=aa_ref, survived=robust,
+                  ok=len(labels) == 10_000 and abs(clean - clean_ref) <= ZOO_CLEAN_SLACK)
+    return record
+
+
+
+PART_ORDER = ("stages", "train", "sampling", "dag", "zoo", "compile")   # compile last: the likeliest to fail or hang
 DEFAULT_PARTS = ("stages", "train", "sampling", "compile")
 
 
@@ -428,8 +471,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dag-dir", type=Path, help="run the DAG here (kept) instead of a temporary folder")
     parser.add_argument("--cores", type=int, default=8, help="snakemake --cores of the DAG part")
     parser.add_argument("--work", type=Path, help="folder of the stages part (default: a temporary one)")
+    parser.add_argument("--zoo", type=Path, help="adds part zoo: a local RobustBench zoo file (docs/robustbench.md)")
+    parser.add_argument("--zoo-test", type=Path, help="the full CIFAR-10 test set (HDF5) for --zoo")
+    parser.add_argument("--zoo-aa-images", type=int, default=500, help="AutoAttack images of part zoo")
     args = parser.parse_args(argv)
-    chosen = {part.strip() for part in args.parts.split(",") if part.strip()} | ({"dag"} if args.dag else set())
+    if args.zoo and not args.zoo_test:
+        parser.error("--zoo needs --zoo-test (the full CIFAR-10 test set)")
+    chosen = {part.strip() for part in args.parts.split(",") if part.strip()} | ({"dag"} if args.dag else set()) \
+        | ({"zoo"} if args.zoo else set())
     unknown = chosen - set(PART_ORDER)
     if unknown:
         parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; known: {', '.join(PART_ORDER)}")
@@ -441,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": lambda: train_part(scale, device),
         "sampling": lambda: sampling_part(scale, device),
         "dag": lambda: dag_part(device, args.cores, args.dag_dir),
+        "zoo": lambda: [zoo_part(args.zoo, args.zoo_test, args.zoo_aa_images, device)],
         "compile": lambda: compile_part(scale, device),
     }
     report: dict[str, Any] = {

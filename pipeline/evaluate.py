@@ -36,6 +36,10 @@ as eps grows (PGD on the first `n_sweep` images at `sweep_factors` x eps), pertu
 eps-ball, and AutoAttack's own warnings (zero gradients, Square beats the gradient attacks, randomness).
 The eps sweep runs once per (run, threat), in its own job: its settings rerun no AutoAttack chunk, and
 its numbers do not depend on the chunking.
+
+`--zoo-architecture DMWideResNet|DMPreActResNet` makes `--model` a RobustBench model-zoo file (a local
+copy, never downloaded), mapped onto our model (pipeline/robustbench.py); the JSON then says
+`"source": "robustbench_zoo"` with the architecture, and `model_sha256` is the zoo file's.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import attacks, models, seeding
+from pipeline import attacks, models, robustbench, seeding
 from pipeline import params as params_mod
 from pipeline.attacks import Threat
 from pipeline.eval_chunks import (
@@ -434,12 +438,24 @@ def load_model(args: argparse.Namespace, cfg_all: dict[str, Any], checkpoint: Ch
                device: torch.device) -> tuple[nn.Module, str, dict[str, Any]]:
     """The robust model, its architecture name and which checkpoint it is; one `error:` line for a file
     of another architecture (a stale file) or another checkpoint than evaluate.checkpoint."""
+    if args.zoo_architecture:
+        try:
+            model, arch, _ = robustbench.load_zoo_file(args.model, args.zoo_architecture)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: {error}") from None
+        return model.to(device).eval(), arch.robustgen_model, zoo_kind(arch)
     model_name = model_name_for(cfg_all, args.run)
     try:
         model = models.load_checkpoint(args.model, device, expected=model_name)
         return model, model_name, models.checkpoint_kind(args.model, expected=checkpoint)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
+
+
+def zoo_kind(arch: robustbench.ZooArchitecture) -> dict[str, Any]:
+    """What the JSON says of a zoo model in place of the run's checkpoint kind."""
+    return {"checkpoint": "zoo", "checkpoint_epoch": None, "source": "robustbench_zoo",
+            "zoo_architecture": arch.label}
 
 
 def _test_set(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
@@ -515,9 +531,13 @@ def run_merge(args: argparse.Namespace, cfg_all: dict[str, Any]) -> None:
     """The chunks and the sweep into the JSON and per-example HDF5 (no attack: seconds on a CPU)."""
     cfg = params_mod.section(EvaluateConfig, cfg_all["evaluate"])
     seed = cfg_all["base"]["seed"]
-    model_name = model_name_for(cfg_all, args.run)
     try:
-        kind = models.checkpoint_kind(args.model, expected=cfg.checkpoint)
+        if args.zoo_architecture:
+            arch = robustbench.zoo_architecture(args.model, args.zoo_architecture)
+            model_name, kind = arch.robustgen_model, zoo_kind(arch)
+        else:
+            model_name = model_name_for(cfg_all, args.run)
+            kind = models.checkpoint_kind(args.model, expected=cfg.checkpoint)
         model_sha256, test_sha256 = file_sha256(args.model), str(read_attrs(args.test)["sha256"])
         result = merge(args.chunk_dir, args.sweep, cfg, args.threat, seed, count(args.test), model_sha256,
                        test_sha256)
@@ -544,7 +564,9 @@ def parser_for(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, required=True, help="robust model checkpoint (models.save_checkpoint)")
     parser.add_argument("--test", type=Path, required=True, help="test image set (HDF5)")
     parser.add_argument("--threat", choices=sorted(NORMS), required=True)
-    parser.add_argument("--run", help="run name in the JSON (default: the model's folder name)")
+    parser.add_argument("--run", help="run name in the JSON (default: the model's folder name; a zoo file's stem)")
+    parser.add_argument("--zoo-architecture", choices=robustbench.ARCHITECTURES,
+                        help="--model is a RobustBench model-zoo file of this architecture (pipeline/robustbench.py)")
     add = parser.add_argument
     if command in ("whole", "chunk"):
         add("--workdir", type=Path, required=True, help="resumable chunk results (not an output)")
@@ -566,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv[:1] and argv[0] in COMMANDS and argv[0] != "whole" else "whole"
     args = parser_for(command).parse_args(argv if command == "whole" else argv[1:])
-    args.run = args.run or args.model.parent.name
+    args.run = args.run or (args.model.stem if args.zoo_architecture else args.model.parent.name)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # per-attack progress lines into the log
     COMMANDS[command](args, params_mod.load(args.params))

@@ -25,6 +25,9 @@ table was built in, "-dirty" when it has uncommitted changes, empty outside git)
 (sha256 of the validated params as canonical JSON), `model_sha256` (of the evaluated checkpoint),
 `generated_sha256` (sha256 of the newline-joined sorted shard sha256 attributes of the generator's
 set; empty for the baseline) and the paths of the evaluation JSON, model and per-example file.
+`source` is `robustgen` for the pipeline's own runs and `robustbench_zoo:<architecture>` for a RobustBench
+model-zoo file evaluated through the pipeline (`evaluate --zoo-architecture`): such a row has no training
+run (generator `zoo`, no generated-data or training columns) and its `model_sha256` is the zoo file's.
 
 The paper's published numbers (pipeline/paper_reference.py) appear only in the markdown and the figure,
 labelled as the paper's; the CSV holds our measurements only.
@@ -49,8 +52,8 @@ from pipeline.shards import ShardError, atomic_path, expand, set_sha256
 
 log = logging.getLogger("pipeline.table")
 COLUMNS = [
-    "dataset", "run", "generator", "variant", "seed", "train_threat", "n_generated", "n_sampled", "cutmix_alpha",
-    "model", "threat", "eps", "eps_255",
+    "dataset", "run", "source", "generator", "variant", "seed", "train_threat", "n_generated", "n_sampled",
+    "cutmix_alpha", "model", "threat", "eps", "eps_255",
     "clean_acc", "autoattack_acc", "pgd_acc", "pgd_steps", "corrupted_acc", "teacher_acc",
     "complementarity_train", "complementarity_test", "complementarity_self", "coverage_train", "coverage_test",
     "fid", "fid_reference", "fid_feature_space",
@@ -233,6 +236,8 @@ def evaluation_row(path: Path, context: Context) -> dict[str, Any]:
     """The row of one evaluation JSON; refuses an evaluation of another model than its run describes."""
     ev = read_json(path)
     run, threat = str(need(ev, "run", path)), str(need(ev, "threat", path))
+    if ev.get("source") == "robustbench_zoo":
+        return zoo_row(path, ev, context)
     if run not in context.trains:
         raise TableError(f"{path}: run {run!r} has no training metrics among --train-metrics "
                          f"({', '.join(sorted(context.trains)) or 'none given'})")
@@ -249,7 +254,8 @@ def evaluation_row(path: Path, context: Context) -> dict[str, Any]:
         raise TableError(f"{path}: evaluated {kind} model sha256 {model_sha[:12]} differs from the {kind} "
                          f"model {train_path} describes ({str(trained_sha)[:12]}): stale evaluation")
     row: dict[str, Any] = {
-        "dataset": context.cfg["base"]["dataset"], "run": run, "generator": "none" if is_baseline else generator,
+        "dataset": context.cfg["base"]["dataset"], "run": run, "source": "robustgen",
+        "generator": "none" if is_baseline else generator,
         "variant": train.get("variant") or variant or "none",
         "seed": int(train.get("seed_index", 0)),   # variants.seeds entry the run trained with
         "train_threat": train.get("threat") or "",   # linf, l2 or cvae (trained in the learned set)
@@ -285,6 +291,26 @@ def evaluation_row(path: Path, context: Context) -> dict[str, Any]:
         row.update(analysis_values(context.analysis[generator][1], context.analysis[generator][0]))
         row["generated_sha256"] = generated_checksum(generator, train, train_path, context.generated)
     return row
+
+
+def zoo_row(path: Path, ev: dict[str, Any], context: Context) -> dict[str, Any]:
+    """The row of a RobustBench zoo model's evaluation: no training run, generator `zoo`."""
+    return {
+        "dataset": context.cfg["base"]["dataset"], "run": ev["run"],
+        "source": f"robustbench_zoo:{need(ev, 'zoo_architecture', path)}", "generator": "zoo", "variant": "none",
+        "train_threat": "", "n_generated": "", "model": need(ev, "model", path), "threat": ev["threat"],
+        "eps": f"{float(need(ev, 'eps_255', path)):g}/255", "eps_255": f"{float(ev['eps_255']):g}",
+        "clean_acc": float(need(ev, "clean_acc", path)), "autoattack_acc": float(need(ev, "autoattack_acc", path)),
+        "corrupted_acc": "", "pgd_acc": float(need(ev, "pgd_acc", path)), "pgd_steps": int(need(ev, "pgd_steps", path)),
+        "teacher_acc": context.teacher_acc, "epochs": "", "checkpoint": "zoo", "checkpoint_epoch": "",
+        "n_eval": int(need(ev, "n_eval", path)), "flags": ";".join(need(ev, "flags", path)),
+        "gradient_masking_suspected": bool(ev.get("gradient_masking_suspected", False)),
+        "git_commit": context.commit, "params_sha256": context.params_sha256,
+        "model_sha256": str(need(ev, "model_sha256", path)), "generated_sha256": "", "evaluation_path": str(path),
+        "model_path": ev.get("model_path", ""), "examples_path": ev.get("examples_path", ""),
+        **dict.fromkeys(("complementarity_train", "complementarity_test", "complementarity_self",
+                         "coverage_train", "coverage_test", "fid", "fid_reference", "fid_feature_space"), ""),
+    }
 
 
 def generated_checksum(generator: str, train: dict[str, Any], train_path: Path, generated: dict[str, str]) -> str:
@@ -356,6 +382,10 @@ def _pct(value: Any) -> str:
     return f"{100 * value:.2f}" if isinstance(value, float) else ""
 
 
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def checkpoint_label(row: dict[str, Any]) -> str:
     """'best (epoch 3)', 'last' ...: which of the run's models was evaluated."""
     epoch = row.get("checkpoint_epoch", "")
@@ -373,7 +403,7 @@ def markdown(rows: list[dict[str, Any]], dataset: str) -> str:
              "| n eval | flags |",
              "|---|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['generator']} | {r['variant']} | {r['train_threat']} | {r['n_generated']:,} "
+        lines.append(f"| {r['generator']} | {r['variant']} | {r['train_threat']} | {_count(r['n_generated'])} "
                      f"| {r['model']} | {r['threat']} | {r['eps']} "
                      f"| {_pct(r['clean_acc'])} | {_pct(r['autoattack_acc'])} | {_pct(r['pgd_acc'])} "
                      f"({r['pgd_steps']}) | {_pct(r['teacher_acc'])} | "
@@ -415,7 +445,8 @@ def comparable_refs(row: dict[str, Any], refs: list[paper_reference.PaperResult]
 
 def comparisons(rows: list[dict[str, Any]], refs: list[paper_reference.PaperResult]) -> list[str]:
     """Markdown lines pairing each of our rows with the published results of the same setting, if any."""
-    pairs = [(row, ref) for row in rows if row["autoattack_acc"] != "" for ref in comparable_refs(row, refs)]
+    pairs = [(row, ref) for row in rows if row["autoattack_acc"] != "" and row.get("generator") != "zoo"
+             for ref in comparable_refs(row, refs)]
     if not pairs:
         return ["None of our rows has a published counterpart (same model, training threat, evaluated threat, "
                 "generator, CutMix and number of images sampled): a difference to the rows above is not a gap "
@@ -431,7 +462,8 @@ def comparisons(rows: list[dict[str, Any]], refs: list[paper_reference.PaperResu
 
 def figure(path: Path, rows: list[dict[str, Any]], dataset: str) -> None:
     """Left: AutoAttack accuracy vs generated images per generator; right: clean vs robust accuracy."""
-    rows = [r for r in rows if r["autoattack_acc"] != ""]   # pixel-norm threats only (AutoAttack rows)
+    # pixel-norm threats only (AutoAttack rows), the pipeline's own runs (zoo rows have no generated count)
+    rows = [r for r in rows if r["autoattack_acc"] != "" and r["generator"] != "zoo"]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

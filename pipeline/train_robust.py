@@ -79,6 +79,7 @@ from pipeline.latent_attack import LEARNED, LatentSet
 from pipeline.losses import AttackSpec, LossName, StartMode, TrainThreat, TwoViews, adversarial_loss, norm_ball
 from pipeline.models import ModelName
 from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag, checkpoint_after_step
+from pipeline.robustbench import initialise as init_from_zoo
 from pipeline.shards import ShardError, atomic_path, file_sha256, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.train_robust")
@@ -125,6 +126,7 @@ class TrainRobustConfig:
     compile: bool               # torch.compile (inductor) the model of the attack and the training forwards
     autocast: Autocast          # auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32: the forwards' precision
     memory_format: MemoryFormat  # auto (channels_last on CUDA, contiguous on CPU), channels_last or contiguous
+    init_checkpoint: str        # "" (random init) or a local RobustBench zoo file the model starts from
 
     def epoch_end(self, epoch: int) -> int:
         """Global step at which epoch `epoch` (1-based) ends: epoch * epoch_size // batch_size, so an
@@ -296,6 +298,7 @@ def run_identity(cfg: TrainRobustConfig, seed: int, spec: RunSpec, inputs: Input
         "labels": shards.set_sha256(shards.expand(inputs.labels)) if inputs.labels else "",
         "selection": file_sha256(inputs.selection) if inputs.selection else "",
         "threat": file_sha256(inputs.threat_file) if inputs.threat_file else "",
+        **({"init": file_sha256(Path(cfg.init_checkpoint))} if cfg.init_checkpoint else {}),
     }
 
 
@@ -445,6 +448,8 @@ def build_state(cfg: TrainRobustConfig, seed: int, num_classes: int, ctx: Dist, 
     torch.manual_seed(seeding.derive(seed, "train_robust", "init"))
     model: nn.Module = models.build(cfg.model, num_classes, bn_momentum=cfg.bn_momentum)
     shadow: nn.Module = models.build(cfg.model, num_classes, bn_momentum=cfg.bn_momentum)
+    if cfg.init_checkpoint:   # fine-tuning a zoo model (pipeline/robustbench.py); the EMA starts from it too
+        init_from_zoo(model, cfg.init_checkpoint, cfg.model)
     if cfg.aux_bn != "none":  # main + auxiliary batch norms; the EMA averages both
         model, shadow = aux_bn.convert(model), aux_bn.convert(shadow)
     ema = EMA(model, cfg.ema_decay, shadow=shadow, buffers=cfg.ema_buffers)

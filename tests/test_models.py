@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pipeline import attacks, models
 
-SMALL = ["small_cnn", "wrn-16-4", "preact_resnet18"]
+SMALL = ["small_cnn", "wrn-16-4", "preact_resnet18", "dm_preact_resnet18"]
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -40,6 +40,16 @@ def test_checkpoint_names_its_architecture(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"bad\.pt"):
         models.load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_wide_resnet_saved_with_the_old_padding_is_refused(tmp_path):
+    """Same weight shapes, another function: a WRN file without the SAME-padding stamp is not loaded."""
+    model = models.build("wrn-16-4")
+    models.save_checkpoint(tmp_path / "new.pt", model, "wrn-16-4", 10)
+    models.load_checkpoint(tmp_path / "new.pt", expected="wrn-16-4")
+    torch.save({"model": "wrn-16-4", "num_classes": 10, "state_dict": model.state_dict()}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old\.pt: a wrn-16-4 saved before WideResNets padded stride-2"):
+        models.load_checkpoint(tmp_path / "old.pt", expected="wrn-16-4")
 
 
 @pytest.mark.parametrize("threat,eps", [("linf", 8 / 255), ("l2", 0.5)])
