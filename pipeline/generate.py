@@ -12,7 +12,7 @@ is a function of (checkpoint, base.seed, generator, index) alone, so Snakemake's
 form and DVC's `--shard all` form write byte-identical files, in any order, on any machine of the same
 kind. (For ddpm and edm, network calls are tiles of `generate.batch_size` images aligned to index
 multiples: float rounding depends on the batch shape, so batch_size is part of such a shard's identity and
-is stored with it; gaussian and import bytes do not depend on it.) Shards are written atomically, with a
+is stored with it; gaussian, import and oracle bytes do not depend on it.) Shards are written atomically, with a
 checksum and provenance attributes; `--shard all` keeps existing shards that verify and match.
 """
 
@@ -115,10 +115,10 @@ def run(cfg_all: dict[str, Any], name: str, model: Path, shard: str, out: Path |
         jobs = [(int(shard), out)]
     checkpoint_sha = shards.file_sha256(model)
     sampler = generators.load(name, model, settings, resolve_device(cfg_all["base"]["device"]))
-    available = getattr(sampler, "n", None)  # an imported set has a fixed size
+    available = getattr(sampler, "n", None)  # an imported set or the oracle's pool has a fixed size
     if available is not None and available < cfg.n_images:
-        raise params_mod.ParamsError(f"generate.n_images: {cfg.n_images} asked, but {model} imports only "
-                                     f"{available} images")
+        raise params_mod.ParamsError(f"generate.n_images: {cfg.n_images} asked, but {name} model {model} holds "
+                                     f"only {available} images")
     written = []
     for index, path in tqdm(jobs, desc=f"{name} shards", unit="shard", disable=len(jobs) == 1):
         start, stop = params_mod.shard_range(cfg_all, index)
