@@ -25,6 +25,7 @@ import logging
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -98,9 +99,14 @@ def fetch_all(spec: datasets.DatasetSpec, cfg: DataConfig, raw_dir: Path) -> lis
     return paths
 
 
-def labelled_subset(labels: np.ndarray, n_labelled: int, num_classes: int, seed: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(labelled indices, sorted; the rest, in a seeded random order): n_labelled / num_classes per class.
+class Subset(NamedTuple):
+    labelled: np.ndarray   # indices that keep their labels, sorted
+    pool: np.ndarray       # the other indices, in a seeded random order (unlabelled.h5)
+    examined: np.ndarray   # indices whose labels were looked at; no other label decides anything
+
+
+def labelled_subset(labels: np.ndarray, n_labelled: int, num_classes: int, seed: int) -> Subset:
+    """n_labelled / num_classes images of each class, the rest as the pool.
 
     Walks a seeded permutation and keeps each class's first images until every class is full, so the labels
     of the images after that point are never looked at; the pool's order depends only on which images it
@@ -109,10 +115,11 @@ def labelled_subset(labels: np.ndarray, n_labelled: int, num_classes: int, seed:
     per_class = n_labelled // num_classes
     order = seeding.numpy_rng(seed, "data", "labelled").permutation(len(labels))
     taken = np.zeros(num_classes, dtype=np.int64)
-    chosen = []
+    chosen, examined = [], 0
     for index in order:
         if taken.min() == per_class:
             break
+        examined += 1
         label = int(labels[index])
         if taken[label] < per_class:
             taken[label] += 1
@@ -123,7 +130,7 @@ def labelled_subset(labels: np.ndarray, n_labelled: int, num_classes: int, seed:
                          f"has only {taken[short]} among the {len(labels)} training images")
     labelled = np.sort(np.asarray(chosen, dtype=np.int64))
     rest = np.setdiff1d(np.arange(len(labels)), labelled)
-    return labelled, seeding.numpy_rng(seed, "data", "unlabelled").permutation(rest)
+    return Subset(labelled, seeding.numpy_rng(seed, "data", "unlabelled").permutation(rest), order[:examined])
 
 
 def split(cfg: DataConfig, seed: int, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
@@ -137,7 +144,7 @@ def split(cfg: DataConfig, seed: int, train_x: np.ndarray, train_y: np.ndarray, 
     if cfg.n_labelled:
         if cfg.n_labelled > len(train_x):
             raise ValueError(f"data.n_labelled {cfg.n_labelled} is more than the {len(train_x)} training images")
-        labelled, pool = labelled_subset(train_y, cfg.n_labelled, num_classes, seed)
+        labelled, pool, _ = labelled_subset(train_y, cfg.n_labelled, num_classes, seed)
         pool_x = train_x[pool]
         train_x, train_y = train_x[labelled], train_y[labelled]
     if cfg.val_size >= len(train_x):
