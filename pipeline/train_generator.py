@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = params_mod.load(args.params)
         train_generator(args.generator, cfg["train_generator"], args.train, args.workdir, args.out,
                         cfg["base"]["seed"], cfg["base"]["device"])
-    except (ValueError, generators.imported.SourceError, ShardError, NonFiniteLoss) as error:  # ParamsError is a ValueError
+    except (ValueError, generators.imported.SourceError, ShardError, NonFiniteLoss) as error:  # ParamsError too
         raise SystemExit(f"error: {error}") from None
     distributed.finish()
     if distributed.rank() == 0:
