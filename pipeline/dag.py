@@ -125,7 +125,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         "data",
         cmd=("python -m pipeline.data", "--params params.yaml", f"--out-dir {DATA}"),
         deps=(PARAMS_OK, "${data.archive}"),
-        outs=(f"{DATA}/train.h5", f"{DATA}/val.h5", f"{DATA}/test.h5"),
+        outs=(f"{DATA}/train.h5", f"{DATA}/val.h5", f"{DATA}/test.h5", f"{DATA}/unlabelled.h5"),
         params=("base", "data"),
     ),
     Stage(
@@ -133,10 +133,13 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         cmd=("python -m pipeline.train_generator", "--params params.yaml", "--generator {generator}",
              f"--train {DATA}/train.h5", "--workdir work/train_generator/{generator}",
              "--out models/generators/{generator}/model.pt"),
-        deps=(PARAMS_OK, f"{DATA}/train.h5"),
+        deps=(PARAMS_OK, f"{DATA}/train.h5", f"{DATA}/unlabelled.h5"),
         outs=("models/generators/{generator}/model.pt",),
         params=("base", "train_generator.{generator}"),
         axes=("generator",),
+        note="The oracle generator reads unlabelled.h5 beside --train (data.n_labelled). Every generator "
+             "declares it (a foreach gives all items the same deps); it is an empty set unless n_labelled is set, "
+             "and a new one comes with a new train.h5.",
     ),
     Stage(
         "generate",

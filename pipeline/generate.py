@@ -14,7 +14,7 @@ kind. Of the same kind only: CUDA kernels round differently from the CPU's and f
 another, so a shard records the `device` it was sampled on (provenance, not identity: `--shard all`
 keeps a verified shard made elsewhere). (For ddpm and edm, network calls are tiles of
 `generate.batch_size` images aligned to index multiples: float rounding depends on the batch shape, so
-batch_size is part of such a shard's identity and is stored with it; gaussian and import bytes do not
+batch_size is part of such a shard's identity and is stored with it; gaussian, import and oracle bytes do not
 depend on it.) Shards are written atomically, with a
 checksum and provenance attributes; `--shard all` keeps existing shards that verify and match.
 """
@@ -124,10 +124,10 @@ def run(cfg_all: dict[str, Any], name: str, model: Path, shard: str, out: Path |
     checkpoint_sha = shards.file_sha256(model)
     device = resolve_device(cfg_all["base"]["device"])
     sampler = generators.load(name, model, settings, device)
-    available = getattr(sampler, "n", None)  # an imported set has a fixed size
+    available = getattr(sampler, "n", None)  # an imported set or the oracle's pool has a fixed size
     if available is not None and available < cfg.n_images:
-        raise params_mod.ParamsError(f"generate.n_images: {cfg.n_images} asked, but {model} imports only "
-                                     f"{available} images")
+        raise params_mod.ParamsError(f"generate.n_images: {cfg.n_images} asked, but {name} model {model} holds "
+                                     f"only {available} images")
     written = []
     for index, path in tqdm(jobs, desc=f"{name} shards", unit="shard", disable=len(jobs) == 1):
         start, stop = params_mod.shard_range(cfg_all, index)

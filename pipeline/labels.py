@@ -17,6 +17,8 @@ import numpy as np
 
 from pipeline.shards import ShardError, count, read_arrays, read_attrs
 
+UNLABELLED = -1  # label of images whose class only the teacher decides (ddpm, oracle; edm stores its class)
+
 
 def load_labels(shard_path: Path, sidecar_path: Path, teacher_sha256: str | None = None) -> dict[str, np.ndarray]:
     """The sidecar's arrays, after checking it was made for exactly this shard (and this teacher).

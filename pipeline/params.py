@@ -131,11 +131,28 @@ def _check_cross_keys(cfg: dict[str, Any]) -> None:
             raise ParamsError(f"train_generator.{name}.attention: needs a 16x16 level (2+ block_out_channels)")
     if cfg["data"]["n_train"] and cfg["data"]["val_size"] >= cfg["data"]["n_train"]:
         raise ParamsError("data.val_size: must be smaller than data.n_train")
+    _check_labelled(cfg)
     _check_variants(cfg)
     try:  # one md5 string for an archive, a {file: md5} mapping for a multi-file data set (SVHN)
         datasets.check_md5_shape(datasets.get(cfg["base"]["dataset"]), cfg["data"]["md5"])
     except ValueError as error:
         raise ParamsError(str(error)) from None
+
+
+def _check_labelled(cfg: dict[str, Any]) -> None:
+    """data.n_labelled: whole classes' worth of images, more than the validation split, within n_train."""
+    data, num_classes = cfg["data"], datasets.get(cfg["base"]["dataset"]).num_classes
+    n = data["n_labelled"]
+    if not n:
+        return
+    if n % num_classes:
+        raise ParamsError(f"data.n_labelled: {n} is not a multiple of the {num_classes} classes of "
+                          f"{cfg['base']['dataset']} (the labelled subset is class-balanced)")
+    if data["val_size"] >= n:
+        raise ParamsError(f"data.val_size: {data['val_size']} must be smaller than data.n_labelled {n} "
+                          "(the validation split is taken from the labelled images)")
+    if data["n_train"] and n > data["n_train"]:
+        raise ParamsError(f"data.n_labelled: {n} is more than data.n_train {data['n_train']}")
 
 
 def _check_variants(cfg: dict[str, Any]) -> None:

@@ -96,8 +96,8 @@ def write_imageset(
     checksum = content_hash(images, labels)
 
     def fill(h5: h5py.File) -> None:
-        rows = max(1, min(CHUNK_ROWS, len(images)))
-        h5.create_dataset("images", data=images, chunks=(rows, *images.shape[1:]))
+        rows = min(CHUNK_ROWS, len(images))   # an empty set (no unlabelled pool) is stored unchunked
+        h5.create_dataset("images", data=images, chunks=(rows, *images.shape[1:]) if rows else None)
         h5.create_dataset("labels", data=labels)
         h5.attrs["n"] = len(images)
 

@@ -1,4 +1,5 @@
-"""Stage `train_generator`: fit a Gaussian, train a DDPM or EDM, or validate an imported set -> model.pt.
+"""Stage `train_generator`: fit a Gaussian, train a DDPM or EDM, or validate an imported set or the
+unlabelled pool (oracle, unlabelled.h5 beside --train) -> model.pt.
 
     python -m pipeline.train_generator --params params.yaml --generator ddpm \
         --train data/cifar10/train.h5 --workdir work/train_generator/ddpm \
@@ -9,7 +10,7 @@ Reads `base:` and `train_generator.<generator>:`. Generators see the training sp
 or test). The DDPM and EDM resume from the newest checkpoint in --workdir (not an output: rerunning the
 same command continues a killed run; on SIGTERM they checkpoint first, then exit 143) and train
 data-parallel when torchrun starts several ranks (the same global batches, so the same model up to float
-rounding; generators/diffusion_training.py); gaussian and import finish in one pass and leave the work dir
+rounding; generators/diffusion_training.py); gaussian, import and oracle finish in one pass and leave the work dir
 empty (under torchrun rank 0 does that work alone).
 """
 
@@ -23,6 +24,7 @@ from pipeline import distributed, generators
 from pipeline import params as params_mod
 from pipeline.models import resolve_device
 from pipeline.preemption import NonFiniteLoss
+from pipeline.shards import ShardError
 
 log = logging.getLogger("pipeline.train_generator")
 DATA_PARALLEL = {"ddpm", "edm"}   # generators whose training runs on every torchrun rank
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = params_mod.load(args.params)
         train_generator(args.generator, cfg["train_generator"], args.train, args.workdir, args.out,
                         cfg["base"]["seed"], cfg["base"]["device"])
-    except (ValueError, generators.imported.SourceError, NonFiniteLoss) as error:  # ParamsError is a ValueError
+    except (ValueError, generators.imported.SourceError, ShardError, NonFiniteLoss) as error:  # ParamsError too
         raise SystemExit(f"error: {error}") from None
     distributed.finish()
     if distributed.rank() == 0:

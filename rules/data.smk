@@ -1,12 +1,13 @@
 rule data:
     message:
-        f"{DATASET} archive (md5 checked) -> HDF5 train / val / test"
+        f"{DATASET} archive (md5 checked) -> HDF5 train / val / test / unlabelled"
     input:
         archive=data_archive(),
     output:
         train=f"{DATA}/train.h5",
         val=f"{DATA}/val.h5",
         test=f"{DATA}/test.h5",
+        unlabelled=f"{DATA}/unlabelled.h5",
     params:
         cfg=stage_params("data"),
         params_file=PARAMS_FILE,

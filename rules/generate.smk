@@ -3,6 +3,7 @@ rule train_generator:
         "fit / train generator {wildcards.generator} on the training set only"
     input:
         train=f"{DATA}/train.h5",
+        unlabelled=f"{DATA}/unlabelled.h5",  # the oracle's pool, beside --train (as dvc.yaml: pipeline/dag.py)
         source=import_source,
         pretrained=pretrained_source,
     output:

@@ -51,7 +51,7 @@ def cifar_sets(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("cifar10")
     default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     cfg = params_mod.section(data.DataConfig, default["data"])
-    sets = data.split(cfg, 0, *data.read_batches(DEMO_ARCHIVE))
+    sets = data.split(cfg, 0, *data.read_batches(DEMO_ARCHIVE), num_classes=10)
     paths = {}
     for name, (images, labels) in sets.items():
         paths[name] = out / f"{name}.h5"

@@ -54,6 +54,7 @@ REGISTRIES = [
     (ddpm.DdpmVariance, ddpm.VARIANCE_TYPES),
     (corruptions.Corruption, corruptions.FAMILIES),
     (Threat, evaluate.NORMS),
+    (evaluate.AutoAttackVersion, evaluate.ATTACKS),
 ]
 
 

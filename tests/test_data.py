@@ -53,3 +53,75 @@ def test_url_download_is_verified(tmp_path):
     assert fetched.read_bytes() == DEMO_ARCHIVE.read_bytes()
     with pytest.raises(data.ArchiveError, match="md5"):
         data.verify_md5(fetched, "f" * 32)
+
+
+# --- data.n_labelled: a class-balanced labelled subset, the rest an unlabelled pool ---
+
+
+def _split(tiny_params, **data_keys):
+    cfg = data.DataConfig(**{**tiny_params["data"], **data_keys})
+    return data.split(cfg, tiny_params["base"]["seed"], *data.read_batches(DEMO_ARCHIVE), num_classes=10)
+
+
+@pytest.mark.parametrize("n_train, expected", [
+    (600, {"train": "b5059b0ad4126c2a", "val": "854e4b2202d12d25", "test": "8a2040ef5973b5a3"}),
+    (0, {"train": "03f2f3fa2e0d3095", "val": "135b20a03829122a", "test": "8a2040ef5973b5a3"})])
+def test_n_labelled_0_keeps_every_label_and_the_sets_of_before(tiny_params, n_train, expected):
+    """The content hashes the data stage wrote before n_labelled existed; the pool is empty."""
+    sets = _split(tiny_params, n_train=n_train, n_labelled=0)
+    assert {name: shards.content_hash(*sets[name])[:16] for name in expected} == expected
+    assert sets["unlabelled"][0].shape == (0, 32, 32, 3) and sets["unlabelled"][1].shape == (0,)
+
+
+def test_n_labelled_is_class_balanced_with_val_inside_and_the_rest_unlabelled(tiny_params):
+    sets = _split(tiny_params, n_labelled=100)
+    (train_x, train_y), (val_x, val_y), (pool_x, pool_y) = sets["train"], sets["val"], sets["unlabelled"]
+    assert len(train_x) + len(val_x) == 100 and len(val_x) == tiny_params["data"]["val_size"]
+    assert np.bincount(np.concatenate([train_y, val_y]), minlength=10).tolist() == [10] * 10
+    assert (pool_y == -1).all() and len(pool_x) == 600 - 100
+    # every one of the first 600 training images is in exactly one set
+    source = data.read_batches(DEMO_ARCHIVE)[0][:600]
+    rows = sorted(row.tobytes() for row in np.concatenate([train_x, val_x, pool_x]))
+    assert rows == sorted(row.tobytes() for row in source)
+    # the pool is in a seeded random order (not the archive's), the same on every run
+    positions = {row.tobytes(): i for i, row in enumerate(source)}
+    pool_positions = [positions[row.tobytes()] for row in pool_x]
+    assert pool_positions != sorted(pool_positions)
+    assert np.array_equal(_split(tiny_params, n_labelled=100)["unlabelled"][0], pool_x)
+
+
+def test_labelled_subset_reads_no_label_past_the_full_classes():
+    labels = np.random.default_rng(1).integers(0, 10, 5000)
+    subset = data.labelled_subset(labels, 200, 10, seed=3)
+    assert len(subset.examined) < len(labels) and set(subset.labelled) <= set(subset.examined)
+    relabelled = labels.copy()
+    unseen = np.setdiff1d(np.arange(len(labels)), subset.examined)
+    relabelled[unseen] = (relabelled[unseen] + 1) % 10
+    again = data.labelled_subset(relabelled, 200, 10, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(subset, again))
+
+
+def test_n_labelled_more_than_a_class_holds_fails_naming_the_class():
+    labels = np.array([0] * 50 + [1] * 3)
+    with pytest.raises(ValueError, match=r"data.n_labelled 10 needs 5 images of each class, but class 1 has only 3"):
+        data.labelled_subset(labels, 10, 2, seed=0)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"n_labelled": 105}, r"data.n_labelled: 105 is not a multiple of the 10 classes"),
+    ({"n_labelled": 50}, r"data.val_size: 50 must be smaller than data.n_labelled 50"),
+    ({"n_labelled": 700}, r"data.n_labelled: 700 is more than data.n_train 600")])
+def test_bad_n_labelled_is_refused_at_validation(tiny_params, keys, message):
+    from pipeline import params as params_mod
+
+    tiny_params["data"].update(keys)
+    with pytest.raises(params_mod.ParamsError, match=message):
+        params_mod.validate(tiny_params)
+
+
+def test_cli_writes_an_empty_unlabelled_set_by_default(tiny_params, write_params, tmp_path):
+    out = tmp_path / "cifar10"
+    data.main(["--params", str(write_params(tiny_params)), "--out-dir", str(out)])
+    images, labels = shards.read_imageset(out / "unlabelled.h5")
+    assert images.shape == (0, 32, 32, 3) and labels.shape == (0,)
+    assert shards.read_attrs(out / "unlabelled.h5")["split"] == "unlabelled"

@@ -346,3 +346,31 @@ def test_bad_chunk_argument_is_one_error(tmp_path):
     with pytest.raises(SystemExit):
         E.main(job_args("chunk", tmp_path / "p.yaml", tmp_path / "m.pt", tmp_path / "t.h5", "--chunk", "-1",
                         "--workdir", tmp_path, "--out-dir", tmp_path))
+
+
+def test_apgd_ce_alone_is_an_upper_bound_of_standard_autoattack_per_example(linear, data, tiny_params, tmp_path):
+    """The `apgd-ce` version is AutoAttack's first attack with the standard version's settings and seed, so an
+    image standard AutoAttack fails to break survives APGD-CE alone too; neither repairs a clean mistake."""
+    images, labels = data["test"]
+    x, y, eps_255 = to_float(images[:48]), torch.from_numpy(labels[:48]), 1.0   # a radius some images survive
+    clean = linear(x).argmax(1) == y
+    correct = {}
+    for version in ("standard", "apgd-ce"):
+        cfg = E.subset(E.ChunkConfig, config(tiny_params, version=version, batch_size=48, chunk_size=48))
+        x_adv, _ = E.autoattack_chunk(linear, x, y, "linf", eps_255 / 255, cfg, 0, tmp_path / f"{version}.json", CPU)
+        assert (x_adv - x).abs().max() <= eps_255 / 255 + 1e-6
+        with torch.no_grad():
+            correct[version] = linear(x_adv).argmax(1) == y
+    assert not (correct["standard"] & ~correct["apgd-ce"]).any()
+    assert not (correct["apgd-ce"] & ~clean).any() and correct["apgd-ce"].sum() < clean.sum()
+    assert 0 < correct["apgd-ce"].sum()   # some survive, so the comparison says something
+
+
+def test_summary_names_the_attacks_that_produced_the_robust_accuracy(tiny_params):
+    result = E.Evaluation(index=np.arange(2), label=np.zeros(2, np.int64), clean_pred=np.zeros(2, np.int64),
+                          pgd_correct=np.ones(2, bool), aa_pred=np.zeros(2, np.int64), aa_correct=np.ones(2, bool),
+                          max_perturbation=0.0)
+    for version, attacks in (("standard", ["apgd-ce", "apgd-t", "fab-t", "square"]), ("apgd-ce", ["apgd-ce"])):
+        report = E.summary(result, config(tiny_params, version=version), "linf", "baseline", 0, "m.pt", "x",
+                           "small_cnn", "t.h5", "y", None)
+        assert report["attack"]["version"] == version and report["attack"]["attacks"] == attacks

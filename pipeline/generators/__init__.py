@@ -12,12 +12,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from pipeline.generators import cvae, ddpm, edm, gaussian, imported
+from pipeline.generators import cvae, ddpm, edm, gaussian, imported, oracle
 from pipeline.generators.base import UNLABELLED, Sampler, SampleSettings
 
-GeneratorName = Literal["gaussian", "ddpm", "edm", "import", "cvae"]   # GENERATORS' keys
+GeneratorName = Literal["gaussian", "ddpm", "edm", "import", "cvae", "oracle"]   # GENERATORS' keys
 GENERATORS: dict[str, ModuleType] = {"gaussian": gaussian, "ddpm": ddpm, "edm": edm, "import": imported,
-                                     "cvae": cvae}
+                                     "cvae": cvae, "oracle": oracle}
 
 __all__ = ["GENERATORS", "GeneratorName", "UNLABELLED", "SampleSettings", "Sampler", "get", "load"]
 

@@ -8,7 +8,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-UNLABELLED = -1  # label of images whose class only the teacher decides (ddpm; edm stores its conditioning class)
+from pipeline.labels import UNLABELLED  # re-exported: the samplers' "class unknown"
+
+__all__ = ["UNLABELLED", "SampleSettings", "Sampler", "tiled", "to_uint8"]
 
 
 class Sampler(Protocol):
