@@ -57,11 +57,12 @@ class RunKey(NamedTuple):
 
 
 def run_key(metrics: dict[str, Any]) -> RunKey:
-    """Arm, amount and seed of a run from its train_robust metrics.json."""
+    """Arm, amount and seed of a run from its train_robust metrics.json: the seed is its variants.seeds entry
+    (seed_index; files without one trained a single seed each, `seed`)."""
     arm = metrics["generator"] or "none"
     if metrics.get("variant"):
         arm += f"-{metrics['variant']}"
-    return RunKey(arm, int(metrics["n_generated"]), int(metrics["seed"]))
+    return RunKey(arm, int(metrics["n_generated"]), int(metrics.get("seed_index", metrics["seed"])))
 
 
 def attack_name(attacks: Iterable[str]) -> str:

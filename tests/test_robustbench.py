@@ -278,11 +278,11 @@ def test_train_robust_starts_from_a_zoo_file(zoo_file, tiny_params, tmp_path):
 
 
 def test_gpu_check_zoo_part_compares_with_the_published_numbers(zoo_file, cifar_sets, monkeypatch):
-    """Part 5 of bench/gpu_check.py at CPU scale: a zoo file it has published numbers for is scored and
+    """Part zoo of bench/gpu_check.py at CPU scale: a zoo file it has published numbers for is scored and
     judged (not ok here: a random model, and the shipped test subset is not the full 10,000 images)."""
-    from tests.test_gpu_check import load_gpu_check
+    from tests.test_gpu_check import load
 
-    gpu_check = load_gpu_check()
+    gpu_check = load("gpu_check")
     with pytest.raises(SystemExit, match="no published numbers recorded for Someone2021Zoo_WRN-10-1"):
         gpu_check.zoo_part(zoo_file, cifar_sets["test"], 4, torch.device("cpu"))
     monkeypatch.setitem(gpu_check.ZOO_PUBLISHED, zoo_file.stem, ("DMWideResNet", 0.1, 0.0))
