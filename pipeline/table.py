@@ -202,6 +202,7 @@ class Context:
     teacher_acc: float
     commit: str
     params_sha256: str
+    runs: dict[str, params_mod.Run]   # the run table of cfg, by name (resolved once, not per row)
 
 
 def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list[Path], teacher_metrics: Path,
@@ -218,7 +219,8 @@ def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list
     for path in analyses:
         data = read_json(path)
         analysis[str(data.get("generator") or path.stem)] = (path, data)
-    context = Context(cfg, trains, analysis, generated, teacher_acc, commit, params_sha256(cfg))
+    context = Context(cfg, trains, analysis, generated, teacher_acc, commit, params_sha256(cfg),
+                      {run.name: run for run in params_mod.run_table(cfg)})
     rows = [evaluation_row(path, context) for path in evaluations]
     rows.sort(key=lambda r: (r["generator"] != "none", r["generator"], r["n_generated"], r["model"],
                              r["variant"] != "none", r["variant"], r["threat"]))
@@ -242,8 +244,7 @@ def evaluation_row(path: Path, context: Context) -> dict[str, Any]:
         raise TableError(f"{path}: run {run!r} has no training metrics among --train-metrics "
                          f"({', '.join(sorted(context.trains)) or 'none given'})")
     train_path, train = context.trains[run]
-    defined = {entry.name: entry for entry in params_mod.run_table(context.cfg)}
-    entry = defined.get(run)   # variant runs (e.g. gaussian-cutmix) reuse a generator
+    entry = context.runs.get(run)   # variant runs (e.g. gaussian-cutmix) reuse a generator
     generator = train.get("generator") or (entry.generator if entry else None)
     variant = entry.variant if entry else None
     is_baseline = generator in (None, "", "none")
