@@ -72,8 +72,10 @@ def make_ours(cfg: TrainRobustConfig, device: torch.device, images: torch.Tensor
     state = tr.build_state(cfg, 0, 10, ctx, device, memory_format)
     initial = copy.deepcopy(state.model)
     attack_model, forward = tr.forwards(state.model, cfg, ctx, device)
-    run = tr.Run(cfg, 0, "bench", ctx, device, Path("."), {}, None, None, None,  # type: ignore[arg-type]
-                 cfg.attack(), attack_model, forward, autocast, memory_format, 10)
+    run = tr.Run(cfg=cfg, seed=0, name="bench", spec=tr.RunSpec("bench"), ctx=ctx, device=device,
+                 workdir=Path("."), identity={}, dataset=None, val_set=None,  # type: ignore[arg-type]
+                 latent=None, attack=cfg.attack(), attack_model=attack_model, forward=forward,
+                 autocast=autocast, memory_format=memory_format, num_classes=10)
     state.model.train()
 
     def step() -> None:

@@ -148,3 +148,12 @@ def test_the_dag_part_checks_every_run_and_threat_of_the_table(tiny_params, tmp_
             writer.writeheader()
             writer.writerows(table)
         assert gpu_check.table_check(path, cfg)["table_ok"] is ok
+
+
+def test_the_train_part_times_ours_against_the_port_at_cpu_scale():
+    """The train part builds train_robust's own step and the port's loop (bench_train) and times both:
+    each gives a positive rate and ours reports its host syncs."""
+    gpu_check = load("gpu_check")
+    port, ours = gpu_check.train_part(gpu_check.CPU, gpu_check.torch.device("cpu"))
+    assert port["variant"] == "port (fp32)" and port["images_per_s"] > 0
+    assert ours["images_per_s"] > 0 and ours["vs_port"] > 0 and "host_syncs_per_step" in ours
