@@ -46,7 +46,7 @@ AXIS_LISTS: dict[str, str] = {
     "learned": "evaluate.learned_threats",
 }
 # The lists the run table repeats runs over, besides the generators (pipeline.params.run_table).
-RUN_LISTS = ("variants.names", "variants.amounts", "variants.seeds")
+RUN_LISTS = ("variants.names", "variants.amounts", "variants.amounts_for", "variants.seeds")
 PARAMS_OK = "work/params.ok"   # check_params' stamp: every stage that reads params.yaml runs after it
 SECTIONS = ("base", "data", "train_generator", "generate", "teacher", "pseudolabel", "select", "analysis",
             "train_robust", "variants", "evaluate")   # every section of pipeline/params.schema.yaml

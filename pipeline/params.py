@@ -106,6 +106,9 @@ def _check_cross_keys(cfg: dict[str, Any]) -> None:
         if threat not in generate["generators"]:
             raise ParamsError(f"evaluate.learned_threats: {threat} is learned by the {threat} generator; add it "
                               "to generate.generators")
+    unknown = [name for name in cfg["variants"]["amounts_for"] if name not in generate["generators"]]
+    if unknown:
+        raise ParamsError(f"variants.amounts_for: {unknown} not in generate.generators {generate['generators']}")
     if "import" in generate["generators"] and not cfg["train_generator"]["import"]["path"]:
         raise ParamsError("train_generator.import.path: required when generate.generators has import")
     if cfg["analysis"]["feature_space"] == "lpips" and not cfg["analysis"]["lpips_weights"]:
@@ -246,13 +249,15 @@ class Run:
 
 def run_table(cfg: dict[str, Any]) -> list[Run]:
     """Every run params defines, in table order: the baseline and each generator, each generator again
-    per data amount (variants.amounts, named -n<amount>), all of them again per variant (-<variant>), and
-    each of those once per training seed (variants.seeds; seed s > 0 adds -s<s>)."""
+    per data amount (variants.amounts, named -n<amount>; only variants.amounts_for's when it is set), all
+    of them again per variant (-<variant>), and each of those once per training seed (variants.seeds;
+    seed s > 0 adds -s<s>)."""
     variants = cfg["variants"]
     table = []
     for variant in [None, *variants["names"]]:
         for generator in [None, *generators(cfg)]:
-            for amount in [None, *(variants["amounts"] if generator else [])]:
+            swept = generator is not None and generator in (variants["amounts_for"] or [generator])
+            for amount in [None, *(variants["amounts"] if swept else [])]:
                 for seed in variants["seeds"]:
                     name = "-".join([generator or "baseline", *([variant] if variant else []),
                                      *([f"n{amount}"] if amount else []), *([f"s{seed}"] if seed else [])])

@@ -12,7 +12,7 @@ import yaml
 
 from pipeline import params as params_mod
 from pipeline.shards import read_imageset, write_imageset
-from tests.helpers import BIN, DEMO_ARCHIVE, REPO, first_images, make_generated, make_workdir, run, tiny_config
+from tests.helpers import BIN, DEMO_ARCHIVE, REPO, env, first_images, make_generated, make_workdir, run, tiny_config
 
 
 def _threads() -> int:
@@ -110,7 +110,9 @@ def dvc_repo(tmp_path_factory, dvc_remote) -> Path:
     run(["git", "config", "user.name", "ci"], repo)
     run([str(BIN / "dvc"), "remote", "add", "-d", "shared", str(dvc_remote)], repo)
     (repo / ".gitignore").write_text(".snakemake/\n/work/*\n!/work/params.ok\n/logs/\n/benchmarks/\n")
-    run([str(BIN / "dvc"), "repro"], repo)
+    # Every compute job of `snakemake_run` runs on 2 threads (its rules ask for 2 or more, --cores 2); CPU
+    # kernels sum in a thread-count-dependent order, so the same tables need the same threads under DVC.
+    run([str(BIN / "dvc"), "repro"], repo, {**env(), "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "test-scale run"], repo)
     return repo

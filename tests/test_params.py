@@ -23,12 +23,23 @@ def test_shipped_params_equal_the_default_preset():
     P.load(REPO / "params.yaml")
 
 
-@pytest.mark.parametrize("name", ["default", "paper", "study"])
+@pytest.mark.parametrize("name", ["default", "paper", "study", "effect"])
 def test_presets_are_valid(name):
-    if not (REPO / "configs" / f"{name}.yaml").exists():
-        pytest.skip(f"no configs/{name}.yaml")
     cfg = P.preset(name)
     assert cfg["base"]["dataset"] == "cifar10"
+
+
+def test_effect_preset_plans_the_studys_thirty_runs():
+    """Baseline, oracle and Gaussian at four amounts, EDM at all its images, each over seeds 0, 1, 2, with
+    equal training budgets and the same 1,000 test images (docs/effect.md)."""
+    cfg = P.preset("effect")
+    table = P.run_table(cfg)
+    assert len(table) == 30 and {run.seed for run in table} == {0, 1, 2}
+    amounts = {g: sorted({run.amount or 0 for run in table if run.generator == g})
+               for g in ("oracle", "gaussian", "edm")}
+    assert amounts == {"oracle": [0, 1250, 2500, 5000], "gaussian": [0, 1250, 2500, 5000], "edm": [0]}
+    assert cfg["data"]["n_labelled"] == 1000 and cfg["evaluate"]["n_eval"] == 1000
+    assert cfg["evaluate"]["version"] == "apgd-ce" and cfg["generate"]["n_images"] == 10000
 
 
 def test_paper_preset_has_the_papers_settings():
@@ -147,6 +158,16 @@ def test_run_table_repeats_runs_over_amounts_and_seeds():
     assert P.train_robust_for(cfg, "gaussian-cutmix-n500-s2") == P.train_robust_for(cfg, "gaussian-cutmix")
     with pytest.raises(P.ParamsError, match="'gaussian-n1000' is not defined by params"):
         P.get_run(cfg, "gaussian-n1000")
+
+
+def test_amounts_for_sweeps_only_the_generators_it_names():
+    cfg = default()
+    cfg["generate"]["generators"] = ["oracle", "gaussian"]
+    cfg["variants"].update(amounts=[500], amounts_for=["oracle"])
+    assert P.runs(P.validate(cfg)) == ["baseline", "oracle", "oracle-n500", "gaussian"]
+    cfg["variants"]["amounts_for"] = ["edm"]
+    with pytest.raises(P.ParamsError, match=r"variants.amounts_for: \['edm'\] not in generate.generators"):
+        P.validate(cfg)
 
 
 def test_training_seeds_vary_training_alone():

@@ -1,0 +1,315 @@
+"""The effect study's kept results (configs/effect.yaml, docs/effect.md): collect a study's small outputs
+into the repository, attack a subset with standard AutoAttack, and regenerate the summary, the figure and
+README's study section from what was collected.
+
+    python -m pipeline.effect_report gap WORKDIR        # standard AutoAttack on the first images, seed-0 runs
+    python -m pipeline.effect_report collect WORKDIR    # WORKDIR's finished runs -> results/effect/
+    python -m pipeline.effect_report write              # summary.csv, figures/effect.png, README section
+    snakemake --cores 2 $(python -m pipeline.effect_report targets .)   # only the runs not yet collected
+
+`collect` copies, for every run params defines whose evaluation has finished, its evaluation (JSON and
+per-example HDF5) and training metrics and curve, plus the teacher's metrics, the generators' analysis,
+Snakemake's per-job benchmarks and the params the study ran with; provenance.json records the commit and
+the params' sha256, and a collection from other params is refused (results of two studies never mix).
+Run it as often as runs finish: a study cut short keeps what it finished, and `targets` lists the
+evaluations still missing from results/effect/, so a fresh checkout redoes the shared stages (seeded: the
+same bytes on the same kind of device) and trains only the runs not yet kept. `write` reads only
+results/effect/: the numbers in README.md come from there, never typed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import effect
+from pipeline import params as params_mod
+from pipeline.shards import atomic_path, read_arrays
+
+log = logging.getLogger("pipeline.effect_report")
+RESULTS = Path("results/effect")
+FIGURE = Path("results/figures/effect.png")
+README = Path("README.md")
+BEGIN, END = "<!-- effect-study:begin -->", "<!-- effect-study:end -->"
+GAP_N_EVAL = 100   # test images standard AutoAttack attacks per gap run (minutes each for a small CNN on a CPU)
+GAP_EVALUATE = {"version": "standard"}
+
+
+class ReportError(ValueError):
+    """A study folder or kept results that cannot be collected or reported; the message names the file."""
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _git(workdir: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(workdir), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def provenance(workdir: Path) -> dict[str, Any]:
+    """The commit the study ran from, the tracked files it changed (params.yaml, dvc.yaml for a preset), and
+    the sha256 of the params it ran with."""
+    changed = _git(workdir, "diff", "--name-only", "HEAD").split()
+    return {"commit": _git(workdir, "rev-parse", "HEAD"), "changed_files": changed,
+            "params_sha256": sha256(workdir / "params.yaml")}
+
+
+def _copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def finished_runs(workdir: Path, cfg: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(runs params defines, those with every threat's evaluation and their training metrics written)."""
+    planned = params_mod.runs(cfg)
+    threats = cfg["evaluate"]["threats"]
+    done = [run for run in planned
+            if (workdir / "results" / "train_robust" / run / "metrics.json").exists()
+            and all((workdir / "results" / "evaluate" / run / f"{t}.json").exists() for t in threats)]
+    return planned, done
+
+
+def collect(workdir: Path, out: Path = RESULTS) -> dict[str, Any]:
+    """Copy the finished runs' small outputs of `workdir` into `out`; the provenance written."""
+    workdir = Path(workdir)
+    cfg = params_mod.validate(params_mod.load(workdir / "params.yaml"))
+    origin = provenance(workdir)
+    kept = out / "provenance.json"
+    if kept.exists():
+        previous = json.loads(kept.read_text())
+        if previous["params_sha256"] != origin["params_sha256"]:
+            raise ReportError(f"{kept}: collected from params {previous['params_sha256'][:12]}, but "
+                              f"{workdir}/params.yaml is {origin['params_sha256'][:12]}; move {out} away to "
+                              "start another study")
+    planned, done = finished_runs(workdir, cfg)
+    results = workdir / "results"
+    files = [results / "teacher" / "metrics.json", *sorted((results / "analysis").glob("*.json")),
+             *sorted((workdir / "benchmarks").rglob("*.tsv")), *sorted((results / "gap").glob("*/*.json")),
+             *sorted((results / "gap").glob("*/*.h5"))]
+    for run in done:
+        files += [results / "train_robust" / run / "metrics.json", results / "train_robust" / run / "curve.csv"]
+        for threat in cfg["evaluate"]["threats"]:
+            files += [results / "evaluate" / run / f"{threat}.json", results / "evaluate" / run / f"{threat}.h5"]
+    for source in files:
+        if source.exists():
+            _copy(source, out / source.relative_to(results if source.is_relative_to(results) else workdir))
+    _copy(workdir / "params.yaml", out / "params.yaml")
+    record = {**origin, "runs_planned": planned, "runs_collected": done, "n_planned": len(planned),
+              "n_collected": len(done)}
+    with atomic_path(kept) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    log.info("%d of %d runs collected from %s into %s", len(done), len(planned), workdir, out)
+    return record
+
+
+def missing_targets(workdir: Path, kept: Path = RESULTS) -> list[str]:
+    """The evaluation JSONs (relative to `workdir`) of the runs params defines that `kept` does not hold."""
+    cfg = params_mod.validate(params_mod.load(Path(workdir) / "params.yaml"))
+    return [f"results/evaluate/{run}/{threat}.json" for run in params_mod.runs(cfg)
+            for threat in cfg["evaluate"]["threats"] if not (kept / "evaluate" / run / f"{threat}.json").exists()]
+
+
+# --- standard AutoAttack on a subset: the gap to the study's cheaper attack ---
+
+
+def gap_runs(cfg: dict[str, Any]) -> list[str]:
+    """The seed-0 run of each arm on all its images (baseline, each generator): one model per arm."""
+    return [run.name for run in params_mod.run_table(cfg)
+            if run.seed == cfg["variants"]["seeds"][0] and run.amount is None and run.variant is None]
+
+
+def gap(workdir: Path, n_eval: int = GAP_N_EVAL) -> list[Path]:
+    """Standard AutoAttack on the first `n_eval` test images of each gap run's evaluated model, through the
+    evaluate stage (resumable per chunk), into WORKDIR/results/gap/<run>/<threat>.json and .h5."""
+    workdir = Path(workdir)
+    cfg = params_mod.validate(params_mod.load(workdir / "params.yaml"))
+    overlay = {**cfg, "evaluate": {**cfg["evaluate"], **GAP_EVALUATE, "n_eval": n_eval, "chunk_size": n_eval,
+                                   "n_sweep": min(20, n_eval)}}
+    params_path = workdir / "work" / "gap" / "params.yaml"
+    params_path.parent.mkdir(parents=True, exist_ok=True)
+    params_path.write_text(yaml.safe_dump(params_mod.validate(overlay)))
+    written = []
+    for run in gap_runs(cfg):
+        model = workdir / "models" / "robust" / run / f"{cfg['evaluate']['checkpoint']}.pt"
+        for threat in cfg["evaluate"]["threats"]:
+            out = workdir / "results" / "gap" / run / f"{threat}.json"
+            if out.exists() or not model.exists():
+                continue
+            subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--params", str(params_path), "--run", run,
+                            "--model", str(model), "--test", str(workdir / "data" / cfg["base"]["dataset"] / "test.h5"),
+                            "--threat", threat, "--workdir", str(workdir / "work" / "gap" / run / threat),
+                            "--out", str(out), "--out-examples", str(out.with_suffix(".h5"))], check=True)
+            written.append(out)
+    return written
+
+
+def gap_rows(results: Path) -> list[dict[str, Any]]:
+    """Per gap run: standard AutoAttack and the study's attack on the same first images."""
+    rows = []
+    for path in sorted((results / "gap").glob("*/*.json")):
+        run, threat = path.parent.name, path.stem
+        standard = read_arrays(path.with_suffix(".h5"))
+        study = read_arrays(results / "evaluate" / run / f"{threat}.h5")
+        n = len(standard["index"])
+        if list(study["index"][:n]) != list(standard["index"]):
+            raise ReportError(f"{path}: not the first test images of {run}'s evaluation")
+        rows.append({"run": run, "threat": threat, "n": n,
+                     "study_attack": effect.attack_name(json.loads((results / "evaluate" / run / f"{threat}.json")
+                                                                   .read_text())["attack"]["attacks"]),
+                     "study_acc": float(study["aa_correct"][:n].mean()),
+                     "autoattack_acc": float(standard["aa_correct"].mean())})
+    return rows
+
+
+# --- the README section ---
+
+
+def job_hours(results: Path) -> dict[str, float]:
+    """Snakemake's per-job wall seconds summed by rule (benchmarks/<rule>/...), in hours."""
+    hours: dict[str, float] = {}
+    for path in (results / "benchmarks").rglob("*.tsv"):
+        rule = path.relative_to(results / "benchmarks").parts[0].removesuffix(".tsv")
+        with open(path) as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        hours[rule] = hours.get(rule, 0.0) + sum(float(row["s"]) for row in rows) / 3600
+    return dict(sorted(hours.items()))
+
+
+def _pct(value: Any) -> str:
+    missing = value in ("", None) or (isinstance(value, float) and math.isnan(value))
+    return "" if missing else f"{100 * float(value):.1f}"
+
+
+def _interval(row: dict[str, Any], name: str) -> str:
+    mean, low, high = (row.get(f"{name}_{s}", "") for s in ("mean", "low", "high"))
+    if mean in ("", None):
+        return ""
+    return f"{_pct(mean)} [{_pct(low)}, {_pct(high)}]" if low not in ("", None) and not \
+        (isinstance(low, float) and math.isnan(low)) else _pct(mean)
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """Whether the seed-paired interval of the robust difference excludes 0."""
+    low, high = row.get("robust_diff_low"), row.get("robust_diff_high")
+    if low in ("", None) or high in ("", None) or math.isnan(float(low)):
+        return "no interval (one seed)"
+    if float(low) > 0:
+        return "above the baseline"
+    if float(high) < 0:
+        return "below the baseline"
+    return "not distinguishable from the baseline"
+
+
+def section(results: Path, rows: list[dict[str, Any]]) -> str:
+    """README's study section: the design in one line, the summary table with intervals, per arm what the
+    paired interval says, the standard-AutoAttack gap, the teacher's and generators' quality, the cost."""
+    origin = json.loads((results / "provenance.json").read_text())
+    cfg = params_mod.load(results / "params.yaml")
+    teacher = json.loads((results / "teacher" / "metrics.json").read_text()) \
+        if (results / "teacher" / "metrics.json").exists() else {}
+    attack = effect.ATTACK_LABELS.get(rows[0]["robust_attack"], rows[0]["robust_attack"])
+    robust = rows[0]["robust_attack"]
+    lines = [BEGIN, "<!-- generated by `python -m pipeline.effect_report write` from results/effect/; do not edit -->",
+             "",
+             f"Collected {origin['n_collected']} of the {origin['n_planned']} planned runs (commit "
+             f"`{origin['commit'][:10]}`, params sha256 `{origin['params_sha256'][:12]}`, "
+             "[results/effect/params.yaml](results/effect/params.yaml)). "
+             f"{cfg['data']['n_labelled']} labelled CIFAR-10 training images ({cfg['data']['val_size']} of them for "
+             f"validation); the teacher's test accuracy {_pct(teacher.get('test_acc'))}%. Accuracies in % on the "
+             f"first {rows[0]['n_eval']} test images, {rows[0]['threat']} eps {float(rows[0]['eps_255']):g}/255, "
+             f"{attack} as the robust attack; mean over seeds with the 95% t-interval, and the difference to the "
+             "real-data baseline paired by seed.", "",
+             f"| arm | generated images | seeds | clean | {attack} | {attack} - baseline | McNemar p < 0.05 "
+             "| verdict |",
+             "|---|---:|---:|---|---|---|---:|---|"]
+    for row in rows:
+        baseline = row["arm"] == "none"
+        lines.append(f"| {'real only' if baseline else row['arm']} | {int(row['amount']):,} | {row['n_seeds']} | "
+                     f"{_interval(row, 'clean')} | {_interval(row, robust)} | "
+                     f"{'' if baseline else _interval(row, 'robust_diff')} | "
+                     f"{'' if baseline else str(row['mcnemar_n_significant']) + ' of ' + str(row['n_paired'])} | "
+                     f"{'' if baseline else verdict(row)} |")
+    gaps = gap_rows(results)
+    if gaps:
+        lines += ["", f"Standard AutoAttack on the first {gaps[0]['n']} test images of each arm's seed-0 model "
+                  f"against {attack} on the same images: " + "; ".join(
+                      f"{g['run']} {_pct(g['autoattack_acc'])} vs {_pct(g['study_acc'])}" for g in gaps) + "."]
+    quality, space, reference = [], "", math.nan
+    for path in sorted((results / "analysis").glob("*.json")):
+        block = json.loads(path.read_text()).get("quality") or {}
+        if block.get("generated", {}).get("fid") is not None:
+            quality.append(f"{path.stem} {float(block['generated']['fid']):.4g}")
+            space, reference = block["feature_label"], float(block["reference_test"]["fid"])
+    if quality:
+        lines += ["", f"Generator FID to the labelled training images in {space} features (the real test set: "
+                  f"{float(reference):.4g}): " + ", ".join(quality) + "."]
+    hours = job_hours(results)
+    if hours:
+        lines += ["", f"Cost: {sum(hours.values()):.2f} job-hours, one thread per job ("
+                  + ", ".join(f"{rule} {value:.2f}" for rule, value in hours.items()) + ")."]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def replace_section(readme: Path, text: str) -> None:
+    content = readme.read_text()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(content):
+        raise ReportError(f"{readme}: no {BEGIN} ... {END} markers to fill")
+    with atomic_path(readme) as tmp:
+        tmp.write_text(pattern.sub(lambda _: text, content))
+
+
+def write(results: Path = RESULTS, figure_path: Path = FIGURE, readme: Path = README) -> list[dict[str, Any]]:
+    """summary.csv, the figure and README's section, from `results` alone."""
+    rows, columns = effect.summarise(effect.load_runs(results / "evaluate", results / "train_robust", "linf"), "none")
+    effect.write_csv(results / "summary.csv", rows, columns)
+    effect.figure(figure_path, rows, "none")
+    replace_section(readme, section(results, rows))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.effect_report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("gap", "collect", "targets"):
+        sub = commands.add_parser(name)
+        sub.add_argument("workdir", type=Path, help="the study's checkout (params.yaml, results/, models/)")
+        if name != "gap":
+            sub.add_argument("--kept", type=Path, default=RESULTS, help="the kept results (default results/effect)")
+    sub = commands.add_parser("write")
+    sub.add_argument("--results", type=Path, default=RESULTS)
+    sub.add_argument("--figure", type=Path, default=FIGURE)
+    sub.add_argument("--readme", type=Path, default=README)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if args.command == "gap":
+            gap(args.workdir)
+        elif args.command == "collect":
+            collect(args.workdir, args.kept)
+        elif args.command == "targets":
+            print(" ".join(missing_targets(args.workdir, args.kept)))
+        else:
+            write(args.results, args.figure, args.readme)
+    except (ReportError, effect.EffectError, params_mod.ParamsError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The effect study's kept results (pipeline/effect_report.py): collect copies only finished runs with the
+commit and params hash, refuses to mix studies, and `write` fills README's section from the copies alone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import effect_report as report
+from pipeline.shards import write_arrays
+from tests.helpers import tiny_config
+from tests.test_effect import write_run
+
+ROBUST = {0: 56, 1: 66, 2: 61}   # baseline robust images (of 200) per seed; gaussian gets 10 more each seed
+
+
+@pytest.fixture
+def study(tmp_path) -> Path:
+    """A study checkout: git repo, params with one generator over 3 seeds, every run finished but
+    gaussian-s2 (trained, not evaluated), a teacher and a Snakemake benchmark."""
+    workdir = tmp_path / "study"
+    workdir.mkdir()
+    cfg = tiny_config()
+    cfg["generate"]["generators"] = ["gaussian"]
+    cfg["variants"].update(names=[], seeds=[0, 1, 2])
+    (workdir / "params.yaml").write_text(yaml.safe_dump(cfg))
+    for command in (["init", "-q"], ["add", "params.yaml"],
+                    ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "study"]):
+        subprocess.run(["git", "-C", str(workdir), *command], check=True)
+    results = workdir / "results"
+    for seed, robust in ROBUST.items():
+        suffix = f"-s{seed}" if seed else ""
+        write_run(results, f"baseline{suffix}", None, 0, seed, robust)
+        write_run(results, f"gaussian{suffix}", "gaussian", 2000, seed, robust + 10)
+    for name in ("linf.json", "linf.h5"):
+        (results / "evaluate" / "gaussian-s2" / name).unlink()
+    (results / "teacher").mkdir()
+    (results / "teacher" / "metrics.json").write_text(json.dumps({"test_acc": 0.41}))
+    (workdir / "benchmarks" / "train_robust").mkdir(parents=True)
+    (workdir / "benchmarks" / "train_robust" / "baseline.tsv").write_text("s\th:m:s\n5400.0\t1:30:00\n")
+    return workdir
+
+
+def test_collect_copies_finished_runs_with_provenance_and_refuses_another_study(study, tmp_path):
+    out = tmp_path / "kept"
+    record = report.collect(study, out)
+    assert record["n_planned"] == 6 and record["n_collected"] == 5 and "gaussian-s2" not in record["runs_collected"]
+    assert record["commit"] == subprocess.run(["git", "-C", str(study), "rev-parse", "HEAD"], capture_output=True,
+                                              text=True).stdout.strip()
+    assert record["params_sha256"] == report.sha256(study / "params.yaml") == report.sha256(out / "params.yaml")
+    assert (out / "evaluate" / "gaussian-s1" / "linf.h5").exists() and not (out / "evaluate" / "gaussian-s2").exists()
+    assert not (out / "train_robust" / "gaussian-s2").exists()   # trained but not evaluated: not finished
+    assert (out / "benchmarks" / "train_robust" / "baseline.tsv").exists()
+    cfg = yaml.safe_load((study / "params.yaml").read_text())
+    cfg["base"]["seed"] = 1
+    (study / "params.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(report.ReportError, match="move .* away to start another study"):
+        report.collect(study, out)
+
+
+def test_write_fills_the_readme_section_from_the_kept_results_only(study, tmp_path):
+    out = tmp_path / "kept"
+    for folder in ("evaluate", "train_robust"):   # the last run finishes
+        for path in (study / "results" / folder / "gaussian-s2").iterdir():
+            path.unlink()
+        (study / "results" / folder / "gaussian-s2").rmdir()
+    write_run(study / "results", "gaussian-s2", "gaussian", 2000, 2, ROBUST[2] + 10)
+    report.collect(study, out)
+    gap = out / "gap" / "gaussian"
+    gap.mkdir(parents=True)
+    index = np.arange(50)
+    write_arrays(gap / "linf.h5", {"index": index, "clean_correct": index < 100, "pgd_correct": index < 40,
+                                   "aa_correct": index < 30})   # 30 of 50 where the study's attack left 50
+    (gap / "linf.json").write_text("{}")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{report.BEGIN}\nold numbers\n{report.END}\nafter\n")
+    rows = report.write(out, tmp_path / "effect.png", readme)
+    text = readme.read_text()
+    assert "old numbers" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    assert (tmp_path / "effect.png").stat().st_size > 0
+    with open(out / "summary.csv") as handle:
+        summary = {row["arm"]: row for row in csv.DictReader(handle)}
+    assert float(summary["gaussian"]["robust_diff_mean"]) == pytest.approx(10 / 200)
+    assert [row["arm"] for row in rows] == ["none", "gaussian"]
+    assert "| gaussian | 2,000 | 3 |" in text and "above the baseline" in text   # +5 points every seed: CI > 0
+    assert "Collected 6 of the 6 planned runs" in text and "teacher's test accuracy 41.0%" in text
+    assert "gaussian 60.0 vs 100.0" in text        # standard AutoAttack vs the study's attack, same 50 images
+    assert "1.50 job-hours" in text
+
+
+def test_a_readme_without_the_markers_is_named(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    with pytest.raises(report.ReportError, match="README.md: no <!-- effect-study:begin -->"):
+        report.replace_section(readme, "x")
+
+
+def test_gap_runs_are_each_arms_seed_zero_model_on_all_its_images():
+    cfg = tiny_config()
+    cfg["generate"]["generators"] = ["oracle", "gaussian"]
+    cfg["variants"].update(names=[], seeds=[0, 1], amounts=[100], amounts_for=["oracle"])
+    assert report.gap_runs(cfg) == ["baseline", "oracle", "gaussian"]
+
+
+def test_targets_are_the_evaluations_not_yet_kept(study, tmp_path):
+    out = tmp_path / "kept"
+    report.collect(study, out)
+    assert report.missing_targets(study, out) == ["results/evaluate/gaussian-s2/linf.json"]
