@@ -8,7 +8,7 @@ README's study section from what was collected.
     snakemake --cores 2 $(python -m pipeline.effect_report targets .)   # only the runs not yet collected
 
 `collect` copies, for every run params defines whose evaluation has finished, its evaluation (JSON and
-per-example HDF5) and training metrics and curve, plus the teacher's metrics, the generators' analysis,
+per-example HDF5), training metrics and curve and the evaluated model (a small CNN: under 300 kB), plus the teacher's metrics, the generators' analysis,
 Snakemake's per-job benchmarks and the params the study ran with; provenance.json records the commit and
 the params' sha256, and a collection from other params is refused (results of two studies never mix).
 Run it as often as runs finish: a study cut short keeps what it finished, and `targets` lists the
@@ -100,8 +100,10 @@ def collect(workdir: Path, out: Path = RESULTS) -> dict[str, Any]:
     files = [results / "teacher" / "metrics.json", *sorted((results / "analysis").glob("*.json")),
              *sorted((workdir / "benchmarks").rglob("*.tsv")), *sorted((results / "gap").glob("*/*.json")),
              *sorted((results / "gap").glob("*/*.h5"))]
+    checkpoint = cfg["evaluate"]["checkpoint"]
     for run in done:
-        files += [results / "train_robust" / run / "metrics.json", results / "train_robust" / run / "curve.csv"]
+        files += [results / "train_robust" / run / "metrics.json", results / "train_robust" / run / "curve.csv",
+                  workdir / "models" / "robust" / run / f"{checkpoint}.pt"]
         for threat in cfg["evaluate"]["threats"]:
             files += [results / "evaluate" / run / f"{threat}.json", results / "evaluate" / run / f"{threat}.h5"]
     for source in files:

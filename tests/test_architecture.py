@@ -12,7 +12,8 @@ from pipeline import dag
 PIPELINE = Path(__file__).resolve().parent.parent / "pipeline"
 # A module with a CLI that is still a library: pipeline.params is the one params loader and validator
 # every stage reads its section through; its `check` command is the DAG's first stage.
-LIBRARIES_WITH_A_CLI = {"params", "dag"}   # workflow-tool libraries the Snakefile and stages import
+LIBRARIES_WITH_A_CLI = {"params", "dag", "effect"}   # libraries with a CLI that other modules import
+# (the workflow tools: params, dag; the effect summary, which effect_report reads the kept study through)
 
 
 def _tree(path: Path) -> ast.Module:

@@ -38,6 +38,9 @@ def study(tmp_path) -> Path:
         suffix = f"-s{seed}" if seed else ""
         write_run(results, f"baseline{suffix}", None, 0, seed, robust)
         write_run(results, f"gaussian{suffix}", "gaussian", 2000, seed, robust + 10)
+        for run in (f"baseline{suffix}", f"gaussian{suffix}"):
+            (workdir / "models" / "robust" / run).mkdir(parents=True)
+            (workdir / "models" / "robust" / run / "best.pt").write_bytes(run.encode())
     for name in ("linf.json", "linf.h5"):
         (results / "evaluate" / "gaussian-s2" / name).unlink()
     (results / "teacher").mkdir()
@@ -57,6 +60,8 @@ def test_collect_copies_finished_runs_with_provenance_and_refuses_another_study(
     assert (out / "evaluate" / "gaussian-s1" / "linf.h5").exists() and not (out / "evaluate" / "gaussian-s2").exists()
     assert not (out / "train_robust" / "gaussian-s2").exists()   # trained but not evaluated: not finished
     assert (out / "benchmarks" / "train_robust" / "baseline.tsv").exists()
+    assert (out / "models" / "robust" / "gaussian-s1" / "best.pt").read_bytes() == b"gaussian-s1"
+    assert not (out / "models" / "robust" / "gaussian-s2").exists()
     cfg = yaml.safe_load((study / "params.yaml").read_text())
     cfg["base"]["seed"] = 1
     (study / "params.yaml").write_text(yaml.safe_dump(cfg))

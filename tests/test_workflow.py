@@ -27,7 +27,7 @@ def test_snakemake_builds_a_sane_table(snakemake_run):
     assert {row["generator"] for row in rows} == {"none", *P.generators(cfg)} or \
         {row["generator"] for row in rows} == {"", *P.generators(cfg)}
     assert len(rows) == len(P.runs(cfg)) * len(cfg["evaluate"]["threats"])
-    # every variant (tests/params.yaml: advprop, cutmix) adds a row for the baseline and each generator
+    # every variant (tests/params.yaml: cutmix) adds a row for the baseline and each generator
     assert {row["variant"] for row in rows} == {"none", *cfg["variants"]["names"]}
     assert {(row["generator"], row["variant"]) for row in rows} == {
         (generator, variant) for generator in ["none", *P.generators(cfg)]
