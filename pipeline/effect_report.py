@@ -5,7 +5,7 @@ README's study section from what was collected.
     python -m pipeline.effect_report gap WORKDIR        # standard AutoAttack on the first images, seed-0 runs
     python -m pipeline.effect_report collect WORKDIR    # WORKDIR's finished runs -> results/effect/
     python -m pipeline.effect_report write              # summary.csv, figures/effect.png, README section
-    snakemake --cores 2 $(python -m pipeline.effect_report targets .)   # only the runs not yet collected
+    python -m pipeline.effect_report targets WORKDIR    # evaluations of the runs results/effect/ lacks
 
 `collect` copies, for every run params defines whose evaluation has finished, its evaluation (JSON and
 per-example HDF5), training metrics and curve and the evaluated model (a small CNN: under 300 kB), plus the teacher's metrics, the generators' analysis,

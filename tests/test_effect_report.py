@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline import effect
 from pipeline import effect_report as report
 from pipeline.shards import write_arrays
-from tests.helpers import tiny_config
+from tests.helpers import REPO, tiny_config
 from tests.test_effect import write_run
 
 ROBUST = {0: 56, 1: 66, 2: 61}   # baseline robust images (of 200) per seed; gaussian gets 10 more each seed
@@ -117,3 +118,16 @@ def test_targets_are_the_evaluations_not_yet_kept(study, tmp_path):
     out = tmp_path / "kept"
     report.collect(study, out)
     assert report.missing_targets(study, out) == ["results/evaluate/gaussian-s2/linf.json"]
+
+
+def test_readmes_study_section_is_the_one_generated_from_the_kept_results():
+    """README's effect section is `effect_report write`'s output from the committed results/effect/ (or the
+    placeholder while nothing is collected): numbers in it are never typed in."""
+    readme = (REPO / "README.md").read_text()
+    start, end = readme.index(report.BEGIN), readme.index(report.END) + len(report.END)
+    kept = REPO / report.RESULTS
+    if (kept / "provenance.json").exists():
+        rows, _ = effect.summarise(effect.load_runs(kept / "evaluate", kept / "train_robust", "linf"), "none")
+        assert readme[start:end] == report.section(kept, rows)
+    else:
+        assert readme[start:end] == f"{report.BEGIN}\nNo results collected yet.\n{report.END}"

@@ -40,6 +40,10 @@ def test_effect_preset_plans_the_studys_thirty_runs():
     assert amounts == {"oracle": [0, 1250, 2500, 5000], "gaussian": [0, 1250, 2500, 5000], "edm": [0]}
     assert cfg["data"]["n_labelled"] == 1000 and cfg["evaluate"]["n_eval"] == 1000
     assert cfg["evaluate"]["version"] == "apgd-ce" and cfg["generate"]["n_images"] == 10000
+    from pipeline import dag
+
+    stages = yaml.safe_load(dag.render(cfg))["stages"]   # DVC plans every run of the table too
+    assert set(stages["train_robust"]["foreach"]) == {run.name for run in table}
 
 
 def test_paper_preset_has_the_papers_settings():
