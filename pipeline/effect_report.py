@@ -8,8 +8,9 @@ README's study section from what was collected.
     python -m pipeline.effect_report targets WORKDIR    # evaluations of the runs results/effect/ lacks
 
 `collect` copies, for every run params defines whose evaluation has finished, its evaluation (JSON and
-per-example HDF5), training metrics and curve and the evaluated model (a small CNN: under 300 kB), plus the teacher's metrics, the generators' analysis,
-Snakemake's per-job benchmarks and the params the study ran with; provenance.json records the commit and
+per-example HDF5), training metrics and curve and the evaluated model (a small CNN: under 300 kB), plus
+the teacher's metrics, the generators' analysis, Snakemake's per-job benchmarks and the params the study
+ran with; provenance.json records the commit and
 the params' sha256, and a collection from other params is refused (results of two studies never mix).
 Run it as often as runs finish: a study cut short keeps what it finished, and `targets` lists the
 evaluations still missing from results/effect/, so a fresh checkout redoes the shared stages (seeded: the
