@@ -417,15 +417,21 @@ def write_report(report: dict[str, Any], out: Path) -> None:
 
 def run_part(name: str, fn: Callable[[], list[dict[str, Any]]], report: dict[str, Any], out: Path,
              device: torch.device) -> bool:
-    """Run one part guarded: its entry is `running` on disk while it runs, then `ok` with its rows or
-    `error` with the exception; the report is written after either. Returns whether it succeeded."""
+    """Run one part guarded: its entry is `running` on disk while it runs, then `ok` with its rows,
+    `failed` with its rows when a row's check (`ok`, `*_ok`) is false, or `error` with the exception; the
+    report is written after each. Returns whether it succeeded."""
     entry: dict[str, Any] = {"status": "running"}
     report["parts"][name] = entry
     write_report(report, out)
     start = time.perf_counter()
     try:
         entry["rows"] = fn()
-        entry["status"] = "ok"
+        failed = sorted({key for row in entry["rows"] for key, value in row.items()
+                         if (key == "ok" or key.endswith("_ok")) and value is False})
+        entry["status"] = "failed" if failed else "ok"
+        if failed:   # ran to the end, but a check came out false: the rows stay, the exit code says so
+            entry["error"] = f"check failed: {', '.join(failed)}"
+            print(f"gpu_check: part {name}: {entry['error']}", file=sys.stderr)
     except (Exception, SystemExit) as error:  # a stage CLI leaves with SystemExit("error: ...")
         entry.update(status="error", error=f"{type(error).__name__}: {error}"[:2000],
                      traceback=traceback.format_exc()[-4000:])
@@ -451,13 +457,12 @@ def markdown(report: dict[str, Any]) -> str:
     for name, entry in report["parts"].items():
         if entry["status"] != "ok":
             problems.append(f"- {name}: {entry['status']}" + (f" ({entry['error']})" if "error" in entry else ""))
-            continue
-        for row in entry["rows"]:
+        for row in entry.get("rows", []):
             notes = [f"{k} {row[k]}" for k in NOTES if row.get(k) not in (None, "")]
             peak = "n/a (cpu)" if row.get("peak_gib") is None else row["peak_gib"]
             lines.append(f"| {row['part']} | {row['variant']} | {row.get('images_per_s', '')} | "
                          f"{row.get('vs_port', '')} | {peak} | {', '.join(notes)} |")
-    tail = "\n\nNot finished:\n" + "\n".join(problems) if problems else ""
+    tail = "\n\nNot finished or failed:\n" + "\n".join(problems) if problems else ""
     return head + "\n".join(lines) + tail + "\n"
 
 

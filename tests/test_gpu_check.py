@@ -157,3 +157,18 @@ def test_the_train_part_times_ours_against_the_port_at_cpu_scale():
     port, ours = gpu_check.train_part(gpu_check.CPU, gpu_check.torch.device("cpu"))
     assert port["variant"] == "port (fp32)" and port["images_per_s"] > 0
     assert ours["images_per_s"] > 0 and ours["vs_port"] > 0 and "host_syncs_per_step" in ours
+
+
+def test_a_part_whose_check_comes_out_false_keeps_its_rows_and_fails_the_run(tmp_path, monkeypatch):
+    """The zoo part's clean accuracy off the published value (ok False) ran to the end: its rows stay in the
+    report, its status is `failed` and the exit code is 1."""
+    gpu_check = load("gpu_check")
+    monkeypatch.setattr(gpu_check, "compile_part", lambda scale, device: [
+        {"part": "compile", "variant": "probe", "images_per_s": 1.0, "peak_gib": None, "ok": False}])
+    code = gpu_check.main(["--device", "cpu", "--parts", "compile", "--out", str(tmp_path / "out"),
+                           "--work", str(tmp_path / "work")])
+    assert code == 1
+    entry = json.loads((tmp_path / "out" / "gpu_check-cpu.json").read_text())["parts"]["compile"]
+    assert entry["status"] == "failed" and entry["error"] == "check failed: ok" and entry["rows"][0]["variant"] == "probe"
+    text = (tmp_path / "out" / "gpu_check-cpu.md").read_text()
+    assert "| compile | probe |" in text and "- compile: failed (check failed: ok)" in text
