@@ -231,11 +231,11 @@ def section(results: Path, rows: list[dict[str, Any]]) -> str:
              f"Collected {origin['n_collected']} of the {origin['n_planned']} planned runs (commit "
              f"`{origin['commit'][:10]}`, params sha256 `{origin['params_sha256'][:12]}`, "
              "[results/effect/params.yaml](results/effect/params.yaml)). "
-             f"{cfg['data']['n_labelled']} labelled CIFAR-10 training images ({cfg['data']['val_size']} of them for "
-             f"validation); the teacher's test accuracy {_pct(teacher.get('test_acc'))}%. Accuracies in % on the "
-             f"first {rows[0]['n_eval']} test images, {rows[0]['threat']} eps {float(rows[0]['eps_255']):g}/255, "
-             f"{attack} as the robust attack; mean over seeds with the 95% t-interval, and the difference to the "
-             "real-data baseline paired by seed.", "",
+             f"{int(cfg['data']['n_labelled']):,} labelled CIFAR-10 training images ({cfg['data']['val_size']} of "
+             f"them for validation); the teacher's test accuracy {_pct(teacher.get('test_acc'))}%. Accuracies in % "
+             f"on the first {int(rows[0]['n_eval']):,} test images, {rows[0]['threat']} eps "
+             f"{float(rows[0]['eps_255']):g}/255, {attack} as the robust attack; mean over seeds with the 95% "
+             "t-interval, and the difference to the real-data baseline paired by seed.", "",
              f"| arm | generated images | seeds | clean | {attack} | {attack} - baseline | McNemar p < 0.05 "
              "| verdict |",
              "|---|---:|---:|---|---|---|---:|---|"]
