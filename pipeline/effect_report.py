@@ -10,11 +10,11 @@ README's study section from what was collected.
 `collect` copies, for every run params defines whose evaluation has finished, its evaluation (JSON and
 per-example HDF5), training metrics and curve and the evaluated model (a small CNN: under 300 kB), plus
 the teacher's metrics, the generators' analysis, Snakemake's per-job benchmarks and the params the study
-ran with; provenance.json records the commit and
-the params' sha256, and a collection from other params is refused (results of two studies never mix).
-Run it as often as runs finish: a study cut short keeps what it finished, and `targets` lists the
-evaluations still missing from results/effect/, so a fresh checkout redoes the shared stages (seeded: the
-same bytes on the same kind of device) and trains only the runs not yet kept. `write` reads only
+ran with; provenance.json records the commit and the params' sha256, and a collection from other params
+is refused (results of two studies never mix). Run it as often as runs finish: a study cut short keeps
+what it finished, and `targets` lists the evaluations still missing from results/effect/, so a fresh
+checkout redoes the shared stages (seeded: the same bytes on the same kind of device) and trains only the
+runs not yet kept. `write` reads only
 results/effect/: the numbers in README.md come from there, never typed in.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -37,7 +36,7 @@ import yaml
 
 from pipeline import effect
 from pipeline import params as params_mod
-from pipeline.shards import atomic_path, read_arrays
+from pipeline.shards import atomic_path, file_sha256, read_arrays
 
 log = logging.getLogger("pipeline.effect_report")
 RESULTS = Path("results/effect")
@@ -45,15 +44,10 @@ FIGURE = Path("results/figures/effect.png")
 README = Path("README.md")
 BEGIN, END = "<!-- effect-study:begin -->", "<!-- effect-study:end -->"
 GAP_N_EVAL = 100   # test images standard AutoAttack attacks per gap run (minutes each for a small CNN on a CPU)
-GAP_EVALUATE = {"version": "standard"}
 
 
 class ReportError(ValueError):
     """A study folder or kept results that cannot be collected or reported; the message names the file."""
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _git(workdir: Path, *args: str) -> str:
@@ -65,7 +59,7 @@ def provenance(workdir: Path) -> dict[str, Any]:
     the sha256 of the params it ran with."""
     changed = _git(workdir, "diff", "--name-only", "HEAD").split()
     return {"commit": _git(workdir, "rev-parse", "HEAD"), "changed_files": changed,
-            "params_sha256": sha256(workdir / "params.yaml")}
+            "params_sha256": file_sha256(workdir / "params.yaml")}
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -87,7 +81,7 @@ def finished_runs(workdir: Path, cfg: dict[str, Any]) -> tuple[list[str], list[s
 def collect(workdir: Path, out: Path = RESULTS) -> dict[str, Any]:
     """Copy the finished runs' small outputs of `workdir` into `out`; the provenance written."""
     workdir = Path(workdir)
-    cfg = params_mod.validate(params_mod.load(workdir / "params.yaml"))
+    cfg = params_mod.load(workdir / "params.yaml")
     origin = provenance(workdir)
     kept = out / "provenance.json"
     if kept.exists():
@@ -121,7 +115,7 @@ def collect(workdir: Path, out: Path = RESULTS) -> dict[str, Any]:
 
 def missing_targets(workdir: Path, kept: Path = RESULTS) -> list[str]:
     """The evaluation JSONs (relative to `workdir`) of the runs params defines that `kept` does not hold."""
-    cfg = params_mod.validate(params_mod.load(Path(workdir) / "params.yaml"))
+    cfg = params_mod.load(Path(workdir) / "params.yaml")
     return [f"results/evaluate/{run}/{threat}.json" for run in params_mod.runs(cfg)
             for threat in cfg["evaluate"]["threats"] if not (kept / "evaluate" / run / f"{threat}.json").exists()]
 
@@ -139,8 +133,8 @@ def gap(workdir: Path, n_eval: int = GAP_N_EVAL) -> list[Path]:
     """Standard AutoAttack on the first `n_eval` test images of each gap run's evaluated model, through the
     evaluate stage (resumable per chunk), into WORKDIR/results/gap/<run>/<threat>.json and .h5."""
     workdir = Path(workdir)
-    cfg = params_mod.validate(params_mod.load(workdir / "params.yaml"))
-    overlay = {**cfg, "evaluate": {**cfg["evaluate"], **GAP_EVALUATE, "n_eval": n_eval, "chunk_size": n_eval,
+    cfg = params_mod.load(workdir / "params.yaml")
+    overlay = {**cfg, "evaluate": {**cfg["evaluate"], "version": "standard", "n_eval": n_eval, "chunk_size": n_eval,
                                    "n_sweep": min(20, n_eval)}}
     params_path = workdir / "work" / "gap" / "params.yaml"
     params_path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,23 +186,26 @@ def job_hours(results: Path) -> dict[str, float]:
     return dict(sorted(hours.items()))
 
 
+def _missing(value: Any) -> bool:
+    """A summary cell with no number: empty, None or NaN (no interval with one seed)."""
+    return value in ("", None) or math.isnan(float(value))
+
+
 def _pct(value: Any) -> str:
-    missing = value in ("", None) or (isinstance(value, float) and math.isnan(value))
-    return "" if missing else f"{100 * float(value):.1f}"
+    return "" if _missing(value) else f"{100 * float(value):.1f}"
 
 
 def _interval(row: dict[str, Any], name: str) -> str:
     mean, low, high = (row.get(f"{name}_{s}", "") for s in ("mean", "low", "high"))
-    if mean in ("", None):
+    if _missing(mean):
         return ""
-    return f"{_pct(mean)} [{_pct(low)}, {_pct(high)}]" if low not in ("", None) and not \
-        (isinstance(low, float) and math.isnan(low)) else _pct(mean)
+    return _pct(mean) if _missing(low) else f"{_pct(mean)} [{_pct(low)}, {_pct(high)}]"
 
 
 def verdict(row: dict[str, Any]) -> str:
     """Whether the seed-paired interval of the robust difference excludes 0."""
-    low, high = row.get("robust_diff_low"), row.get("robust_diff_high")
-    if low in ("", None) or high in ("", None) or math.isnan(float(low)):
+    low, high = row.get("robust_diff_low", ""), row.get("robust_diff_high", "")
+    if _missing(low) or _missing(high):
         return "no interval (one seed)"
     if float(low) > 0:
         return "above the baseline"
@@ -259,7 +256,7 @@ def section(results: Path, rows: list[dict[str, Any]]) -> str:
             space, reference = block["feature_label"], float(block["reference_test"]["fid"])
     if quality:
         lines += ["", f"Generator FID to the labelled training images in {space} features (the real test set: "
-                  f"{float(reference):.4g}): " + ", ".join(quality) + "."]
+                  f"{reference:.4g}): " + ", ".join(quality) + "."]
     hours = job_hours(results)
     if hours:
         lines += ["", f"Cost: {sum(hours.values()):.2f} job-hours, one thread per job ("
