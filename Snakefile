@@ -1,5 +1,6 @@
 # robustgen: CIFAR-10 / CIFAR-100 / SVHN -> generated data -> robust training -> results/{dataset}_table.csv
-# Table of contents only: rules live in rules/*.smk, logic in pipeline/ (python -m pipeline.<stage>).
+# The rules are generated from the stage table of pipeline/dag.py (rules/stages.smk, as dvc.yaml is); their
+# helpers are in rules/common.smk, the logic in pipeline/ (python -m pipeline.<stage>).
 # The one configuration is params.yaml (switch scale with `python -m pipeline.params use paper`).
 from snakemake.utils import min_version
 
@@ -15,26 +16,10 @@ configfile: "params.yaml"
 
 
 include: "rules/common.smk"
-include: "rules/data.smk"
-include: "rules/generate.smk"
-include: "rules/teacher.smk"
-include: "rules/pseudolabel.smk"
-include: "rules/select.smk"
-include: "rules/analysis.smk"
-include: "rules/train_robust.smk"
-include: "rules/evaluate.smk"
-include: "rules/table.smk"
-
-
-localrules:
-    all,
-    sample_grid,
-    analysis_summary,
-    threat_model,
-    table,
-    evaluate,  # the merge of one (run, threat)'s AutoAttack chunks: seconds, no GPU
+include: "rules/stages.smk"  # generated from pipeline/dag.py's stage table
 
 
 rule all:
     input:
         final_targets(),
+    localrule: True

@@ -1,7 +1,7 @@
 """Stage `generate`: sample a generator into HDF5 shards, one shard per job; and the sample grid PNG.
 
     python -m pipeline.generate --params params.yaml --generator ddpm \
-        --model models/generators/ddpm/model.pt --shard 7 --out data/generated/ddpm/shard-00007.h5
+        --model models/generators/ddpm/model.pt --shard 00007 --out-dir data/generated/ddpm   # shard-00007.h5
     python -m pipeline.generate --params params.yaml --generator ddpm \
         --model models/generators/ddpm/model.pt --shard all --out-dir data/generated/ddpm
     python -m pipeline.generate grid --shard data/generated/ddpm/shard-00000.h5 \
@@ -118,9 +118,9 @@ def run(cfg_all: dict[str, Any], name: str, model: Path, shard: str, out: Path |
             log.info("%s: removed (not a shard of the current params)", stale)  # readers glob the dir
             stale.unlink()
     else:
-        if out is None or not shard.isdigit():
-            raise params_mod.ParamsError("--shard INDEX needs --out (or use --shard all --out-dir DIR)")
-        jobs = [(int(shard), out)]
+        if (out is None and out_dir is None) or not shard.isdigit():
+            raise params_mod.ParamsError("--shard INDEX needs --out or --out-dir (or use --shard all --out-dir DIR)")
+        jobs = [(int(shard), out or out_dir / f"shard-{int(shard):05d}.h5")]   # type: ignore[operator]
     checkpoint_sha = shards.file_sha256(model)
     device = resolve_device(cfg_all["base"]["device"])
     sampler = generators.load(name, model, settings, device)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="models/generators/{g}/model.pt")
     parser.add_argument("--shard", required=True, help="shard index, or `all`")
     parser.add_argument("--out", type=Path, help="shard file (with a shard index)")
-    parser.add_argument("--out-dir", type=Path, help="shard directory (with --shard all)")
+    parser.add_argument("--out-dir", type=Path, help="shard directory: the shard's file in it, or every shard's")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:

@@ -1,9 +1,9 @@
 """Stage `pseudolabel`: the teacher's labels for every generated shard, in a sidecar file per shard.
 
     python -m pipeline.pseudolabel --params params.yaml --teacher models/teacher/model.pt \
-        --shard data/generated/{g}/shard-{i:05d}.h5 --out data/pseudolabels/{g}/shard-{i:05d}.h5
+        --shards data/generated/{g}/shard-{i:05d}.h5 --out-dir data/pseudolabels/{g}   # Snakemake: one shard
     python -m pipeline.pseudolabel --params params.yaml --teacher models/teacher/model.pt \
-        --shard-dir data/generated/{g} --out-dir data/pseudolabels/{g}      # DVC: every shard, same bytes
+        --shards data/generated/{g} --out-dir data/pseudolabels/{g}      # DVC: every shard, same bytes
 
 Labels live beside the images, never inside them, so a new teacher does not invalidate the DVC-tracked
 images. A sidecar (shards.write_arrays) holds `label` (int64, the label training and select use),
@@ -106,14 +106,15 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--teacher", type=Path, required=True, help="teacher model.pt")
-    parser.add_argument("--shard", type=Path, help="one shard (Snakemake: one job per shard)")
+    parser.add_argument("--shard", type=Path, help="one shard, labelled into --out")
     parser.add_argument("--out", type=Path, help="its sidecar")
-    parser.add_argument("--shard-dir", type=Path, help="every shard-*.h5 in a folder (DVC)")
-    parser.add_argument("--out-dir", type=Path, help="sidecars with the same file names")
+    parser.add_argument("--shards", type=Path, nargs="+",
+                        help="shard files or folders of shard-*.h5 (Snakemake: its job's shard; DVC: the folder)")
+    parser.add_argument("--out-dir", type=Path, help="sidecars with the shards' file names")
     args = parser.parse_args(argv)
-    if bool(args.shard) == bool(args.shard_dir) or bool(args.shard) != bool(args.out) \
-            or bool(args.shard_dir) != bool(args.out_dir):
-        parser.error("give either --shard with --out, or --shard-dir with --out-dir")
+    if bool(args.shard) == bool(args.shards) or bool(args.shard) != bool(args.out) \
+            or bool(args.shards) != bool(args.out_dir):
+        parser.error("give either --shard with --out, or --shards with --out-dir")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg_all = params_mod.load(args.params)
     cfg = params_mod.section(PseudolabelConfig, cfg_all["pseudolabel"])
@@ -124,9 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.shard:
         jobs = [(args.shard, args.out)]
     else:
-        shards = expand([args.shard_dir])
+        shards = expand(args.shards)
         if not shards:
-            raise SystemExit(f"error: {args.shard_dir}: no shard-*.h5 files")
+            raise SystemExit(f"error: {' '.join(map(str, args.shards))}: no shard-*.h5 files")
         jobs = [(shard, args.out_dir / shard.name) for shard in shards]
     try:
         for shard, out in jobs:

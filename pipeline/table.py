@@ -223,7 +223,7 @@ def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list
                       {run.name: run for run in params_mod.run_table(cfg)})
     rows = [evaluation_row(path, context) for path in evaluations]
     rows.sort(key=lambda r: (r["generator"] != "none", r["generator"], r["n_generated"], r["model"],
-                             r["variant"] != "none", r["variant"], r["threat"]))
+                             r["variant"] != "none", r["variant"], r["threat"], r["run"]))   # run: a seed's
     seen = set()
     for row in rows:
         run_threat = (row["run"], row["threat"])

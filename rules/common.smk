@@ -1,5 +1,5 @@
-# Helpers shared by the rules: validation before any job, the DAG's axes, and path templates.
-# Real logic lives in pipeline/ (pipeline.params), where it is tested.
+# What the rules of rules/stages.smk (generated from pipeline/dag.py) use: validation before any job, the
+# lists of the DAG's axes, and the inputs known only when a job is planned. Logic lives in pipeline/.
 import os
 import re
 
@@ -56,47 +56,15 @@ def run_learned_threat_model(wildcards):
     return [f"models/generators/{threat}/model.pt"] if threat in P.LEARNED_THREATS else []
 
 
-def generated_shards(wildcards):
-    return expand("data/generated/{generator}/shard-{shard}.h5", generator=wildcards.generator, shard=SHARDS)
+def run_generated(pattern):
+    """The input function of a run's files of its generator (`{generator}` and `{shard}` in `pattern`): a
+    variant, amount or seed run (gaussian-cutmix-s1) reads its generator's; the real-data baseline none."""
 
+    def files(wildcards):
+        generator = RUN_TABLE[wildcards.run].generator
+        return [] if generator is None else expand(pattern, generator=generator, shard=SHARDS)
 
-def run_source(wildcards):
-    """The generator whose data a run trains on (a variant, amount or seed run, e.g. gaussian-cutmix-s1,
-    reuses it); None for the real-data baseline and its repeats."""
-    return RUN_TABLE[wildcards.run].generator
-
-
-def run_shards(wildcards):
-    if run_source(wildcards) is None:
-        return []
-    return expand("data/generated/{generator}/shard-{shard}.h5", generator=run_source(wildcards), shard=SHARDS)
-
-
-def run_labels(wildcards):
-    if run_source(wildcards) is None:
-        return []
-    return expand("data/pseudolabels/{generator}/shard-{shard}.h5", generator=run_source(wildcards), shard=SHARDS)
-
-
-def run_selection(wildcards):
-    """The select index of a run's generator (none for the real-data baseline)."""
-    source = run_source(wildcards)
-    return [] if source is None else [f"data/selection/{source}/index.npy"]
-
-
-def evaluate_chunks(wildcards):
-    """Every chunk file of one (run, threat); raising n_eval adds chunks and keeps the finished ones."""
-    return expand(
-        "results/evaluate/{run}/{threat}/chunks/chunk-{chunk}.h5",
-        run=wildcards.run,
-        threat=wildcards.threat,
-        chunk=EVAL_CHUNKS,
-    )
-
-
-def evaluated_model(wildcards):
-    """The checkpoint evaluate.checkpoint names: best.pt (chosen on the validation split) or last.pt."""
-    return f"models/robust/{wildcards.run}/{config['evaluate']['checkpoint']}.pt"
+    return files
 
 
 def flag_list(flag, paths):
@@ -160,13 +128,9 @@ def launcher(resources, threads, module="train_robust"):
     return f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} python -m pipeline.{module}"
 
 
-def table_path():
-    return f"results/{DATASET}_table.csv"
-
-
 def final_targets():
     return [
-        table_path(),
+        f"results/{DATASET}_table.csv",
         "results/complementarity.csv",
         *expand("results/figures/samples_{generator}.png", generator=GENERATORS),
     ]

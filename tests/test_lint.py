@@ -42,10 +42,10 @@ def test_only_the_listed_lints_are_accepted(tmp_path):
               f"Lints for rule data (line 1, {rules}):\n"
               "    * Param out_dir is a prefix of input or output file but hardcoded:\n      If this is...\n"
               f"Lints for rule teacher (line 1, {rules}):\n"
-              "    * Param out_dir is a prefix of input or output file but hardcoded:\n      If this is...\n")
+              "    * Param out_model is a prefix of input or output file but hardcoded:\n      If this is...\n")
     found = lint_workflow.lints(output)
     assert [(subject, title) for subject, title, _ in found] == [
         (str(rules), "Path composition with '+' in line 3"), (str(rules), "Path composition with '+' in line 6"),
         ("rule data", "Param out_dir is a prefix of input or output file but hardcoded"),
-        ("rule teacher", "Param out_dir is a prefix of input or output file but hardcoded")]
+        ("rule teacher", "Param out_model is a prefix of input or output file but hardcoded")]
     assert [lint_workflow.accepted(subject, title) for subject, title, _ in found] == [True, False, True, False]

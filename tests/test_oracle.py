@@ -74,7 +74,7 @@ def run_chain(cfg: dict, root: Path, teacher_model: Path | None = None) -> dict[
         generate.main(["--params", params, "--generator", "oracle", "--model", "models/generators/oracle/model.pt",
                        "--shard", "all", "--out-dir", "data/generated/oracle"])
         pseudolabel.main(["--params", params, "--teacher", "models/teacher/model.pt",
-                          "--shard-dir", "data/generated/oracle", "--out-dir", "data/pseudolabels/oracle"])
+                          "--shards", "data/generated/oracle", "--out-dir", "data/pseudolabels/oracle"])
     finally:
         os.chdir(cwd)
     files = {f"data/cifar10/{name}.h5": root / "data" / "cifar10" / f"{name}.h5" for name in SETS}

@@ -39,7 +39,7 @@ def test_both_cli_forms_write_identical_aligned_sidecars(tiny_params, write_para
     pseudolabel.main(["--params", str(params), "--teacher", str(teacher_file),
                       "--shard", str(shard_dir / "shard-00000.h5"), "--out", str(one)])
     pseudolabel.main(["--params", str(params), "--teacher", str(teacher_file),
-                      "--shard-dir", str(shard_dir), "--out-dir", str(tmp_path / "all")])
+                      "--shards", str(shard_dir), "--out-dir", str(tmp_path / "all")])
     assert one.read_bytes() == (tmp_path / "all" / "shard-00000.h5").read_bytes()
 
     arrays = load_labels(shard_dir / "shard-00000.h5", one)
@@ -63,7 +63,7 @@ def test_misaligned_sidecar_is_detected_naming_both_files(tiny_params, write_par
     params = write_params(tiny_params)
     out = tmp_path / "labels"
     pseudolabel.main(["--params", str(params), "--teacher", str(teacher_file),
-                      "--shard-dir", str(shard_dir), "--out-dir", str(out)])
+                      "--shards", str(shard_dir), "--out-dir", str(out)])
     with pytest.raises(ShardError, match="shard-00001.h5.*shard-00000.h5|shard-00000.h5.*shard-00001.h5"):
         load_labels(shard_dir / "shard-00000.h5", out / "shard-00001.h5")
     # A regenerated shard (new bytes under the same name) no longer matches its old sidecar.

@@ -1,14 +1,15 @@
 """Snakefile and dvc.yaml describe the same DAG, from one table (pipeline/dag.py).
 
-dvc.yaml is the table rendered (regenerate and diff); every rule is a stage of the table and takes its
-params from it; every stage declares exactly the params keys it reads, in both tools; and the two tools
-plan the same stage modules and outputs. Granularity may differ (Snakemake has one job per shard, DVC one
-stage per generator writing the shard directory), so a Snakemake output counts as matched when it equals
-a DVC output or lies inside one.
+dvc.yaml and rules/stages.smk are the table rendered (regenerate and diff); every rule is a stage of the
+table; every path a command names is declared; every stage declares exactly the params keys it reads, in
+both tools; and the two tools plan the same stage modules and outputs. Granularity may differ (Snakemake
+has one job per shard, DVC one stage per generator writing the shard directory), so a Snakemake output
+counts as matched when it equals a DVC output or lies inside one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import dag
+from pipeline import dag, snakemake_rules
 from pipeline import params as P
 from tests.helpers import BIN, REPO, env, make_workdir, save_params
 from tests.params_reads import Reads, mismatches, stage_reads
@@ -43,23 +44,63 @@ def test_rendered_yaml_is_the_stanzas():
     assert yaml.safe_load(dag.render(COMMITTED)) == {"stages": {s.name: s.body for s in dag.stanzas(COMMITTED)}}
 
 
-def rule_blocks() -> dict[str, str]:
-    blocks = {}
-    for path in sorted((REPO / "rules").glob("*.smk")):
-        for block in re.split(r"^rule ", path.read_text(), flags=re.MULTILINE)[1:]:
-            name, _, body = block.partition(":")
-            blocks[name.strip()] = body
-    return blocks
+def test_snakemake_rules_are_the_rendered_stage_table():
+    """Editing rules/stages.smk by hand (a rule losing an input, a flag) fails here."""
+    committed, generated = (REPO / "rules" / "stages.smk").read_text(), snakemake_rules.render()
+    diff = "".join(difflib.unified_diff(committed.splitlines(True), generated.splitlines(True),
+                                        "rules/stages.smk", "pipeline/dag.py"))
+    assert committed == generated, f"run `python -m pipeline.dag write rules/stages.smk`:\n{diff}"
 
 
 def test_every_rule_is_a_stage_and_takes_its_params_from_the_table():
-    """Removing a stage from the table (or adding a rule without one) fails here; a rule whose command
-    reads params.yaml declares the table's keys for its stage, and nothing else as `cfg`."""
-    blocks = rule_blocks()
-    assert sorted(blocks) == sorted(set(dag.STAGES) - {"check_params"})   # DVC validates in a stage
-    for name, block in blocks.items():
-        declared = re.findall(r"^\s+cfg=(.*),$", block, flags=re.MULTILINE)
-        assert declared == ([f'stage_params("{name}")'] if "--params" in block else []), name
+    """One rule per stage (check_params is DVC's: Snakemake validates when it parses), no hand-written rule
+    besides `all`; a rule whose command reads params.yaml declares the table's keys for its stage."""
+    rules = {}
+    for path in [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))]:
+        for block in re.split(r"^rule ", path.read_text(), flags=re.MULTILINE)[1:]:
+            name, _, body = block.partition(":")
+            rules[name.strip()] = (path.name, body)
+    assert {name: path for name, (path, _) in rules.items()} == \
+        {"all": "Snakefile", **{name: "stages.smk" for name, stage in dag.STAGES.items() if stage.snakemake}}
+    for name, (_, body) in rules.items():
+        declared = re.findall(r"^\s+cfg=(.*),$", body, flags=re.MULTILINE)
+        assert declared == ([f'stage_params("{name}")'] if "--params" in body else []), name
+
+
+PATH = re.compile(r"^(data|models|results|work|logs)/")
+
+
+@pytest.mark.parametrize("name", sorted(dag.STAGES))
+def test_every_path_a_command_names_is_declared(name):
+    """A stage's command reads and writes only files it declares (or the folder of declared files, to a
+    `-dir` flag; workdirs, resume state, excepted):
+    deleting an input from the table leaves its path in the command and fails here; the rules and
+    dvc.yaml are written from the table, so neither tool can run a command on an undeclared file."""
+    stage = dag.STAGES[name]
+    declared = set()
+    for entry in (*stage.deps, *stage.outs, *stage.metrics, *stage.plots):
+        entry = entry.text if isinstance(entry, dag.FromGenerated) else entry
+        if isinstance(entry, dag.Files):
+            declared |= {entry.folder, *(f"{entry.folder}/{member}" for member in entry.names)}
+        elif isinstance(entry, dag.Dynamic):
+            declared.add(entry.dvc)
+        else:
+            declared.add(entry)
+    for part in stage.cmd[1:]:
+        text = part.text if isinstance(part, dag.FromGenerated) else part
+        flag, _, value = str(text).partition(" ")
+        inside = flag.endswith("-dir") and any(path.startswith(value + "/") for path in declared)
+        if PATH.match(value) and flag not in ("--workdir", "--ensure-dir") and not inside:
+            assert value in declared, f"{name}: {flag} {value} is not among the stage's inputs and outputs"
+
+
+def test_an_undeclared_input_is_caught(monkeypatch):
+    """The check above fails when an input is dropped (evaluate_sweep without the test set)."""
+    stage = dag.STAGES["evaluate_sweep"]
+    monkeypatch.setitem(dag.STAGES, "evaluate_sweep",
+                        dataclasses.replace(stage, deps=tuple(d for d in stage.deps if d != f"{dag.DATA}/test.h5")))
+    with pytest.raises(AssertionError, match="--test"):
+        test_every_path_a_command_names_is_declared("evaluate_sweep")
 
 
 def test_check_params_and_table_declare_every_section():
@@ -238,6 +279,7 @@ def job_wildcards(stage: dag.Stage, cfg: dict) -> list[dict[str, str]]:
     """The wildcards of every Snakemake job of a stage."""
     values = {"generator": P.generators(cfg), "run": P.runs(cfg), "threat": cfg["evaluate"]["threats"],
               "learned": cfg["evaluate"]["learned_threats"],
+              "shard": [f"{i:05d}" for i in range(P.shard_count(cfg))],
               "chunk": [f"{i:05d}" for i in range(P.eval_chunk_count(cfg["evaluate"]))]}
     jobs: list[dict[str, str]] = [{}]
     for axis in stage.axes:
@@ -245,14 +287,16 @@ def job_wildcards(stage: dag.Stage, cfg: dict) -> list[dict[str, str]]:
     return jobs
 
 
-def job_parts(parts: tuple[dag.Part, ...], wildcards: dict[str, str], cfg: dict) -> tuple[str, ...]:
+def job_parts(parts: tuple[dag.Part | dag.Dep, ...], wildcards: dict[str, str], cfg: dict) -> tuple[str, ...]:
     """Command parts or inputs of the table for one job, `${section.key}` filled from params as DVC does.
     A run's `{generator}` is the generator it trains on; the baseline has no generated inputs."""
     source = P.get_run(cfg, wildcards["run"]).generator if "run" in wildcards else None
     generated = source is not None
     values = {**wildcards, "generator": str(source)} if generated else wildcards
-    kept = [part.text if isinstance(part, dag.FromGenerated) else part for part in parts
-            if generated or not isinstance(part, dag.FromGenerated)]
+    kept = [dag.dvc_path(part.text) if isinstance(part, dag.FromGenerated)
+            else part.dvc if isinstance(part, dag.Dynamic) else dag.dvc_path(part) for part in parts
+            if (generated or not isinstance(part, dag.FromGenerated)) and not (isinstance(part, dag.Dynamic)
+                                                                              and not part.dvc)]
     return tuple(re.sub(r"\$\{([\w.]+)\}", lambda match: str(lookup(cfg, match.group(1))), dag.fill(part, values))
                  for part in kept)
 

@@ -4,9 +4,10 @@
 
 Accepted, each checked precisely enough that a new instance elsewhere still fails:
 - "Path composition with '+'" on a line that starts with `THREADS + "`: the lint reads the OpenMP
-  prefix of a shell command (`THREADS + "python -m pipeline..."`, rules/common.smk) as a path.
-- "Param out_dir is a prefix of input or output file but hardcoded" of rule `data`: the data stage
-  writes train/val/test.h5 into the folder it is given; jobs share one filesystem (docs/cluster.md).
+  prefix of a shell command (`THREADS + "python -m pipeline..."`, rules/stages.smk) as a path.
+- "Param <flag>_dir is a prefix of input or output file but hardcoded": a stage given a folder by a
+  `-dir` flag (pipeline/snakemake_rules.py: data's --out-dir, select's --labels-dir, evaluate's
+  --chunk-dir) reads or writes the files declared in it; jobs share one filesystem (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 HEADER = re.compile(r"^Lints for (?:snakefile (?P<file>.+)|rule (?P<rule>\S+) \(line \d+, (?P<rule_file>.+)\)):$")
 ITEM = re.compile(r"^    \* (?P<title>.+):$")
+DIR_PARAM = re.compile(r"Param \w+_dir is a prefix of input or output file but hardcoded")
 PATH_COMPOSITION = re.compile(r"^Path composition with '\+' in line (?P<line>\d+)$")
 
 
@@ -41,7 +43,7 @@ def accepted(subject: str, title: str) -> bool:
         lines = Path(subject).read_text().splitlines() if Path(subject).is_file() else []
         number = int(composition["line"])
         return 0 < number <= len(lines) and lines[number - 1].lstrip().startswith('THREADS + "')
-    return subject == "rule data" and title == "Param out_dir is a prefix of input or output file but hardcoded"
+    return DIR_PARAM.fullmatch(title) is not None
 
 
 def main(argv: list[str]) -> int:

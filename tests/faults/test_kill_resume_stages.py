@@ -109,7 +109,7 @@ def test_sampling_killed_then_rerun_keeps_finished_shards_and_equals_uninterrupt
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items())   # not sampled again
 
 
-# --- pseudo-labelling: `--shard-dir` labels 6 shards of 2,000 images one after the other ---
+# --- pseudo-labelling: `--shards` a folder labels 6 shards of 2,000 images one after the other ---
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def label_setup(root):
 
 def label_command(params: Path, teacher: Path, folder: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline.pseudolabel", "--params", str(params), "--teacher", str(teacher),
-            "--shard-dir", str(folder), "--out-dir", str(out)]
+            "--shards", str(folder), "--out-dir", str(out)]
 
 
 @SIGNALS
