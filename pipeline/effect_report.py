@@ -1,10 +1,10 @@
 """The effect study's kept results (configs/effect.yaml, docs/effect.md): collect a study's small outputs
 into the repository, attack a subset with standard AutoAttack, and regenerate the summary, the figure and
-README's study section from what was collected.
+its sections in docs/results.md and README.md from what was collected.
 
     python -m pipeline.effect_report gap WORKDIR        # standard AutoAttack on the first images, seed-0 runs
     python -m pipeline.effect_report collect WORKDIR    # WORKDIR's finished runs -> results/effect/
-    python -m pipeline.effect_report write              # summary.csv, figures/effect.png, README section
+    python -m pipeline.effect_report write              # summary.csv, figures/effect.png, the two sections
     python -m pipeline.effect_report targets WORKDIR    # evaluations of the runs results/effect/ lacks
 
 `collect` copies, for every run params defines whose evaluation has finished, its evaluation (JSON and
@@ -15,7 +15,7 @@ is refused (results of two studies never mix). Run it as often as runs finish: a
 what it finished, and `targets` lists the evaluations still missing from results/effect/, so a fresh
 checkout redoes the shared stages (seeded: the same bytes on the same kind of device) and trains only the
 runs not yet kept. `write` reads only
-results/effect/: the numbers in README.md come from there, never typed in.
+results/effect/: the numbers in docs/results.md and README.md come from there, never typed in.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ log = logging.getLogger("pipeline.effect_report")
 RESULTS = Path("results/effect")
 FIGURE = Path("results/figures/effect.png")
 README = Path("README.md")
-BEGIN, END = "<!-- effect-study:begin -->", "<!-- effect-study:end -->"
+RESULTS_DOC = Path("docs/results.md")
+BEGIN, END = "<!-- effect-study:begin -->", "<!-- effect-study:end -->"                 # docs/results.md
+HEADLINE_BEGIN, HEADLINE_END = "<!-- effect-headline:begin -->", "<!-- effect-headline:end -->"   # README.md
 GAP_N_EVAL = 100   # test images standard AutoAttack attacks per gap run (minutes each for a small CNN on a CPU)
 
 
@@ -172,7 +174,7 @@ def gap_rows(results: Path) -> list[dict[str, Any]]:
     return rows
 
 
-# --- the README section ---
+# --- the sections of docs/results.md and README.md ---
 
 
 def job_hours(results: Path) -> dict[str, float]:
@@ -215,8 +217,9 @@ def verdict(row: dict[str, Any]) -> str:
 
 
 def section(results: Path, rows: list[dict[str, Any]]) -> str:
-    """README's study section: the design in one line, the summary table with intervals, per arm what the
-    paired interval says, the standard-AutoAttack gap, the teacher's and generators' quality, the cost."""
+    """docs/results.md's study section: the design in one line, the summary table with intervals, per arm
+    what the paired interval says, the standard-AutoAttack gap, the teacher's and generators' quality, the
+    cost."""
     origin = json.loads((results / "provenance.json").read_text())
     cfg = params_mod.load(results / "params.yaml")
     teacher = json.loads((results / "teacher" / "metrics.json").read_text()) \
@@ -227,7 +230,7 @@ def section(results: Path, rows: list[dict[str, Any]]) -> str:
              "",
              f"Collected {origin['n_collected']} of the {origin['n_planned']} planned runs (commit "
              f"`{origin['commit'][:10]}`, params sha256 `{origin['params_sha256'][:12]}`, "
-             "[results/effect/params.yaml](results/effect/params.yaml)). "
+             "[results/effect/params.yaml](../results/effect/params.yaml)). "
              f"{int(cfg['data']['n_labelled']):,} labelled CIFAR-10 training images ({cfg['data']['val_size']} of "
              f"them for validation); the teacher's test accuracy {_pct(teacher.get('test_acc'))}%. Accuracies in % "
              f"on the first {int(rows[0]['n_eval']):,} test images, {rows[0]['threat']} eps "
@@ -265,21 +268,45 @@ def section(results: Path, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def replace_section(readme: Path, text: str) -> None:
-    content = readme.read_text()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+def headline(results: Path, rows: list[dict[str, Any]]) -> str:
+    """README's lines on the study: per arm at its largest amount, the seed-paired difference to the
+    baseline and what its interval says; the figure."""
+    origin = json.loads((results / "provenance.json").read_text())
+    robust = rows[0]["robust_attack"]
+    attack = effect.ATTACK_LABELS.get(robust, robust)
+    largest: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["arm"] != "none" and int(row["amount"]) >= int(largest.get(row["arm"], {"amount": -1})["amount"]):
+            largest[row["arm"]] = row
+    arms = [f"{arm} ({int(row['amount']):,} images): {_interval(row, 'robust_diff') or 'no difference yet'} "
+            f"points, {verdict(row)}" for arm, row in largest.items()]
+    lines = [HEADLINE_BEGIN, "<!-- generated by `python -m pipeline.effect_report write` from results/effect/; "
+             "do not edit -->", "",
+             f"**Effect study** (2-core CPU; [docs/results.md](docs/results.md)): {origin['n_collected']} of "
+             f"{origin['n_planned']} runs collected. {attack} robust accuracy over the real-only baseline, mean "
+             "over seeds with the seed-paired 95% interval: " + ("; ".join(arms) if arms else "no arm with "
+                                                                  "generated data collected yet") + ".",
+             "", "![robust accuracy against the number of generated images](results/figures/effect.png)", HEADLINE_END]
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    content = path.read_text()
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(content):
-        raise ReportError(f"{readme}: no {BEGIN} ... {END} markers to fill")
-    with atomic_path(readme) as tmp:
+        raise ReportError(f"{path}: no {begin} ... {end} markers to fill")
+    with atomic_path(path) as tmp:
         tmp.write_text(pattern.sub(lambda _: text, content))
 
 
-def write(results: Path = RESULTS, figure_path: Path = FIGURE, readme: Path = README) -> list[dict[str, Any]]:
-    """summary.csv, the figure and README's section, from `results` alone."""
+def write(results: Path = RESULTS, figure_path: Path = FIGURE, readme: Path = README,
+          results_doc: Path = RESULTS_DOC) -> list[dict[str, Any]]:
+    """summary.csv, the figure and the two sections, from `results` alone."""
     rows, columns = effect.summarise(effect.load_runs(results / "evaluate", results / "train_robust", "linf"), "none")
     effect.write_csv(results / "summary.csv", rows, columns)
     effect.figure(figure_path, rows, "none")
-    replace_section(readme, section(results, rows))
+    replace_section(results_doc, section(results, rows))
+    replace_section(readme, headline(results, rows), HEADLINE_BEGIN, HEADLINE_END)
     return rows
 
 
@@ -296,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_argument("--results", type=Path, default=RESULTS)
     sub.add_argument("--figure", type=Path, default=FIGURE)
     sub.add_argument("--readme", type=Path, default=README)
+    sub.add_argument("--results-doc", type=Path, default=RESULTS_DOC)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -306,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "targets":
             print(" ".join(missing_targets(args.workdir, args.kept)))
         else:
-            write(args.results, args.figure, args.readme)
+            write(args.results, args.figure, args.readme, args.results_doc)
     except (ReportError, effect.EffectError, params_mod.ParamsError) as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -70,7 +70,7 @@ def test_collect_copies_finished_runs_with_provenance_and_refuses_another_study(
         report.collect(study, out)
 
 
-def test_write_fills_the_readme_section_from_the_kept_results_only(study, tmp_path):
+def test_write_fills_the_sections_from_the_kept_results_only(study, tmp_path):
     out = tmp_path / "kept"
     for folder in ("evaluate", "train_robust"):   # the last run finishes
         for path in (study / "results" / folder / "gaussian-s2").iterdir():
@@ -84,11 +84,14 @@ def test_write_fills_the_readme_section_from_the_kept_results_only(study, tmp_pa
     write_arrays(gap / "linf.h5", {"index": index, "clean_correct": index < 100, "pgd_correct": index < 40,
                                    "aa_correct": index < 30})   # 30 of 50 where the study's attack left 50
     (gap / "linf.json").write_text("{}")
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{report.BEGIN}\nold numbers\n{report.END}\nafter\n")
-    rows = report.write(out, tmp_path / "effect.png", readme)
-    text = readme.read_text()
+    doc, readme = tmp_path / "results.md", tmp_path / "README.md"
+    doc.write_text(f"# x\n\nbefore\n{report.BEGIN}\nold numbers\n{report.END}\nafter\n")
+    readme.write_text(f"# y\n{report.HEADLINE_BEGIN}\nold\n{report.HEADLINE_END}\n")
+    rows = report.write(out, tmp_path / "effect.png", readme, doc)
+    text = doc.read_text()
     assert "old numbers" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    assert "6 of 6 runs collected" in readme.read_text()
+    assert "gaussian (2,000 images): 5.0 [5.0, 5.0] points, above the baseline" in readme.read_text()
     assert (tmp_path / "effect.png").stat().st_size > 0
     with open(out / "summary.csv") as handle:
         summary = {row["arm"]: row for row in csv.DictReader(handle)}
@@ -120,14 +123,13 @@ def test_targets_are_the_evaluations_not_yet_kept(study, tmp_path):
     assert report.missing_targets(study, out) == ["results/evaluate/gaussian-s2/linf.json"]
 
 
-def test_readmes_study_section_is_the_one_generated_from_the_kept_results():
-    """README's effect section is `effect_report write`'s output from the committed results/effect/ (or the
-    placeholder while nothing is collected): numbers in it are never typed in."""
-    readme = (REPO / "README.md").read_text()
-    start, end = readme.index(report.BEGIN), readme.index(report.END) + len(report.END)
+def test_the_study_sections_are_the_ones_generated_from_the_kept_results():
+    """docs/results.md's effect section and README's headline are `effect_report write`'s output from the
+    committed results/effect/: numbers in them are never typed in."""
     kept = REPO / report.RESULTS
-    if (kept / "provenance.json").exists():
-        rows, _ = effect.summarise(effect.load_runs(kept / "evaluate", kept / "train_robust", "linf"), "none")
-        assert readme[start:end] == report.section(kept, rows)
-    else:
-        assert readme[start:end] == f"{report.BEGIN}\nNo results collected yet.\n{report.END}"
+    rows, _ = effect.summarise(effect.load_runs(kept / "evaluate", kept / "train_robust", "linf"), "none")
+    for path, begin, end, expected in (
+            (report.RESULTS_DOC, report.BEGIN, report.END, report.section(kept, rows)),
+            (report.README, report.HEADLINE_BEGIN, report.HEADLINE_END, report.headline(kept, rows))):
+        text = (REPO / path).read_text()
+        assert text[text.index(begin):text.index(end) + len(end)] == expected, f"{path}: run effect_report write"

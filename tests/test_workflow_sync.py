@@ -371,3 +371,10 @@ def test_both_tools_plan_every_seed_and_amount_run(tmp_path):
         stages = {stage.name for stage in repo.index.stages}
     assert {name.split("@")[1] for name in stages if name.startswith("train_robust@")} == trained
     assert {name.split("@")[1] for name in stages if name.startswith("evaluate@")} == {f"{run}-linf" for run in trained}
+
+
+def test_readmes_stage_map_is_the_one_generated_from_the_table():
+    """README's map of stages, modules, jobs, params and outputs is `python -m pipeline.dag map`."""
+    readme = (REPO / "README.md").read_text()
+    start, end = readme.index(dag.MAP_BEGIN), readme.index(dag.MAP_END) + len(dag.MAP_END)
+    assert readme[start:end] == dag.stage_map(), "run `python -m pipeline.dag map --readme README.md`"
