@@ -72,7 +72,7 @@ def make_ours(cfg: TrainRobustConfig, device: torch.device, images: torch.Tensor
     state = tr.build_state(cfg, 0, 10, ctx, device, memory_format)
     initial = copy.deepcopy(state.model)
     attack_model, forward = tr.forwards(state.model, cfg, ctx, device)
-    run = tr.Run(cfg=cfg, seed=0, name="bench", spec=tr.RunSpec("bench"), ctx=ctx, device=device,
+    run = tr.Run(cfg=cfg, seed=0, name="bench", entry=params.Run("bench", None, None, None, 0), ctx=ctx, device=device,
                  workdir=Path("."), identity={}, dataset=None, val_set=None,  # type: ignore[arg-type]
                  latent=None, attack=cfg.attack(), attack_model=attack_model, forward=forward,
                  autocast=autocast, memory_format=memory_format, num_classes=10)

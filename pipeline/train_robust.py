@@ -196,17 +196,6 @@ class Result:
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """Which run trains: its name and generated data as params' run table resolves them (pipeline.params.Run)."""
-    name: str
-    generator: str | None = None      # the generated data it trains on; None: real data only
-    amount: int | None = None         # draws on only this many selected generated images (variants.amounts)
-    shard_seed: int | None = None     # base.seed the shards were sampled with; None: the training seed
-    variant: str | None = None
-    seed_index: int = 0               # its entry of variants.seeds (0: trains with base.seed)
-
-
-@dataclass(frozen=True)
 class Inputs:
     """The files a run reads: the CLI's --train, --val, --generated, --labels, --selection, --threat-model."""
     train: Path
@@ -264,18 +253,18 @@ def make_dataset(cfg: TrainRobustConfig, seed: int, train: Path, generated: list
     return loader_mod.MixedBatches(real, gen_pool, spec)
 
 
-def load_data(cfg: TrainRobustConfig, seed: int, spec: RunSpec, inputs: Inputs, ctx: Dist,
+def load_data(cfg: TrainRobustConfig, seed: int, entry: params_mod.Run, shard_seed: int, inputs: Inputs, ctx: Dist,
               device: torch.device) -> tuple[loader_mod.MixedBatches, tuple[torch.Tensor, torch.Tensor]]:
     """The training batches and the validation split, after checking the run gets the data it names
-    (e.g. gaussian-cutmix trains on gaussian's shards; the baseline on real data only)."""
-    if spec.generator is None and inputs.generated:
-        raise ValueError(f"run {spec.name} trains on real data only; do not pass --generated")
-    if spec.generator is not None and not inputs.generated:
-        raise ValueError(f"run {spec.name!r} needs --generated shards")
-    shard_seed = seed if spec.shard_seed is None else spec.shard_seed
-    check_provenance(inputs.generated, spec.generator or "", shard_seed)
+    (e.g. gaussian-cutmix trains on gaussian's shards; the baseline on real data only) and the shards were
+    sampled with `shard_seed`."""
+    if entry.generator is None and inputs.generated:
+        raise ValueError(f"run {entry.name} trains on real data only; do not pass --generated")
+    if entry.generator is not None and not inputs.generated:
+        raise ValueError(f"run {entry.name!r} needs --generated shards")
+    check_provenance(inputs.generated, entry.generator or "", shard_seed)
     dataset = make_dataset(cfg, seed, inputs.train, inputs.generated, inputs.labels, inputs.selection, ctx,
-                           spec.amount, shard_seed)
+                           entry.amount, shard_seed)
     return dataset, load_eval_set(inputs.val, device)
 
 
@@ -287,12 +276,12 @@ def load_threat(cfg: TrainRobustConfig, threat_file: Path | None, device: torch.
     return latent_attack.load(threat_file, cfg.threat, device) if threat_file is not None else None
 
 
-def run_identity(cfg: TrainRobustConfig, seed: int, spec: RunSpec, inputs: Inputs) -> dict[str, Any]:
+def run_identity(cfg: TrainRobustConfig, seed: int, entry: params_mod.Run, inputs: Inputs) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: settings, seed and the checksums of every input
     (stored HDF5 sha256 attributes: header reads only, cheap at 100M images)."""
     return {
-        "config": dataclasses.asdict(cfg), "seed": seed, "run": spec.name,
-        **({"amount": spec.amount} if spec.amount is not None else {}),
+        "config": dataclasses.asdict(cfg), "seed": seed, "run": entry.name,
+        **({"amount": entry.amount} if entry.amount is not None else {}),
         "train": read_attrs(inputs.train).get("sha256"), "val": read_attrs(inputs.val).get("sha256"),
         "generated": shards.set_sha256(shards.expand(inputs.generated)) if inputs.generated else "",
         "labels": shards.set_sha256(shards.expand(inputs.labels)) if inputs.labels else "",
@@ -422,7 +411,7 @@ class Run:
     cfg: TrainRobustConfig
     seed: int
     name: str                         # the run's name in params' run table (baseline, gaussian-cutmix-s1, ...)
-    spec: RunSpec
+    entry: params_mod.Run             # the run in params' run table (its generator, variant, amount, seed index)
     ctx: Dist
     device: torch.device
     workdir: Path
@@ -483,8 +472,8 @@ def resume(state: TrainState, saved: dict[str, Any] | None, cfg: TrainRobustConf
         log.info("resumed at step %d of %d", state.step, cfg.total_steps)
 
 
-def setup(cfg: TrainRobustConfig, seed: int, device_name: str, spec: RunSpec, inputs: Inputs, workdir: Path,
-          num_classes: int) -> tuple[Run, TrainState]:
+def setup(cfg: TrainRobustConfig, seed: int, device_name: str, entry: params_mod.Run, shard_seed: int,
+          inputs: Inputs, workdir: Path, num_classes: int) -> tuple[Run, TrainState]:
     """Everything before the first step: devices, the threat, data, model, and the newest checkpoint of
     this same run if there is one.
 
@@ -495,16 +484,16 @@ def setup(cfg: TrainRobustConfig, seed: int, device_name: str, spec: RunSpec, in
     if device.type == "cuda":  # fastest convolution kernels for the fixed shapes, as the diffusion loop does
         torch.backends.cudnn.benchmark = True
     latent = load_threat(cfg, inputs.threat_file, device)
-    dataset, val_set = load_data(cfg, seed, spec, inputs, ctx, device)
+    dataset, val_set = load_data(cfg, seed, entry, shard_seed, inputs, ctx, device)
     memory_format, autocast = precision(cfg, device)
     state = build_state(cfg, seed, num_classes, ctx, device, memory_format)
-    identity = run_identity(cfg, seed, spec, inputs)
+    identity = run_identity(cfg, seed, entry, inputs)
     resume(state, checkpoint.latest(workdir, map_location="cpu", identity=identity, move_aside=ctx.main),
            cfg, ctx, device, workdir)
     attack_model, forward = forwards(state.model, cfg, ctx, device)
     state.model.train()
-    return Run(cfg, seed, spec.name, spec, ctx, device, workdir, identity, dataset, val_set, latent, cfg.attack(latent),
-               attack_model, forward, autocast, memory_format, num_classes), state
+    return Run(cfg, seed, entry.name, entry, ctx, device, workdir, identity, dataset, val_set, latent,
+               cfg.attack(latent), attack_model, forward, autocast, memory_format, num_classes), state
 
 
 def precision(cfg: TrainRobustConfig, device: torch.device
@@ -654,12 +643,12 @@ def final_metrics(run: Run, state: TrainState) -> Metrics:
     cfg, last = run.cfg, (state.curve[-1] if state.curve else {})
     generated = run.dataset.generated
     return Metrics(
-        run=run.name, generator=run.spec.generator, amount=run.spec.amount, seed_index=run.spec.seed_index,
+        run=run.name, generator=run.entry.generator, amount=run.entry.amount, seed_index=run.entry.seed,
         n_generated=len(generated) if generated is not None else 0,
         generated_per_batch=run.dataset.spec.n_generated, model=cfg.model, loss=cfg.loss, threat=cfg.threat,
         eps_255=None if run.latent else cfg.eps_255, latent_radius=run.latent.radius if run.latent else None,
         epochs=cfg.epochs, steps=cfg.total_steps, seed=run.seed, world_size=run.ctx.world_size,
-        num_classes=run.num_classes, variant=run.spec.variant, source_run=run.spec.generator or "baseline",
+        num_classes=run.num_classes, variant=run.entry.variant, source_run=run.entry.generator or "baseline",
         aux_bn=cfg.aux_bn, cutmix_alpha=cfg.cutmix_alpha, val_robust_acc_best=state.best["acc"],
         best_epoch=state.best["epoch"], val_robust_acc_last=last.get("val_robust_acc"),
         val_clean_acc_last=last.get("val_clean_acc"), train_loss=last.get("train_loss"),
@@ -670,24 +659,24 @@ def train_robust(cfg: TrainRobustConfig, seed: int, device_name: str, name: str,
                  generated: list[Path], labels: list[Path], workdir: Path,
                  selection: Path | None = None, stop_after: int | None = None,
                  progress: bool = True, num_classes: int = 10, threat_file: Path | None = None,
-                 spec: RunSpec | None = None) -> Result:
+                 entry: params_mod.Run | None = None, shard_seed: int | None = None) -> Result:
     """Train (or resume) run `name` and return the EMA model, best EMA weights, curve and metrics.
 
     setup() builds or resumes the state, train_step() takes one step, end_epoch() closes an epoch at its
     last step, and after every step the checkpoint rule all training loops share
     (preemption.checkpoint_after_step: every `checkpoint_every` steps, at the last step, on SIGTERM)
     saves, with SIGTERM agreed over the ranks. `threat_file` is the run's pipeline.threat_model file
-    (required for a learned threat). `spec` says which run of params' run table this is (its
-    generated data, amount, seed); a direct call without one trains run `name` on the generator that sampled
-    `generated` (real data only when none). `stop_after` ends the call after that many global steps as if
-    preempted (tests use it). The input files come one argument each, as the CLI flags name them;
-    setup() groups them as `Inputs`.
+    (required for a learned threat). `entry` is the run in params' run table (its generated data, amount,
+    seed index); a direct call without one trains run `name` on the generator that sampled `generated`
+    (real data only when none). `shard_seed` is the base.seed the shards were sampled with (default:
+    `seed`). `stop_after` ends the call after that many global steps as if preempted (tests use it). The
+    input files come one argument each, as the CLI flags name them; setup() groups them as `Inputs`.
     """
-    if spec is None:
+    if entry is None:
         sampled_by = read_attrs(shards.expand(generated)[0]).get("generator", name) if generated else None
-        spec = RunSpec(name, generator=None if sampled_by is None else str(sampled_by))
-    run, state = setup(cfg, seed, device_name, spec, Inputs(train, val, generated, labels, selection, threat_file),
-                       workdir, num_classes)
+        entry = params_mod.Run(name, None if sampled_by is None else str(sampled_by), None, None, 0)
+    run, state = setup(cfg, seed, device_name, entry, seed if shard_seed is None else shard_seed,
+                       Inputs(train, val, generated, labels, selection, threat_file), workdir, num_classes)
     stop = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
     batches = loader_mod.loader(run.dataset, state.step, stop, cfg.num_workers, pin_memory=run.cuda)
     bar = tqdm(total=cfg.total_steps * cfg.batch_size, initial=state.step * cfg.batch_size, unit="img",
@@ -803,8 +792,7 @@ def main(argv: list[str] | None = None) -> None:
                               args.selection, args.stop_after,
                               num_classes=datasets.num_classes(cfg_all["base"]["dataset"]),
                               threat_file=args.threat_model,
-                              spec=RunSpec(args.run, entry.generator, entry.amount, base_seed, entry.variant,
-                                           entry.seed))
+                              entry=entry, shard_seed=base_seed)
     except (NonFiniteLoss, ShardError, ValueError) as error:  # bad input or divergence: one clear line
         sys.exit(f"error: {error}")
     if distributed.rank() == 0:

@@ -188,7 +188,7 @@ def test_resume_with_cutmix_and_aux_bn_equals_uninterrupted(tiny_params, small_s
     def run(workdir, stop_after=None):
         return tr.train_robust(cfg, 0, "cpu", "gaussian-cutmix", small_sets["train"], small_sets["val"],
                                [generated[0]], [generated[1]], workdir, stop_after=stop_after, progress=False,
-                               spec=tr.RunSpec("gaussian-cutmix", "gaussian", variant="cutmix"))
+                               entry=P.Run("gaussian-cutmix", "gaussian", "cutmix", None, 0))
 
     whole = run(tmp_path / "whole")
     with pytest.raises(tr.Preempted):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint, losses, models
+from pipeline import params as P
 from pipeline import train_robust as tr
 from tests.helpers import REPO, TINY_ROBUST, make_generated, robust_cfg, same_weights
 
@@ -201,10 +202,10 @@ def test_baseline_refuses_generated_and_generator_needs_it(tiny_params, small_se
     cfg = robust_cfg(tiny_params)
     with pytest.raises(ValueError, match="real data only"):
         tr.train_robust(cfg, 0, "cpu", "baseline", small_sets["train"], small_sets["val"], [generated[0]],
-                        [generated[1]], tmp_path, progress=False, spec=tr.RunSpec("baseline"))
+                        [generated[1]], tmp_path, progress=False, entry=P.Run("baseline", None, None, None, 0))
     with pytest.raises(ValueError, match="needs --generated"):
         tr.train_robust(cfg, 0, "cpu", "gaussian", small_sets["train"], small_sets["val"], [], [],
-                        tmp_path, progress=False, spec=tr.RunSpec("gaussian", "gaussian"))
+                        tmp_path, progress=False, entry=P.Run("gaussian", "gaussian", None, None, 0))
 
 
 @pytest.mark.parametrize("option", ["sync_bn", "compile"])
