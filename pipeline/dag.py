@@ -409,7 +409,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
               "results/figures/${base.dataset}_robust_vs_generated.png"),
         params=SECTIONS,
         cache=False,
-        note="Every section: each row carries the sha256 of the whole params (pipeline.table.params_sha256), "
+        note="Every section: each row carries the sha256 of the whole params (pipeline.provenance.params_sha256), "
              "so any params change rewrites the (cheap) table.",
         message="collect every run into results/${base.dataset}_table.csv (+ markdown and figure)",
         log="logs/table.log", local=True,

@@ -36,7 +36,8 @@ import yaml
 
 from pipeline import effect
 from pipeline import params as params_mod
-from pipeline.shards import atomic_path, file_sha256, read_arrays
+from pipeline.provenance import changed_files, git_commit, params_sha256
+from pipeline.shards import atomic_path, read_arrays
 
 log = logging.getLogger("pipeline.effect_report")
 RESULTS = Path("results/effect")
@@ -52,16 +53,11 @@ class ReportError(ValueError):
     """A study folder or kept results that cannot be collected or reported; the message names the file."""
 
 
-def _git(workdir: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(workdir), *args], capture_output=True, text=True, check=True).stdout.strip()
-
-
 def provenance(workdir: Path) -> dict[str, Any]:
-    """The commit the study ran from, the tracked files it changed (params.yaml, dvc.yaml for a preset), and
-    the sha256 of the params it ran with."""
-    changed = _git(workdir, "diff", "--name-only", "HEAD").split()
-    return {"commit": _git(workdir, "rev-parse", "HEAD"), "changed_files": changed,
-            "params_sha256": file_sha256(workdir / "params.yaml")}
+    """The commit the study ran from ('-dirty': with `changed_files`, params.yaml and dvc.yaml for a preset)
+    and the sha256 of the params it ran with, as the table stamps its rows."""
+    return {"commit": git_commit(workdir), "changed_files": changed_files(workdir),
+            "params_sha256": params_sha256(params_mod.load(workdir / "params.yaml"))}
 
 
 def _copy(source: Path, target: Path) -> None:

@@ -37,17 +37,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import logging
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import paper_reference
 from pipeline import params as params_mod
+from pipeline.provenance import git_commit, params_sha256
 from pipeline.shards import ShardError, atomic_path, expand, set_sha256
 
 log = logging.getLogger("pipeline.table")
@@ -119,24 +118,6 @@ def files(paths: list[Path], pattern: str) -> list[Path]:
         else:
             raise TableError(f"{path}: missing")
     return out
-
-
-def params_sha256(cfg: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def git_commit(where: Path = Path(".")) -> str:
-    """HEAD of the git work tree around `where`, '-dirty' if tracked files changed; '' outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                              timeout=30)
-        if head.returncode:
-            return ""
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=30)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def generated_set_sha256(shards: list[Path]) -> str:

@@ -14,7 +14,9 @@ import yaml
 
 from pipeline import effect
 from pipeline import effect_report as report
-from pipeline.shards import file_sha256, write_arrays
+from pipeline import params as P
+from pipeline.provenance import params_sha256
+from pipeline.shards import write_arrays
 from tests.helpers import REPO, tiny_config
 from tests.test_effect import write_run
 
@@ -57,7 +59,9 @@ def test_collect_copies_finished_runs_with_provenance_and_refuses_another_study(
     assert record["n_planned"] == 6 and record["n_collected"] == 5 and "gaussian-s2" not in record["runs_collected"]
     assert record["commit"] == subprocess.run(["git", "-C", str(study), "rev-parse", "HEAD"], capture_output=True,
                                               text=True).stdout.strip()
-    assert record["params_sha256"] == file_sha256(study / "params.yaml") == file_sha256(out / "params.yaml")
+    assert record["params_sha256"] == params_sha256(P.load(study / "params.yaml")) == \
+        params_sha256(P.load(out / "params.yaml"))
+    assert record["changed_files"] == []
     assert (out / "evaluate" / "gaussian-s1" / "linf.h5").exists() and not (out / "evaluate" / "gaussian-s2").exists()
     assert not (out / "train_robust" / "gaussian-s2").exists()   # trained but not evaluated: not finished
     assert (out / "benchmarks" / "train_robust" / "baseline.tsv").exists()
