@@ -295,10 +295,16 @@ def replace_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -
         tmp.write_text(pattern.sub(lambda _: text, content))
 
 
+def summary(results: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The summary rows of the kept runs under the study's first threat (evaluate.threats of its params)."""
+    threat = params_mod.load(results / "params.yaml")["evaluate"]["threats"][0]
+    return effect.summarise(effect.load_runs(results / "evaluate", results / "train_robust", threat), "none")
+
+
 def write(results: Path = RESULTS, figure_path: Path = FIGURE, readme: Path = README,
           results_doc: Path = RESULTS_DOC) -> list[dict[str, Any]]:
     """summary.csv, the figure and the two sections, from `results` alone."""
-    rows, columns = effect.summarise(effect.load_runs(results / "evaluate", results / "train_robust", "linf"), "none")
+    rows, columns = summary(results)
     effect.write_csv(results / "summary.csv", rows, columns)
     effect.figure(figure_path, rows, "none")
     replace_section(results_doc, section(results, rows))
