@@ -132,6 +132,7 @@ class Stage:
     threads: int = 1
     gpu: bool = False                     # takes one `gpu` resource (SLURM: one GPU)
     local: bool = False                   # seconds of work: runs in the controller, never submitted
+    priority: int = 0                     # Snakemake starts ready jobs of higher priority first
     launcher: bool = False                # torchrun over the job's GPUs when it has more than one
     snakemake: bool = True                # False: DVC only (Snakemake validates params when it parses)
 
@@ -377,7 +378,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         note="Checks and merges the chunks and the sweep into the JSON and per-example HDF5 a one-process "
              "`python -m pipeline.evaluate` writes, byte for byte (local, seconds).",
         message="merge the evaluation chunks of run {run} under {threat}",
-        log="logs/evaluate/{run}/{threat}.log", benchmark=True, local=True,
+        # seconds: a run's result lands as soon as its chunks do, not after the trainings queued behind
+        log="logs/evaluate/{run}/{threat}.log", benchmark=True, local=True, priority=10,
     ),
     Stage(
         "evaluate_latent",

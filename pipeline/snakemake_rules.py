@@ -188,6 +188,8 @@ def render_rule(rule: Rule) -> str:
         lines.append(f"    threads: {stage.threads}")
     if stage.gpu:
         lines += ["    resources:", "        gpu=1,"]
+    if stage.priority:
+        lines.append(f"    priority: {stage.priority}")
     if stage.local:
         lines.append("    localrule: True")
     lines += ["    conda:", '        "../envs/pipeline.yaml"', "    shell:"]

@@ -420,6 +420,7 @@ rule evaluate:
         "logs/evaluate/{run}/{threat}.log",
     benchmark:
         "benchmarks/evaluate/{run}/{threat}.tsv"
+    priority: 10
     localrule: True
     conda:
         "../envs/pipeline.yaml"

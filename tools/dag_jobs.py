@@ -1,5 +1,5 @@
 """Every job Snakemake plans for a target, one JSON line each, sorted: rule, wildcards, inputs, outputs,
-params, shell command (whitespace folded), threads, GPUs, log, benchmark, local or not.
+params, shell command (whitespace folded), threads, GPUs, log, benchmark, local or not, priority.
 
     python tools/dag_jobs.py WORKDIR [TARGET] > jobs.jsonl
 
@@ -31,7 +31,7 @@ def jobs(workdir: Path, target: str) -> list[str]:
             "params": job.params.get("cfg"), "threads": job.threads, "gpu": job.resources.get("gpu", 0),
             "log": list(map(str, job.log)), "benchmark": str(job.benchmark) if job.benchmark else None,
             "shell": " ".join(job.format_wildcards(job.rule.shellcmd).split()) if job.rule.shellcmd else None,
-            "local": workflow.is_local(job.rule),
+            "local": workflow.is_local(job.rule), "priority": job.priority,
         }, sort_keys=True, default=str) for job in workflow.dag.jobs)
 
 
