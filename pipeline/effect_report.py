@@ -249,12 +249,14 @@ def section(results: Path, rows: list[dict[str, Any]]) -> str:
                       f"{g['run']} {_pct(g['autoattack_acc'])} vs {_pct(g['study_acc'])}" for g in gaps) + "."]
     quality, space, reference = [], "", math.nan
     for path in sorted((results / "analysis").glob("*.json")):
+        if path.stem not in params_mod.generators(cfg):   # mixup: the analysis' reference row, not an arm
+            continue
         block = json.loads(path.read_text()).get("quality") or {}
         if block.get("generated", {}).get("fid") is not None:
             quality.append(f"{path.stem} {float(block['generated']['fid']):.4g}")
             space, reference = block["feature_label"], float(block["reference_test"]["fid"])
     if quality:
-        lines += ["", f"Generator FID to the labelled training images in {space} features (the real test set: "
+        lines += ["", f"Generator FID to the labelled training images in {space} (the real test set: "
                   f"{reference:.4g}): " + ", ".join(quality) + "."]
     hours = job_hours(results)
     if hours:
