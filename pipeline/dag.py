@@ -157,9 +157,9 @@ SWEEP_KEYS = tuple(f"evaluate.{key}" for key in ("checkpoint", "eps_255", "batch
                                                  "sweep_factors", "n_sweep"))
 EVAL_MODEL = "models/robust/{run}/${evaluate.checkpoint}.pt"
 EVAL_PARTS = "results/evaluate/{run}/{threat}"   # the chunk and sweep files of one (run, threat)
-SHARDS = "shard-{shard}.h5"
-GENERATED = files("data/generated/{generator}", SHARDS)
-LABELS = files("data/pseudolabels/{generator}", SHARDS)
+SHARD_FILE = "shard-{shard}.h5"   # one generated shard (or its sidecar) in its folder
+GENERATED = files("data/generated/{generator}", SHARD_FILE)
+LABELS = files("data/pseudolabels/{generator}", SHARD_FILE)
 CHUNKS = files(f"{EVAL_PARTS}/chunks", "chunk-{chunk}.h5")
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (

@@ -18,7 +18,6 @@ with open(PARAMS_FILE) as _handle:
         )
 
 DATASET = config["base"]["dataset"]
-DATA = f"data/{DATASET}"
 GENERATORS = P.generators(config)
 RUN_TABLE = {run.name: run for run in P.run_table(config)}  # every run params defines (pipeline/params.py)
 RUNS = list(RUN_TABLE)
