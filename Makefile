@@ -17,7 +17,7 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-# Unit tests only (about 7 min on an idle 2 cores): no workflow runs, stage subprocesses, SLURM, DVC remotes or
+# Unit tests only, none over ~10 s (about N min on an idle 2 cores): no workflow runs, stage subprocesses, SLURM, DVC remotes or
 # DDP. One thread per process: it stays fast on a machine shared with other jobs.
 test-fast: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not shared"

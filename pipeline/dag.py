@@ -211,7 +211,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         axes=("generator", "shard"),
         note="Every generate key but the axis `generators`: adding a generator must not resample the others.",
         message="sample shard {shard} of {generator}",
-        log="logs/generate/{generator}/shard-{shard}.log", threads=2, gpu=True,
+        log="logs/generate/{generator}/shard-{shard}.log", benchmark=True, threads=2, gpu=True,
     ),
     Stage(
         "sample_grid",
@@ -244,7 +244,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         params=("base", "pseudolabel"),
         axes=("generator", "shard"),
         message="teacher labels for shard {shard} of {generator}",
-        log="logs/pseudolabel/{generator}/shard-{shard}.log", threads=2, gpu=True,
+        log="logs/pseudolabel/{generator}/shard-{shard}.log", benchmark=True, threads=2, gpu=True,
     ),
     Stage(
         "select",
@@ -275,7 +275,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
              "KID, precision/recall, density/coverage, per-class FID by pseudo-label, test-set leakage "
              "(pipeline/quality.py).",
         message="complementarity, coverage and quality (FID, leakage) of {generator} against train and test",
-        log="logs/analysis/{generator}.log", threads=2,
+        log="logs/analysis/{generator}.log", benchmark=True, threads=2,
     ),
     Stage(
         "analysis_mixup",
@@ -288,7 +288,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         params=("base", "analysis"),
         cache=False,
         message="complementarity, coverage and quality of the mixup baseline (the paper's reference row)",
-        log="logs/analysis/mixup.log", threads=2,
+        log="logs/analysis/mixup.log", benchmark=True, threads=2,
     ),
     Stage(
         "analysis_summary",

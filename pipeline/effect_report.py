@@ -3,18 +3,19 @@ into the repository, attack a subset with standard AutoAttack, and regenerate th
 its sections in docs/results.md and README.md from what was collected.
 
     python -m pipeline.effect_report gap WORKDIR        # standard AutoAttack on the first images, seed-0 runs
+    python -m pipeline.effect_report last WORKDIR       # the study's attack on every run's last checkpoint
     python -m pipeline.effect_report collect WORKDIR    # WORKDIR's finished runs -> results/effect/
     python -m pipeline.effect_report write              # summary.csv, figures/effect.png, the two sections
     python -m pipeline.effect_report targets WORKDIR    # evaluations of the runs results/effect/ lacks
 
 `collect` copies, for every run params defines whose evaluation has finished, its evaluation (JSON and
-per-example HDF5), training metrics and curve and the evaluated model (a small CNN: under 300 kB), plus
-the teacher's metrics, the generators' analysis, Snakemake's per-job benchmarks and the params the study
-ran with; provenance.json records the commit and the params' sha256, and a collection from other params
-is refused (results of two studies never mix). Run it as often as runs finish: a study cut short keeps
-what it finished, and `targets` lists the evaluations still missing from results/effect/, so a fresh
-checkout redoes the shared stages (seeded: the same bytes on the same kind of device) and trains only the
-runs not yet kept. `write` reads only
+per-example HDF5), training metrics and curve and the evaluated model (a small CNN: under 300 kB), the
+second looks (`gap`; `last` and the last checkpoint it attacked), the teacher's metrics, the generators'
+analysis, Snakemake's per-job benchmarks and the params the study ran with; provenance.json records the
+commit and the params' sha256, and a collection from other params is refused (results of two studies
+never mix). Run it as often as runs finish: a study cut short keeps what it finished, and `targets` lists
+the evaluations still missing from results/effect/, so a fresh checkout redoes the shared stages (seeded:
+the same bytes on the same kind of device) and trains only the runs not yet kept. `write` reads only
 results/effect/: the numbers in docs/results.md and README.md come from there, never typed in.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import logging
 import math
@@ -76,6 +78,32 @@ def finished_runs(workdir: Path, cfg: dict[str, Any]) -> tuple[list[str], list[s
     return planned, done
 
 
+STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
+JOB_START = re.compile(r"^Job (\d+):")
+JOB_END = re.compile(r"^Finished jobid: (\d+) \(Rule: ([\w-]+)\)")
+JOB_FIELDS = ["log", "rule", "jobid", "start", "end", "seconds"]
+
+
+def snakemake_jobs(workdir: Path) -> list[dict[str, Any]]:
+    """Every finished job of the Snakemake logs in WORKDIR/.snakemake/log/: its rule and wall seconds between
+    the times Snakemake printed when it started and finished it (the only cost record of rules without a
+    benchmark)."""
+    jobs = []
+    for path in sorted((Path(workdir) / ".snakemake" / "log").glob("*.log")):
+        stamp, started = None, {}
+        for line in path.read_text(errors="replace").splitlines():
+            if match := STAMP.match(line):
+                stamp = datetime.datetime.strptime(" ".join(match.group(1).split()), "%a %b %d %H:%M:%S %Y")
+            elif (match := JOB_START.match(line)) and stamp is not None:
+                started[match.group(1)] = stamp
+            elif (match := JOB_END.match(line)) and stamp is not None and match.group(1) in started:
+                start = started.pop(match.group(1))
+                jobs.append({"log": path.name, "rule": match.group(2), "jobid": int(match.group(1)),
+                             "start": start.isoformat(), "end": stamp.isoformat(),
+                             "seconds": (stamp - start).total_seconds()})
+    return jobs
+
+
 def collect(workdir: Path, out: Path = RESULTS) -> dict[str, Any]:
     """Copy the finished runs' small outputs of `workdir` into `out`; the provenance written."""
     workdir = Path(workdir)
@@ -92,17 +120,25 @@ def collect(workdir: Path, out: Path = RESULTS) -> dict[str, Any]:
     results = workdir / "results"
     files = [results / "teacher" / "metrics.json", *sorted((results / "analysis").glob("*.json")),
              *sorted((workdir / "benchmarks").rglob("*.tsv")), *sorted((results / "gap").glob("*/*.json")),
-             *sorted((results / "gap").glob("*/*.h5"))]
+             *sorted((results / "gap").glob("*/*.h5")), *sorted((results / "last").glob("*/*.json")),
+             *sorted((results / "last").glob("*/*.h5"))]
     checkpoint = cfg["evaluate"]["checkpoint"]
     for run in done:
         files += [results / "train_robust" / run / "metrics.json", results / "train_robust" / run / "curve.csv",
                   workdir / "models" / "robust" / run / f"{checkpoint}.pt"]
+        if (results / "last" / run).is_dir():   # the model `last` evaluated
+            files.append(workdir / "models" / "robust" / run / "last.pt")
         for threat in cfg["evaluate"]["threats"]:
             files += [results / "evaluate" / run / f"{threat}.json", results / "evaluate" / run / f"{threat}.h5"]
     for source in files:
         if source.exists():
             _copy(source, out / source.relative_to(results if source.is_relative_to(results) else workdir))
     _copy(workdir / "params.yaml", out / "params.yaml")
+    jobs = snakemake_jobs(workdir)
+    with atomic_path(out / "jobs.csv") as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, JOB_FIELDS)
+        writer.writeheader()
+        writer.writerows(jobs)
     record = {**origin, "runs_planned": planned, "runs_collected": done, "n_planned": len(planned),
               "n_collected": len(done)}
     with atomic_path(kept) as tmp:
@@ -118,7 +154,7 @@ def missing_targets(workdir: Path, kept: Path = RESULTS) -> list[str]:
             for threat in cfg["evaluate"]["threats"] if not (kept / "evaluate" / run / f"{threat}.json").exists()]
 
 
-# --- standard AutoAttack on a subset: the gap to the study's cheaper attack ---
+# --- second looks at the kept models: declared in docs/effect.md, reported beside the study's own numbers ---
 
 
 def gap_runs(cfg: dict[str, Any]) -> list[str]:
@@ -127,29 +163,44 @@ def gap_runs(cfg: dict[str, Any]) -> list[str]:
             if run.seed == cfg["variants"]["seeds"][0] and run.amount is None and run.variant is None]
 
 
-def gap(workdir: Path, n_eval: int = GAP_N_EVAL) -> list[Path]:
-    """Standard AutoAttack on the first `n_eval` test images of each gap run's evaluated model, through the
-    evaluate stage (resumable per chunk), into WORKDIR/results/gap/<run>/<threat>.json and .h5."""
+def attack_runs(workdir: Path, runs: list[str], overlay: dict[str, Any], name: str) -> list[Path]:
+    """Evaluate each run's model with the study's `evaluate:` settings changed by `overlay`, through the
+    evaluate stage (resumable per chunk), into WORKDIR/results/<name>/<run>/<threat>.json and .h5; runs
+    already done or not yet trained are skipped (rerun it as runs finish)."""
     workdir = Path(workdir)
     cfg = params_mod.load(workdir / "params.yaml")
-    overlay = {**cfg, "evaluate": {**cfg["evaluate"], "version": "standard", "n_eval": n_eval, "chunk_size": n_eval,
-                                   "n_sweep": min(20, n_eval)}}
-    params_path = workdir / "work" / "gap" / "params.yaml"
+    evaluate = {**cfg["evaluate"], **overlay}
+    params_path = workdir / "work" / name / "params.yaml"
     params_path.parent.mkdir(parents=True, exist_ok=True)
-    params_path.write_text(yaml.safe_dump(params_mod.validate(overlay)))
+    params_path.write_text(yaml.safe_dump(params_mod.validate({**cfg, "evaluate": evaluate})))
     written = []
-    for run in gap_runs(cfg):
-        model = workdir / "models" / "robust" / run / f"{cfg['evaluate']['checkpoint']}.pt"
+    for run in runs:
+        model = workdir / "models" / "robust" / run / f"{evaluate['checkpoint']}.pt"
         for threat in cfg["evaluate"]["threats"]:
-            out = workdir / "results" / "gap" / run / f"{threat}.json"
+            out = workdir / "results" / name / run / f"{threat}.json"
             if out.exists() or not model.exists():
                 continue
             subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--params", str(params_path), "--run", run,
                             "--model", str(model), "--test", str(workdir / "data" / cfg["base"]["dataset"] / "test.h5"),
-                            "--threat", threat, "--workdir", str(workdir / "work" / "gap" / run / threat),
+                            "--threat", threat, "--workdir", str(workdir / "work" / name / run / threat),
                             "--out", str(out), "--out-examples", str(out.with_suffix(".h5"))], check=True)
             written.append(out)
     return written
+
+
+def gap(workdir: Path, n_eval: int = GAP_N_EVAL) -> list[Path]:
+    """Standard AutoAttack on the first `n_eval` test images of each arm's seed-0 model: how far the study's
+    cheaper attack overstates robust accuracy (results/gap/)."""
+    cfg = params_mod.load(Path(workdir) / "params.yaml")
+    overlay = {"version": "standard", "n_eval": n_eval, "chunk_size": n_eval, "n_sweep": min(20, n_eval)}
+    return attack_runs(workdir, gap_runs(cfg), overlay, "gap")
+
+
+def last(workdir: Path) -> list[Path]:
+    """The study's attack on every run's last checkpoint (results/last/): the end of the equal training
+    budget, free of best.pt's selection on the small validation split (docs/effect.md)."""
+    cfg = params_mod.load(Path(workdir) / "params.yaml")
+    return attack_runs(workdir, params_mod.runs(cfg), {"checkpoint": "last"}, "last")
 
 
 def gap_rows(results: Path) -> list[dict[str, Any]]:
@@ -173,15 +224,30 @@ def gap_rows(results: Path) -> list[dict[str, Any]]:
 # --- the sections of docs/results.md and README.md ---
 
 
-def job_hours(results: Path) -> dict[str, float]:
-    """Snakemake's per-job wall seconds summed by rule (benchmarks/<rule>/...), in hours."""
-    hours: dict[str, float] = {}
+def job_hours(results: Path) -> dict[str, tuple[float, float]]:
+    """Snakemake's per-job (wall, CPU) seconds summed by rule (benchmarks/<rule>/...), in hours."""
+    hours: dict[str, tuple[float, float]] = {}
     for path in (results / "benchmarks").rglob("*.tsv"):
         rule = path.relative_to(results / "benchmarks").parts[0].removesuffix(".tsv")
         with open(path) as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
-        hours[rule] = hours.get(rule, 0.0) + sum(float(row["s"]) for row in rows) / 3600
+        wall, cpu = hours.get(rule, (0.0, 0.0))
+        hours[rule] = (wall + sum(float(row["s"]) for row in rows) / 3600,
+                       cpu + sum(float(row.get("cpu_time") or 0) for row in rows) / 3600)
     return dict(sorted(hours.items()))
+
+
+def core_hours(results: Path) -> dict[str, float]:
+    """Per rule, the hours of one core its jobs took: CPU time where Snakemake benchmarked the rule, else the
+    jobs' wall time from its log (jobs.csv; an upper bound of their CPU time, every job on one thread)."""
+    hours = {rule: cpu for rule, (_, cpu) in job_hours(results).items()}
+    logged: dict[str, float] = {}
+    if (results / "jobs.csv").exists():
+        with open(results / "jobs.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row["rule"] not in hours:
+                    logged[row["rule"]] = logged.get(row["rule"], 0.0) + float(row["seconds"]) / 3600
+    return dict(sorted({**hours, **logged}.items()))
 
 
 def _missing(value: Any) -> bool:
@@ -221,7 +287,6 @@ def section(results: Path, rows: list[dict[str, Any]]) -> str:
     teacher = json.loads((results / "teacher" / "metrics.json").read_text()) \
         if (results / "teacher" / "metrics.json").exists() else {}
     attack = effect.ATTACK_LABELS.get(rows[0]["robust_attack"], rows[0]["robust_attack"])
-    robust = rows[0]["robust_attack"]
     lines = [BEGIN, "<!-- generated by `python -m pipeline.effect_report write` from results/effect/; do not edit -->",
              "",
              f"Collected {origin['n_collected']} of the {origin['n_planned']} planned runs (commit "
@@ -232,16 +297,14 @@ def section(results: Path, rows: list[dict[str, Any]]) -> str:
              f"on the first {int(rows[0]['n_eval']):,} test images, {rows[0]['threat']} eps "
              f"{float(rows[0]['eps_255']):g}/255, {attack} as the robust attack; mean over seeds with the 95% "
              "t-interval, and the difference to the real-data baseline paired by seed.", "",
-             f"| arm | generated images | seeds | clean | {attack} | {attack} - baseline | McNemar p < 0.05 "
-             "| verdict |",
-             "|---|---:|---:|---|---|---|---:|---|"]
-    for row in rows:
-        baseline = row["arm"] == "none"
-        lines.append(f"| {'real only' if baseline else row['arm']} | {int(row['amount']):,} | {row['n_seeds']} | "
-                     f"{_interval(row, 'clean')} | {_interval(row, robust)} | "
-                     f"{'' if baseline else _interval(row, 'robust_diff')} | "
-                     f"{'' if baseline else str(row['mcnemar_n_significant']) + ' of ' + str(row['n_paired'])} | "
-                     f"{'' if baseline else verdict(row)} |")
+             *table_lines(rows)]
+    last_rows, _, n_last = last_summary(results)
+    if last_rows:
+        lines += ["", f"The same attack on every run's last checkpoint (`effect_report last`: the end of the equal "
+                  f"training budget, no selection on the {cfg['data']['val_size']} validation images; a second look "
+                  "declared in docs/effect.md, the verdicts above stay the study's):", "", *table_lines(last_rows)]
+    elif n_last:
+        lines += ["", f"Last checkpoints evaluated so far: {n_last} of the {origin['n_collected']} collected runs."]
     gaps = gap_rows(results)
     if gaps:
         lines += ["", f"Standard AutoAttack on the first {gaps[0]['n']} test images of each arm's seed-0 model "
@@ -258,12 +321,44 @@ def section(results: Path, rows: list[dict[str, Any]]) -> str:
     if quality:
         lines += ["", f"Generator FID to the labelled training images in {space} (the real test set: "
                   f"{reference:.4g}): " + ", ".join(quality) + "."]
-    hours = job_hours(results)
+    hours = core_hours(results)
     if hours:
-        lines += ["", f"Cost: {sum(hours.values()):.2f} job-hours, one thread per job ("
-                  + ", ".join(f"{rule} {value:.2f}" for rule, value in hours.items()) + ")."]
+        total = sum(hours.values())
+        lines += ["", f"Cost: {total:.2f} core-hours, so about {total / 2:.1f} hours on two idle cores (one thread "
+                  "per job; CPU time where Snakemake benchmarked a rule, else the jobs' wall time from its log, "
+                  "results/effect/jobs.csv). By rule: " + ", ".join(f"{rule} {value:.2f}" for rule, value in
+                                                                      hours.items() if value >= 0.005) + "."]
     lines.append(END)
     return "\n".join(lines)
+
+
+def table_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The summary table: per arm and amount, clean and robust accuracy and the difference to the baseline."""
+    robust = rows[0]["robust_attack"]
+    attack = effect.ATTACK_LABELS.get(robust, robust)
+    lines = [f"| arm | generated images | seeds | clean | {attack} | {attack} - baseline | McNemar p < 0.05 "
+             "| verdict |",
+             "|---|---:|---:|---|---|---|---:|---|"]
+    for row in rows:
+        baseline = row["arm"] == "none"
+        lines.append(f"| {'real only' if baseline else row['arm']} | {int(row['amount']):,} | {row['n_seeds']} | "
+                     f"{_interval(row, 'clean')} | {_interval(row, robust)} | "
+                     f"{'' if baseline else _interval(row, 'robust_diff')} | "
+                     f"{'' if baseline else str(row['mcnemar_n_significant']) + ' of ' + str(row['n_paired'])} | "
+                     f"{'' if baseline else verdict(row)} |")
+    return lines
+
+
+def last_summary(results: Path) -> tuple[list[dict[str, Any]], list[str], int]:
+    """The summary rows and columns of the last checkpoints, once every collected run has one (else none);
+    how many have one."""
+    threat = params_mod.load(results / "params.yaml")["evaluate"]["threats"][0]
+    collected = json.loads((results / "provenance.json").read_text())["runs_collected"]
+    done = [run for run in collected if (results / "last" / run / f"{threat}.json").exists()]
+    if not done or len(done) < len(collected):
+        return [], [], len(done)
+    rows, columns = effect.summarise(effect.load_runs(results / "last", results / "train_robust", threat), "none")
+    return rows, columns, len(done)
 
 
 def headline(results: Path, rows: list[dict[str, Any]]) -> str:
@@ -276,6 +371,7 @@ def headline(results: Path, rows: list[dict[str, Any]]) -> str:
     for row in rows:
         if row["arm"] != "none" and int(row["amount"]) >= int(largest.get(row["arm"], {"amount": -1})["amount"]):
             largest[row["arm"]] = row
+    hours = core_hours(results)
     arms = [f"{arm} ({int(row['amount']):,} images): {_interval(row, 'robust_diff') or 'no difference yet'} "
             f"points, {verdict(row)}" for arm, row in largest.items()]
     lines = [HEADLINE_BEGIN, "<!-- generated by `python -m pipeline.effect_report write` from results/effect/; "
@@ -283,7 +379,9 @@ def headline(results: Path, rows: list[dict[str, Any]]) -> str:
              f"**Effect study** (2-core CPU; [docs/results.md](docs/results.md)): {origin['n_collected']} of "
              f"{origin['n_planned']} runs collected. {attack} robust accuracy over the real-only baseline, mean "
              "over seeds with the seed-paired 95% interval: " + ("; ".join(arms) if arms else "no arm with "
-                                                                  "generated data collected yet") + ".",
+                                                                  "generated data collected yet") + "."
+             + (f" Its jobs took {sum(hours.values()):.1f} core-hours: about {sum(hours.values()) / 2:.1f} hours "
+                "of a 2-core machine." if hours else ""),
              "", "![robust accuracy against the number of generated images](results/figures/effect.png)", HEADLINE_END]
     return "\n".join(lines)
 
@@ -308,6 +406,9 @@ def write(results: Path = RESULTS, figure_path: Path = FIGURE, readme: Path = RE
     """summary.csv, the figure and the two sections, from `results` alone."""
     rows, columns = summary(results)
     effect.write_csv(results / "summary.csv", rows, columns)
+    last_rows, last_columns, _ = last_summary(results)
+    if last_rows:
+        effect.write_csv(results / "summary_last.csv", last_rows, last_columns)
     effect.figure(figure_path, rows, "none")
     replace_section(results_doc, section(results, rows))
     replace_section(readme, headline(results, rows), HEADLINE_BEGIN, HEADLINE_END)
@@ -318,10 +419,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.effect_report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("gap", "collect", "targets"):
+    for name in ("gap", "last", "collect", "targets"):
         sub = commands.add_parser(name)
         sub.add_argument("workdir", type=Path, help="the study's checkout (params.yaml, results/, models/)")
-        if name != "gap":
+        if name in ("collect", "targets"):
             sub.add_argument("--kept", type=Path, default=RESULTS, help="the kept results (default results/effect)")
     sub = commands.add_parser("write")
     sub.add_argument("--results", type=Path, default=RESULTS)
@@ -333,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "gap":
             gap(args.workdir)
+        elif args.command == "last":
+            last(args.workdir)
         elif args.command == "collect":
             collect(args.workdir, args.kept)
         elif args.command == "targets":

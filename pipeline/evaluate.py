@@ -580,7 +580,7 @@ def parser_for(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, required=True, help="robust model checkpoint (models.save_checkpoint)")
     parser.add_argument("--test", type=Path, required=True, help="test image set (HDF5)")
     parser.add_argument("--threat", choices=sorted(NORMS), required=True)
-    parser.add_argument("--run", help="run name in the JSON (default: the model's folder name; a zoo file's stem)")
+    parser.add_argument("--run", required=True, help="run name in the JSON (the DAG's {run}; never read from a path)")
     parser.add_argument("--zoo-architecture", choices=robustbench.ARCHITECTURES,
                         help="--model is a RobustBench model-zoo file of this architecture (pipeline/robustbench.py)")
     add = parser.add_argument
@@ -604,7 +604,6 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv[:1] and argv[0] in COMMANDS and argv[0] != "whole" else "whole"
     args = parser_for(command).parse_args(argv if command == "whole" else argv[1:])
-    args.run = args.run or (args.model.stem if args.zoo_architecture else args.model.parent.name)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # per-attack progress lines into the log
     COMMANDS[command](args, params_mod.load(args.params))

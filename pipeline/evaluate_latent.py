@@ -62,13 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test", type=Path, required=True, help="test image set (HDF5)")
     parser.add_argument("--out", type=Path, required=True, help="summary JSON")
     parser.add_argument("--out-examples", type=Path, required=True, help="per-example results (HDF5)")
-    parser.add_argument("--run", help="run name in the JSON (default: the model's folder name)")
+    parser.add_argument("--run", required=True, help="run name in the JSON (the DAG's {run}; never read from a path)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg_all = params_mod.load(args.params)
     cfg = cfg_all["evaluate"]
     seed, device = cfg_all["base"]["seed"], models.resolve_device(cfg_all["base"]["device"])
-    run = args.run or args.model.parent.name
+    run = args.run
     try:
         model = models.load_checkpoint(args.model, device).requires_grad_(False)
         kind = models.checkpoint_kind(args.model, expected=cfg["checkpoint"])

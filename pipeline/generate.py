@@ -105,9 +105,7 @@ def run(cfg_all: dict[str, Any], name: str, model: Path, shard: str, out: Path |
         out_dir: Path | None) -> list[Path]:
     """Generate one shard (`shard` an index, written to `out`) or all of them into `out_dir`."""
     cfg = params_mod.section(GenerateConfig, cfg_all["generate"])
-    settings = SampleSettings(seed=cfg_all["base"]["seed"], batch_size=cfg.batch_size,
-                              sampler=cfg.sampler, sampling_steps=cfg.sampling_steps,
-                              ddpm_variance=cfg.ddpm_variance, edm_steps=cfg.edm_steps)
+    settings = SampleSettings.from_params(cfg_all)
     count = params_mod.shard_count(cfg_all)
     if shard == "all":
         if out_dir is None:

@@ -195,7 +195,7 @@ def build_rows(cfg: dict[str, Any], evaluations: list[Path], train_metrics: list
     trains: Keyed = {}
     for path in train_metrics:
         data = read_json(path)
-        trains[str(data.get("run") or path.parent.name)] = (path, data)
+        trains[str(need(data, "run", path))] = (path, data)
     analysis: Keyed = {}
     for path in analyses:
         data = read_json(path)

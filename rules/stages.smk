@@ -70,6 +70,8 @@ rule generate:
         out_dir="data/generated/{generator}",
     log:
         "logs/generate/{generator}/shard-{shard}.log",
+    benchmark:
+        "benchmarks/generate/{generator}/shard-{shard}.tsv"
     threads: 2
     resources:
         gpu=1,
@@ -149,6 +151,8 @@ rule pseudolabel:
         out_dir="data/pseudolabels/{generator}",
     log:
         "logs/pseudolabel/{generator}/shard-{shard}.log",
+    benchmark:
+        "benchmarks/pseudolabel/{generator}/shard-{shard}.tsv"
     threads: 2
     resources:
         gpu=1,
@@ -201,6 +205,8 @@ rule analysis:
         cfg=stage_params("analysis"),
     log:
         "logs/analysis/{generator}.log",
+    benchmark:
+        "benchmarks/analysis/{generator}.tsv"
     threads: 2
     conda:
         "../envs/pipeline.yaml"
@@ -232,6 +238,8 @@ rule analysis_mixup:
         cfg=stage_params("analysis_mixup"),
     log:
         "logs/analysis/mixup.log",
+    benchmark:
+        "benchmarks/analysis/mixup.tsv"
     threads: 2
     conda:
         "../envs/pipeline.yaml"

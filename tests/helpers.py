@@ -52,6 +52,14 @@ def tiny_overrides() -> dict:
     return yaml.safe_load((REPO / "tests" / "params.yaml").read_text())
 
 
+def sample_settings(**overrides: Any) -> Any:
+    """The sampling settings of configs/default.yaml, seed 0, with `overrides` (SampleSettings fields)."""
+    from pipeline.generators.base import SampleSettings
+
+    settings = SampleSettings.from_params(params_mod.load(REPO / "configs" / "default.yaml"))
+    return dataclasses.replace(settings, seed=0, **overrides)
+
+
 def tiny_config() -> dict:
     """A validated params dict: configs/default.yaml with tests/params.yaml laid over it, reading the
     shipped demo archive (the `tiny_params` fixture, callable from fixtures of any scope)."""

@@ -59,6 +59,7 @@ def test_blocked_search_equals_brute_force():
     assert np.allclose(quality.min_sq_dist(q, q, 5, exclude_self=True), selfd.min(1), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_on_real_images_copies_far_and_summary(tiny_params, write_params, cifar_sets, tmp_path):
     """Teacher feature space end to end: copies of train vs. flat grey images far from everything."""
     tiny_params["analysis"]["n_samples"] = 2000  # >= every set here, so every image is used
@@ -159,6 +160,7 @@ def test_mixup_blends_are_made_of_train_pool_images():
         assert labels[k] == (y[i[k]] if lam >= 0.5 else y[j[k]])
 
 
+@pytest.mark.slow
 def test_mixup_row_finds_its_sources_in_the_train_pool(tiny_params, write_params, cifar_sets, tmp_path):
     """Known answer: with alpha tiny a blend is its dominant image, which is in the searched train pool,
     so nearly every blend's nearest neighbour is in train, although the pool (40) is a small sample of

@@ -29,6 +29,7 @@ def test_each_corruption_changes_the_image_and_is_seeded(kind, cifar_sets):
     assert 0.5 < changed < 60, changed                    # visibly corrupted, still the same picture
 
 
+@pytest.mark.slow
 def test_elbo_falls_and_a_killed_run_resumes_exactly(tiny_params, small_train, tmp_path, monkeypatch):
     cfg = cvae_cfg(tiny_params, train_steps=40, checkpoint_every=20, holdout=32, batch_size=32, latent_steps=3)
     cvae.train(cfg, small_train, tmp_path / "work-a", tmp_path / "a.pt", 0, CPU)
@@ -91,6 +92,7 @@ def test_truncated_prior_samples_lie_in_the_ball():
     assert 3.5 < wide.norm(dim=1).mean() < 4.5
 
 
+@pytest.mark.slow
 def test_cvae_generator_shards_are_deterministic_and_keep_labels(tiny_params, small_train, tmp_path):
     cfg = cvae_cfg(tiny_params, train_steps=4, checkpoint_every=4, holdout=16, batch_size=16, latent_steps=2)
     model = tmp_path / "model.pt"
@@ -111,6 +113,7 @@ def test_cvae_generator_shards_are_deterministic_and_keep_labels(tiny_params, sm
     assert shards.read_attrs(first)["generator"] == "cvae"
 
 
+@pytest.mark.slow
 def test_latent_threat_evaluation_and_its_table_row(tiny_params, write_params, small_train, cifar_sets, tmp_path):
     import json
 
@@ -134,8 +137,8 @@ def test_latent_threat_evaluation_and_its_table_row(tiny_params, write_params, s
     models.save_checkpoint(robust, net.eval(), "small_cnn", 10)
     tiny_params["evaluate"].update(n_eval=64, batch_size=32, pgd_steps=10)
     out = tmp_path / "results" / "evaluate" / "baseline"
-    evaluate_latent.main(["--params", str(write_params(tiny_params)), "--model", str(robust), "--cvae",
-                          str(generator_path), "--test", str(small_train), "--out", str(out / "cvae.json"),
+    evaluate_latent.main(["--params", str(write_params(tiny_params)), "--run", "baseline", "--model", str(robust),
+                          "--cvae", str(generator_path), "--test", str(small_train), "--out", str(out / "cvae.json"),
                           "--out-examples", str(out / "cvae.h5")])
     report = json.loads((out / "cvae.json").read_text())
     generator, state = cvae.load_model(generator_path)

@@ -147,6 +147,7 @@ def test_dataset_presets_carry_the_official_sources():
         assert datasets.sources(spec, cfg["data"]["archive"])[0].startswith(spec.url)
 
 
+@pytest.mark.slow
 def test_cifar100_teacher_and_robust_model_have_100_outputs(cifar100, tiny_params, write_params, tmp_path):
     path, _ = cifar100
     cfg = params_for(tiny_params, "cifar100", path, md5(path))
@@ -168,6 +169,7 @@ def test_cifar100_teacher_and_robust_model_have_100_outputs(cifar100, tiny_param
     assert result.metrics.num_classes == 100
 
 
+@pytest.mark.slow
 def test_snakemake_targets_the_datasets_table(tmp_path):
     """A dry run of the DAG on SVHN: every stage planned, the target is results/svhn_table.csv."""
     workdir = make_workdir(tmp_path)

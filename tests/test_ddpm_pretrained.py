@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from pipeline import generate, shards, train_generator
 from pipeline.generators import SampleSettings, ddpm, ddpm_pretrained
 from pipeline.generators.ddpm_pretrained import PretrainedError
-from tests.helpers import save_pipeline, small_unet
+from tests.helpers import sample_settings, save_pipeline, small_unet
 
 # not Ho et al.'s schedule, and no clipping: sampling must follow it
 COSINE = dict(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2", clip_sample=False,
@@ -28,7 +28,7 @@ def pipeline_folder(tmp_path_factory):
 
 
 def settings(sampler: str = "ddpm", steps: int = 3, batch: int = 4) -> SampleSettings:
-    return SampleSettings(seed=0, batch_size=batch, sampler=sampler, sampling_steps=steps)
+    return sample_settings(batch_size=batch, sampler=sampler, sampling_steps=steps)
 
 
 def test_cli_import_records_provenance_and_shards_are_deterministic(pipeline_folder, tiny_params, write_params,

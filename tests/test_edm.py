@@ -15,9 +15,9 @@ import torch
 
 from pipeline import checkpoint, generate, shards
 from pipeline import params as params_mod
-from pipeline.generators import SampleSettings, diffusion_training, edm
+from pipeline.generators import diffusion_training, edm
 from pipeline.preemption import NonFiniteLoss
-from tests.helpers import die_after_checkpoint
+from tests.helpers import die_after_checkpoint, sample_settings
 
 # --- a Gaussian mixture and its exact denoiser ---
 
@@ -222,7 +222,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_
 
 
 def test_sampler_is_per_image_seeded_with_balanced_stored_classes(edm_model):
-    settings = SampleSettings(seed=0, batch_size=4, sampler="ddim", sampling_steps=4, edm_steps=3)
+    settings = sample_settings(batch_size=4, sampler="ddim", sampling_steps=4, edm_steps=3)
     sampler = edm.load(edm_model, settings, torch.device("cpu"))
     images, labels = sampler.sample(0, 12)
     assert images.dtype == np.uint8 and images.shape == (12, 32, 32, 3) and images.std() > 5
@@ -236,7 +236,7 @@ def test_sampler_is_per_image_seeded_with_balanced_stored_classes(edm_model):
 
 
 def test_heun_calls_the_network_2n_minus_1_times(edm_model, monkeypatch):
-    settings = SampleSettings(seed=0, batch_size=2, sampler="ddim", sampling_steps=4, edm_steps=4)
+    settings = sample_settings(batch_size=2, sampler="ddim", sampling_steps=4, edm_steps=4)
     sampler = edm.load(edm_model, settings, torch.device("cpu"))
     calls = []
     real = sampler.denoiser.forward

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -48,7 +49,13 @@ def study(tmp_path) -> Path:
     (results / "teacher").mkdir()
     (results / "teacher" / "metrics.json").write_text(json.dumps({"test_acc": 0.41}))
     (workdir / "benchmarks" / "train_robust").mkdir(parents=True)
-    (workdir / "benchmarks" / "train_robust" / "baseline.tsv").write_text("s\th:m:s\n5400.0\t1:30:00\n")
+    benchmark = workdir / "benchmarks" / "train_robust" / "baseline.tsv"
+    benchmark.write_text("s\th:m:s\tcpu_time\n5400.0\t1:30:00\t3600.0\n")
+    (workdir / ".snakemake" / "log").mkdir(parents=True)   # a generate job (no benchmark) of 3 min, one unfinished
+    (workdir / ".snakemake" / "log" / "2026-12-01T100000.snakemake.log").write_text(
+        "Select jobs to execute...\n[Tue Dec  1 10:00:00 2026]\nJob 7: generate shard 0\nReason: x\n\n"
+        "[Tue Dec  1 10:00:05 2026]\nJob 8: generate shard 1\n[Tue Dec  1 10:03:00 2026]\n"
+        "Finished jobid: 7 (Rule: generate)\n1 of 2 steps (50%) done\n")
     return workdir
 
 
@@ -103,7 +110,42 @@ def test_write_fills_the_sections_from_the_kept_results_only(study, tmp_path):
     assert "| gaussian | 2,000 | 3 |" in text and "above the baseline" in text   # +5 points every seed: CI > 0
     assert "Collected 6 of the 6 planned runs" in text and "teacher's test accuracy 41.0%" in text
     assert "gaussian 60.0 vs 100.0" in text        # standard AutoAttack vs the study's attack, same 50 images
-    assert "1.50 job-hours" in text
+    assert "Cost: 1.05 core-hours, so about 0.5 hours on two idle cores" in text   # 1 h of CPU + 3 min logged
+    assert "By rule: generate 0.05, train_robust 1.00." in text
+    assert "Its jobs took 1.1 core-hours: about 0.5 hours of a 2-core machine." in readme.read_text()
+    with open(out / "jobs.csv", newline="") as handle:
+        assert list(csv.DictReader(handle)) == [{"log": "2026-12-01T100000.snakemake.log", "rule": "generate",
+                                                 "jobid": "7", "start": "2026-12-01T10:00:00",
+                                                 "end": "2026-12-01T10:03:00", "seconds": "180.0"}]
+
+
+def test_last_checkpoints_get_their_own_table_once_every_run_has_one(study, tmp_path):
+    out = tmp_path / "kept"
+    report.collect(study, out)                      # 5 runs collected (gaussian-s2 not evaluated)
+    last = tmp_path / "last"
+    for seed, robust in ROBUST.items():             # at the end of training gaussian is 2 images below
+        suffix = f"-s{seed}" if seed else ""
+        write_run(last, f"baseline{suffix}", None, 0, seed, robust)
+        if seed < 2:
+            write_run(last, f"gaussian{suffix}", "gaussian", 2000, seed, robust - 2)
+    for run in ("baseline", "baseline-s1"):         # two copied so far: counted, no table
+        shutil.copytree(last / "evaluate" / run, out / "last" / run)
+    doc, readme = tmp_path / "results.md", tmp_path / "README.md"
+    doc.write_text(f"{report.BEGIN}\n{report.END}\n")
+    readme.write_text(f"{report.HEADLINE_BEGIN}\n{report.HEADLINE_END}\n")
+    report.write(out, tmp_path / "effect.png", readme, doc)
+    assert "Last checkpoints evaluated so far: 2 of the 5 collected runs." in doc.read_text()
+    assert not (out / "summary_last.csv").exists()
+    for run in ("baseline-s2", "gaussian", "gaussian-s1"):
+        shutil.copytree(last / "evaluate" / run, out / "last" / run)
+    report.write(out, tmp_path / "effect.png", readme, doc)
+    text = doc.read_text()
+    study_table, last_table = text.split("every run's last checkpoint")
+    assert "above the baseline" in study_table and "| gaussian | 2,000 | 2 |" in last_table
+    with open(out / "summary_last.csv") as handle:
+        summary = {row["arm"]: row for row in csv.DictReader(handle)}
+    assert float(summary["gaussian"]["robust_diff_mean"]) == pytest.approx(-2 / 200)
+    assert (out / "summary.csv").read_text() != (out / "summary_last.csv").read_text()
 
 
 def test_a_readme_without_the_markers_is_named(tmp_path):

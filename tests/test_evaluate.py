@@ -103,6 +103,7 @@ def test_l2_threat_uses_the_l2_ball(linear, data, tiny_params, tmp_path):
     assert result.sweep["eps_255"] == [32.0, 64.0, 128.0, 256.0]
 
 
+@pytest.mark.slow
 def test_masking_checks_fire_on_an_input_quantising_model(linear, data, tiny_params, tmp_path):
     # points surviving the gradient attacks cost Square's 5,000 queries each: keep few images
     cfg = config(tiny_params, n_eval=12, chunk_size=12, batch_size=12, n_sweep=12, pgd_steps=10)
@@ -142,10 +143,12 @@ def test_perturbation_outside_the_ball_is_flagged(tiny_params):
 
 
 def cli_args(params, model, test, work, out):
-    return ["--params", str(params), "--model", str(model), "--test", str(test), "--threat", "linf",
-            "--workdir", str(work), "--out", str(out / "linf.json"), "--out-examples", str(out / "linf.h5")]
+    return ["--params", str(params), "--run", "baseline", "--model", str(model), "--test", str(test),
+            "--threat", "linf", "--workdir", str(work), "--out", str(out / "linf.json"),
+            "--out-examples", str(out / "linf.h5")]
 
 
+@pytest.mark.slow
 def test_cli_killed_evaluation_resumes_to_the_same_per_example_results(small_cnn, cifar_sets, tiny_params,
                                                                        write_params, tmp_path, monkeypatch):
     tiny_params["evaluate"]["eps_255"]["linf"] = 32.0  # every point falls to APGD-CE: fast (fixture doc)
@@ -208,6 +211,7 @@ def test_chunk_from_other_settings_is_attacked_again(tmp_path, tiny_params):
     assert eval_chunks.reusable(path, stamp) is None
 
 
+@pytest.mark.slow
 def test_cli_names_the_checkpoint_it_attacks_and_refuses_another(small_cnn, cifar_sets, tiny_params,
                                                                    write_params, tmp_path):
     """evaluate.checkpoint best (the default, as the references' eval-aa.py): the JSON names the
@@ -230,7 +234,8 @@ def test_cli_names_the_checkpoint_it_attacks_and_refuses_another(small_cnn, cifa
 
 
 def job_args(command: str, params, model, test, *extra) -> list[str]:
-    return [command, "--params", str(params), "--model", str(model), "--test", str(test), "--threat", "linf",
+    return [command, "--params", str(params), "--run", "baseline", "--model", str(model), "--test", str(test),
+            "--threat", "linf",
             *map(str, extra)]
 
 
@@ -263,6 +268,7 @@ def chunked(small_cnn, cifar_sets, tmp_path_factory) -> dict:
             "merged": {name: (out / name).read_bytes() for name in whole}, "chunks": chunks, "merge": merge}
 
 
+@pytest.mark.slow
 def test_chunk_jobs_then_merge_write_the_one_process_files_byte_for_byte(chunked):
     assert chunked["merged"] == chunked["whole"]
     report = json.loads(chunked["whole"]["linf.json"])
@@ -275,6 +281,7 @@ def test_chunk_jobs_then_merge_write_the_one_process_files_byte_for_byte(chunked
         assert (chunked["chunks"] / name).read_bytes() == (chunked["root"] / "work" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_raising_n_eval_attacks_only_the_new_chunks(chunked, tmp_path, monkeypatch):
     """`--chunk all` (DVC's one job per run and threat) keeps a node's finished chunks: n_eval 20 -> 32
     attacks chunks 1 (not on this node) and 3 (new) only, and chunk 2 is unchanged."""
@@ -311,6 +318,7 @@ def merge_error(chunked, tmp_path, change) -> str:
     return str(error.value)
 
 
+@pytest.mark.slow
 def test_merge_names_a_missing_corrupt_or_stale_chunk(chunked, tmp_path):
     missing = merge_error(chunked, tmp_path / "a", lambda folder, cfg: (folder / "chunks" / "chunk-00001.h5").unlink())
     assert "chunk-00001.h5: missing (chunk 1 of 3, test images 8..15)" in missing
@@ -325,6 +333,7 @@ def test_merge_names_a_missing_corrupt_or_stale_chunk(chunked, tmp_path):
     assert "sweep.h5: eps sweep was made" in sweep and "n 12 (expected 10)" in sweep
 
 
+@pytest.mark.slow
 def test_merge_refuses_chunks_of_another_model(chunked, tmp_path):
     model = tmp_path / "baseline" / "best.pt"
     models.save_checkpoint(model, models.build("small_cnn"), "small_cnn", 10, {"checkpoint": "best", "epoch": 4})
@@ -348,6 +357,7 @@ def test_bad_chunk_argument_is_one_error(tmp_path):
                         "--workdir", tmp_path, "--out-dir", tmp_path))
 
 
+@pytest.mark.slow
 def test_apgd_ce_alone_is_an_upper_bound_of_standard_autoattack_per_example(linear, data, tiny_params, tmp_path):
     """The `apgd-ce` version is AutoAttack's first attack with the standard version's settings and seed, so an
     image standard AutoAttack fails to break survives APGD-CE alone too; neither repairs a clean mistake."""

@@ -19,8 +19,8 @@ import torch
 
 from pipeline import generate, shards
 from pipeline import params as params_mod
-from pipeline.generators import SampleSettings, ddpm, gaussian, imported
-from tests.helpers import REPO
+from pipeline.generators import ddpm, gaussian, imported
+from tests.helpers import REPO, sample_settings
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_ddpm_batch_size_changes_only_float_rounding(ddpm_model, tiny_params):
     """ddpm tiles have batch_size images; other tile shapes round differently by at most a level or so."""
     results = []
     for batch_size in (5, 16):
-        settings = SampleSettings(seed=0, batch_size=batch_size, sampler="ddim", sampling_steps=3)
+        settings = sample_settings(batch_size=batch_size, sampler="ddim", sampling_steps=3)
         results.append(ddpm.load(ddpm_model, settings, torch.device("cpu")).sample(3, 19)[0].astype(int))
     diff = np.abs(results[0] - results[1])
     assert diff.max() <= 3 and (diff == 0).mean() > 0.99
@@ -98,7 +98,7 @@ def test_ddpm_batch_size_changes_only_float_rounding(ddpm_model, tiny_params):
 
 @pytest.mark.parametrize("sampler", sorted(ddpm.SAMPLERS))
 def test_every_ddpm_sampler_is_deterministic_and_seeded(sampler, ddpm_model):
-    settings = SampleSettings(seed=0, batch_size=4, sampler=sampler, sampling_steps=4)
+    settings = sample_settings(batch_size=4, sampler=sampler, sampling_steps=4)
     model = ddpm.load(ddpm_model, settings, torch.device("cpu"))
     images, labels = model.sample(0, 6)
     assert images.dtype == np.uint8 and images.shape == (6, 32, 32, 3) and (labels == -1).all()
@@ -114,7 +114,7 @@ def test_ancestral_sampler_matches_diffusers_pipeline(variance, ddpm_model):
     """Our loop is DDPMPipeline's loop: same UNet, scheduler and noise give the same images."""
     from diffusers import DDPMPipeline
 
-    settings = SampleSettings(seed=0, batch_size=1, sampler="ddpm", sampling_steps=5, ddpm_variance=variance)
+    settings = sample_settings(batch_size=1, sampler="ddpm", sampling_steps=5, ddpm_variance=variance)
     ours = ddpm.load(ddpm_model, settings, torch.device("cpu"))
     state = torch.load(ddpm_model, weights_only=False)
     pipe = DDPMPipeline(unet=ddpm.load_unet(state, torch.device("cpu")),
@@ -183,7 +183,7 @@ def test_fixedsmall_reproduces_the_diffusers_default_sampler(ddpm_model, tiny_pa
     was a setting: same bytes. fixedlarge samples differ, and a shard records which variance made it."""
     from diffusers import DDPMScheduler
 
-    settings = SampleSettings(seed=0, batch_size=4, sampler="ddpm", sampling_steps=3, ddpm_variance="fixedsmall")
+    settings = sample_settings(batch_size=4, sampler="ddpm", sampling_steps=3, ddpm_variance="fixedsmall")
     ours = ddpm.load(ddpm_model, settings, torch.device("cpu"))
     before = ddpm.load(ddpm_model, settings, torch.device("cpu"))
     state = torch.load(ddpm_model, weights_only=False)
@@ -231,7 +231,7 @@ def test_import_streams_rows_exactly(kind, tmp_path, tiny_params):
     path, images, labels = make_source(tmp_path, kind)
     model = tmp_path / "model.pt"
     imported.train(imported.Config(str(path)), None, tmp_path / "work", model, 0, "cpu")
-    sampler = imported.load(model, SampleSettings(0, 8, "ddim", 1), "cpu")
+    sampler = imported.load(model, sample_settings(batch_size=8, sampler="ddim", sampling_steps=1), "cpu")
     for start, stop in [(0, 50), (17, 33), (40, 41), (3, 9), (0, 0)]:  # backwards seeks too
         got_images, got_labels = sampler.sample(start, stop)
         assert np.array_equal(got_images, images[start:stop]) and np.array_equal(got_labels, labels[start:stop])
@@ -263,7 +263,7 @@ def test_changed_import_source_is_refused(tmp_path):
     imported.train(imported.Config(str(path)), None, tmp_path / "work", model, 0, "cpu")
     np.savez(path, image=images[:40], label=labels[:40])
     with pytest.raises(imported.SourceError, match="set-npz.npz.*changed"):
-        imported.load(model, SampleSettings(0, 8, "ddim", 1), "cpu")
+        imported.load(model, sample_settings(batch_size=8, sampler="ddim", sampling_steps=1), "cpu")
 
 
 def test_failed_sampling_leaves_no_shard(gaussian_model, tiny_params, tmp_path, monkeypatch):

@@ -8,6 +8,8 @@ import importlib.util
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import BIN, REPO, env, make_workdir
 
 spec = importlib.util.spec_from_file_location("lint_workflow", REPO / "tools" / "lint_workflow.py")
@@ -15,6 +17,7 @@ lint_workflow = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(lint_workflow)
 
 
+@pytest.mark.slow
 def test_snakemake_lint_finds_nothing_new(tmp_path):
     workdir = make_workdir(tmp_path)
     done = subprocess.run([sys.executable, str(REPO / "tools" / "lint_workflow.py"), str(workdir)], env=env(),

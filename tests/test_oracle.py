@@ -19,7 +19,7 @@ from pipeline import data, generate, models, pseudolabel, shards, teacher, train
 from pipeline import params as params_mod
 from pipeline.inference import predict_labels, to_float
 from pipeline.labels import load_labels
-from tests.helpers import DEMO_ARCHIVE
+from tests.helpers import DEMO_ARCHIVE, sample_settings
 
 N_LABELLED, N_IMAGES, SHARD = 100, 200, 100
 SETS = ("train", "val", "test", "unlabelled")
@@ -85,6 +85,7 @@ def run_chain(cfg: dict, root: Path, teacher_model: Path | None = None) -> dict[
     return files
 
 
+@pytest.mark.slow
 def test_no_stage_reads_the_pools_true_labels(tiny_params, tmp_path):
     cfg_a = oracle_config(tiny_params, DEMO_ARCHIVE)
     files_a = run_chain(cfg_a, tmp_path / "a")
@@ -163,7 +164,7 @@ def test_a_new_pool_is_caught_at_sampling(tiny_params, tmp_path):
     model = tmp_path / "m.pt"
     train_generator.train_generator("oracle", tiny_params["train_generator"], out / "train.h5", tmp_path / "w",
                                     model, 0, "cpu")
-    settings = generate.SampleSettings(seed=0, batch_size=2, sampler="ddim", sampling_steps=1)
+    settings = sample_settings(batch_size=2, sampler="ddim", sampling_steps=1)
     from pipeline import generators
     got, labels = generators.load("oracle", model, settings, torch.device("cpu")).sample(1, 3)
     assert np.array_equal(got, images[1:3]) and (labels == -1).all()

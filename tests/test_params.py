@@ -132,6 +132,7 @@ def test_use_writes_a_valid_params_file(tmp_path):
     assert out.read_text() == (REPO / "configs" / "default.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_snakemake_dry_run_fails_on_bad_params_before_any_job(tmp_path):
     for name in ["Snakefile", "rules", "profiles", "pipeline"]:
         (tmp_path / name).symlink_to(REPO / name)

@@ -181,7 +181,8 @@ def test_zoo_file_through_evaluate_table_and_export(zoo_file, cifar_sets, tiny_p
     tiny_params["evaluate"].update(n_eval=8, chunk_size=8, batch_size=8, n_sweep=8)
     params = write_params(tiny_params)
     out = tmp_path / "results" / "evaluate" / zoo_file.stem
-    E.main(["--params", str(params), "--model", str(zoo_file), "--zoo-architecture", "DMWideResNet",
+    E.main(["--params", str(params), "--run", zoo_file.stem, "--model", str(zoo_file), "--zoo-architecture",
+            "DMWideResNet",
             "--test", str(cifar_sets["test"]), "--threat", "linf", "--workdir", str(tmp_path / "work"),
             "--out", str(out / "linf.json"), "--out-examples", str(out / "linf.h5")])
     report = json.loads((out / "linf.json").read_text())
@@ -190,7 +191,8 @@ def test_zoo_file_through_evaluate_table_and_export(zoo_file, cifar_sets, tiny_p
     assert report["model_sha256"] == file_sha256(zoo_file) and report["checkpoint"] == "zoo"
     # the DAG's merge job names the zoo model the same way, from the same chunk files
     merged = tmp_path / "merged"
-    E.main(["merge", "--params", str(params), "--model", str(zoo_file), "--zoo-architecture", "DMWideResNet",
+    E.main(["merge", "--params", str(params), "--run", zoo_file.stem, "--model", str(zoo_file), "--zoo-architecture",
+            "DMWideResNet",
             "--test", str(cifar_sets["test"]), "--threat", "linf", "--chunk-dir", str(tmp_path / "work"),
             "--sweep", str(tmp_path / "work" / SWEEP_NAME), "--out", str(merged / "linf.json"),
             "--out-examples", str(merged / "linf.h5")])

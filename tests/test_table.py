@@ -54,7 +54,7 @@ def evaluated(tmp_path_factory, cifar_sets):
             opt.step()
         models.save_checkpoint(model, net.eval(), "small_cnn", 10)
         out = root / "results" / "evaluate" / run
-        E.main(["--params", str(params), "--model", str(model), "--test", str(cifar_sets["test"]),
+        E.main(["--params", str(params), "--run", run, "--model", str(model), "--test", str(cifar_sets["test"]),
                 "--threat", "linf", "--workdir", str(root / "work" / run), "--out", str(out / "linf.json"),
                 "--out-examples", str(out / "linf.h5")])
         metrics = {"run": run, "generator": None if run == "baseline" else run,

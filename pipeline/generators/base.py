@@ -30,8 +30,16 @@ class SampleSettings:
     batch_size: int        # generate.batch_size
     sampler: str           # generate.sampler (ddpm only)
     sampling_steps: int    # generate.sampling_steps (ddpm only)
-    ddpm_variance: str = "fixedlarge"  # generate.ddpm_variance (ddpm generator, ancestral sampler only)
-    edm_steps: int = 18    # generate.edm_steps (edm: Heun steps, 2N - 1 network calls; EDM's CIFAR-10 value)
+    ddpm_variance: str     # generate.ddpm_variance (ddpm generator, ancestral sampler only)
+    edm_steps: int         # generate.edm_steps (edm: Heun steps, 2N - 1 network calls)
+
+    @classmethod
+    def from_params(cls, cfg: dict[str, Any]) -> SampleSettings:
+        """The settings of validated params (no second defaults: every value is params')."""
+        generate = cfg["generate"]
+        return cls(seed=cfg["base"]["seed"], batch_size=generate["batch_size"], sampler=generate["sampler"],
+                   sampling_steps=generate["sampling_steps"], ddpm_variance=generate["ddpm_variance"],
+                   edm_steps=generate["edm_steps"])
 
 
 def tiled(start: int, stop: int, tile: int,

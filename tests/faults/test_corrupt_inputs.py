@@ -138,7 +138,7 @@ def test_checkpoint_of_another_architecture_to_evaluate(tiny_params, write_param
     assert tiny_params["train_robust"]["model"] == "small_cnn"
     other = tmp_path / "model.pt"
     models.save_checkpoint(other, models.build("preact_resnet18", 10), "preact_resnet18", 10)
-    fails_fast(evaluate.main, ["--params", str(write_params(tiny_params)), "--model", str(other),
+    fails_fast(evaluate.main, ["--params", str(write_params(tiny_params)), "--run", "baseline", "--model", str(other),
                                "--test", str(cifar_sets["test"]), "--threat", "linf",
                                "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "eval.json"),
                                "--out-examples", str(tmp_path / "examples.h5")],

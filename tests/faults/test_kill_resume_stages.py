@@ -164,7 +164,8 @@ def eval_setup(root, cifar_sets):
 
 
 def eval_command(params: Path, model: Path, test: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.evaluate", "--params", str(params), "--model", str(model),
+    return [sys.executable, "-m", "pipeline.evaluate", "--params", str(params), "--run", "baseline",
+            "--model", str(model),
             "--test", str(test), "--threat", "linf", "--workdir", str(out / "work"),
             "--out", str(out / "linf.json"), "--out-examples", str(out / "linf.h5")]
 

@@ -60,6 +60,7 @@ def _write(path: str, seed: int, barrier) -> None:
         shards.write_imageset(Path(path), *images(300, seed))
 
 
+@pytest.mark.slow
 def test_concurrent_writers_leave_one_valid_shard(tmp_path):
     """A requeued job and its zombie writing the same shard: one complete file, never an interleaving."""
     path = tmp_path / "shard-00007.h5"
