@@ -60,8 +60,8 @@ def solver_runs(model: dict, images: int, batch: int) -> dict[str, tuple[Callabl
                 edm.heun_sample(lambda x, sigma: denoiser(x, sigma, None), latents, 18)
     runs["EDM Heun, 18 steps"] = (heun, CallCounter(denoiser.unet))
     for name, sampler, steps in (("DDPM ancestral, 1000 steps", "ddpm", 1000), ("DDIM, 20 steps", "ddim", 20)):
-        ours = ddpm.DDPMSampler(model, SampleSettings(seed=0, batch_size=batch, sampler=sampler,
-                                                      sampling_steps=steps), device)
+        ours = ddpm.DDPMSampler(model, SampleSettings(seed=0, batch_size=batch, sampler=sampler, sampling_steps=steps,
+                                                      ddpm_variance="fixedlarge", edm_steps=18), device)
         runs[name] = (lambda ours=ours: ours.sample(0, images), CallCounter(ours.unet))
     return runs
 
@@ -118,7 +118,8 @@ def main() -> None:
         path = Path(tmp) / "model.pt"
         torch.save(model, path)
         for sampler in ("ddpm", "ddim", "dpmsolver"):
-            settings = SampleSettings(seed=0, batch_size=args.batch, sampler=sampler, sampling_steps=args.steps)
+            settings = SampleSettings(seed=0, batch_size=args.batch, sampler=sampler, sampling_steps=args.steps,
+                                      ddpm_variance="fixedlarge", edm_steps=18)
             ours = ddpm.load(path, settings, device)
             pipe = DDPMPipeline(unet=ddpm.load_unet(model, device), scheduler=ddpm.make_scheduler(sampler, model))
             pipe.set_progress_bar_config(disable=True)

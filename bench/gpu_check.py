@@ -283,7 +283,8 @@ def sampling_part(scale: Scale, device: torch.device) -> list[dict[str, Any]]:
     from pipeline.generators import base, ddpm, edm
 
     settings = base.SampleSettings(seed=0, batch_size=scale.sample_batch, sampler="ddpm",
-                                   sampling_steps=scale.sampling_steps, edm_steps=scale.edm_steps)
+                                   sampling_steps=scale.sampling_steps, ddpm_variance="fixedlarge",
+                                   edm_steps=scale.edm_steps)
     made = sampler_models(scale)
     samplers = {f"DDPM ancestral, {scale.sampling_steps} steps": (ddpm.DDPMSampler, made["ddpm"]),
                 f"EDM Heun, {scale.edm_steps} steps": (edm.EDMSampler, made["edm"])}
