@@ -65,6 +65,7 @@ from pipeline import features as feat
 from pipeline import models, seeding
 from pipeline import params as params_mod
 from pipeline import quality as q
+from pipeline.config import AnalysisConfig
 from pipeline.inference import predict
 from pipeline.labels import load_labels
 from pipeline.quality import complementarity_coverage
@@ -81,21 +82,6 @@ CSV_COLUMNS = ["generator", "feature_space", "n_train", "n_test", "n_generated",
                "quality_feature_space", "quality_n_generated", "quality_n_train", "fid", "fid_reference",
                "inception_score", "kid", "precision", "recall", "density", "nn_coverage",
                "leak_test_pixels", "leak_test_features", "memorised_pixels", "memorised_features"]
-
-
-@dataclass(frozen=True)
-class AnalysisConfig:
-    """Mirror of params.yaml `analysis:`."""
-    n_samples: int          # images drawn from each of train, test and the generated set (all if fewer)
-    feature_space: feat.FeatureSpace  # teacher (penultimate, default), pixels (diagnostic) or lpips (local weights)
-    lpips_weights: str      # local LPIPS weights (file or folder) when feature_space is lpips
-    mixup_alpha: float      # Beta(alpha, alpha) mixing weight of the mixup row (small: near one image)
-    batch_size: int         # images per feature-extraction batch (memory only)
-    block_size: int         # query rows per block of the exact search (memory: block x N floats)
-    quality_n: int          # generated and training images of the quality metrics (paper protocol: 50,000)
-    inception_weights: str  # local torch-fidelity Inception-v3 weights; "" = teacher features, labelled so
-    quality_k: int          # k of precision/recall (Kynkaanniemi et al.: 3) and density/coverage
-    leakage_quantile: float  # near-duplicate threshold: this quantile of real-to-pool nearest distances
 
 
 # --- samples ----------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,22 +30,12 @@ import numpy as np
 
 from pipeline import datasets, seeding
 from pipeline import params as params_mod
+from pipeline.config import DataConfig
 from pipeline.datasets import ArchiveError
 from pipeline.labels import UNLABELLED
 from pipeline.shards import atomic_path, write_imageset
 
 log = logging.getLogger("pipeline.data")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Mirror of params.yaml `data:`."""
-    archive: str                 # URL or local path of the archive (SVHN: folder or URL prefix)
-    md5: str | dict[str, str]    # expected md5 of the archive (SVHN: per file name)
-    val_size: int      # training images held out for validation
-    n_train: int       # first n training images (0 = all)
-    n_test: int        # first n test images (0 = all)
-    n_labelled: int    # class-balanced labelled training images, val included (0 = all); the rest are unlabelled
 
 
 def md5sum(path: Path) -> str:

@@ -57,7 +57,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ from tqdm import tqdm
 from pipeline import attacks, models, robustbench, seeding
 from pipeline import params as params_mod
 from pipeline.attacks import Threat
+from pipeline.config import AutoAttackVersion, EvaluateConfig
 from pipeline.eval_chunks import (
     SWEEP_NAME,
     chunk_name,
@@ -78,7 +79,6 @@ from pipeline.eval_chunks import (
 )
 from pipeline.inference import predict_labels, to_float
 from pipeline.models import CheckpointKind
-from pipeline.params import LearnedThreat
 from pipeline.shards import atomic_path, count, file_sha256, read_attrs, read_imageset, write_arrays
 
 if TYPE_CHECKING:
@@ -94,26 +94,7 @@ SWEEP_KEEP = 0.5
 MASKING_FLAGS = {"autoattack_above_pgd", "robust_above_clean", "pgd_far_above_autoattack",
                  "sweep_not_decreasing", "autoattack_warning"}
 C = TypeVar("C", bound="DataclassInstance")
-AutoAttackVersion = Literal["standard", "apgd-ce"]   # ATTACKS' keys
 ATTACKS: dict[str, tuple[str, ...]] = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "apgd-ce": ("apgd-ce",)}
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Mirror of params.yaml `evaluate:`; every field is required (no second defaults)."""
-    threats: list[Threat]         # threat models evaluated by the DAG (one job each)
-    learned_threats: list[LearnedThreat]  # learned perturbation sets, evaluated by pipeline.evaluate_latent
-    eps_255: dict[Threat, float]  # radius per threat, in 1/255 pixel units (paper: linf 8, l2 128)
-    n_eval: int                   # first n test images attacked (paper: 10000)
-    batch_size: int               # images per attack batch (memory only)
-    chunk_size: int               # images per resumable AutoAttack call (one DAG job each)
-    version: AutoAttackVersion    # AutoAttack version: standard, or apgd-ce (its first attack alone)
-    pgd_steps: int                # steps of the PGD baseline (step 2.5 eps / steps)
-    sweep_factors: list[float]    # multiples of eps of the masking sweep
-    n_sweep: int                  # first n test images of the sweep
-    tolerance: float              # accuracy slack (fraction) before a check fires
-    max_pgd_gap: float            # PGD minus AutoAttack accuracy that flags masking
-    checkpoint: CheckpointKind    # best (validation-selected, the references') or last: which model.pt is attacked
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ import importlib.metadata
 import logging
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,28 +35,13 @@ from tqdm import tqdm
 
 from pipeline import generators, shards
 from pipeline import params as params_mod
-from pipeline.generators import GeneratorName, Sampler, SampleSettings
-from pipeline.generators.ddpm import DdpmVariance, SamplerName
+from pipeline.config import GenerateConfig
+from pipeline.generators import Sampler, SampleSettings
 from pipeline.models import describe_device, resolve_device
 
 log = logging.getLogger("pipeline.generate")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """Mirror of params.yaml `generate:`."""
-    generators: list[GeneratorName]  # generators the DAG expands over
-    n_images: int           # generated images per generator
-    shard_size: int         # images per shard (one job per shard)
-    batch_size: int         # images per network call (ddpm, edm: part of the shard's identity, see above)
-    sampler: SamplerName    # ddpm sampler: ddpm (ancestral), ddim or dpmsolver
-    sampling_steps: int     # ddpm sampling steps
-    edm_steps: int          # edm Heun steps N (2N - 1 network calls; EDM's CIFAR-10 preset: 18)
-    ddpm_variance: DdpmVariance  # ancestral sampler's variance: fixedlarge (Ho et al.) or fixedsmall; ddim
-                                 # and dpmsolver draw no per-step noise and ignore it (see generators/ddpm.py)
-    grid_images: int        # images in the sample grid PNG
 
 
 def versions() -> dict[str, str]:

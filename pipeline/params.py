@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, get_args
 
 import jsonschema
 import yaml
@@ -34,8 +34,54 @@ LearnedThreat = Literal["cvae"]   # threats learned by the generator of the same
 LEARNED_THREATS: tuple[LearnedThreat, ...] = get_args(LearnedThreat)
 
 
+SCHEMA_KEY = "params_schema"   # the dataclass field metadata pipeline/params_schema.py reads
+
+
 class ParamsError(ValueError):
     """Invalid parameters; the message names the key."""
+
+
+def key(doc: str = "", *, items: dict[str, Any] | None = None, values: dict[str, Any] | None = None,
+        schema: dict[str, Any] | None = None, **constraints: Any) -> Any:
+    """A params key's declaration as a required dataclass field: JSON-schema `constraints` (minimum,
+    exclusiveMaximum, uniqueItems, ...) of the value, of a list's `items` or a mapping's `values`, its
+    description; `schema` gives the whole node where a type cannot say it. pipeline/params_schema.py
+    writes params.schema.yaml from these."""
+    declared: dict[str, Any] = {"constraints": {**constraints, **({"description": doc} if doc else {})},
+                                "items": items, "values": values}
+    if schema is not None:
+        declared["schema"] = schema
+    return dataclasses.field(metadata={SCHEMA_KEY: declared})
+
+
+DatasetName = Literal["cifar10", "cifar100", "svhn"]   # the readers of pipeline/datasets.py
+Device = Literal["auto", "cpu", "cuda"]
+VARIANT_NAME = "^[a-z][a-z0-9_]*$"
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """params.yaml `base:`, read by every stage."""
+    dataset: DatasetName = key("data set name (pipeline/datasets.py)")
+    seed: int = key("master seed", minimum=0)
+    device: Device = key("compute device")
+
+
+@dataclass(frozen=True)
+class VariantsConfig:
+    """params.yaml `variants:`, read by this module's run table."""
+    SCHEMA_DESCRIPTION: ClassVar[str] = ("extra robust-training runs, each the baseline and every generator run "
+                                         "with some train_robust keys changed")
+    names: list[str] = key("variants to run (runs baseline-NAME and GENERATOR-NAME)", uniqueItems=True,
+                           items={"pattern": VARIANT_NAME})
+    settings: dict[str, dict[str, Any]] = key("train_robust keys each variant changes",
+                                              values={"minProperties": 1})
+    amounts: list[int] = key("data-amount sweep; each generator run again drawing on only the first N of its "
+                             "selected images (runs GENERATOR-nN)", uniqueItems=True, items={"minimum": 1})
+    amounts_for: list[str] = key("the generators the data-amount sweep repeats ([] - every generator of "
+                                 "generate.generators)", uniqueItems=True)
+    seeds: list[int] = key("training seeds; every run once per seed (0 trains with base.seed; runs RUN-sS for "
+                           "S > 0)", minItems=1, uniqueItems=True, items={"minimum": 0})
 
 
 def load_schema() -> dict[str, Any]:

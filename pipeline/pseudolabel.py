@@ -28,28 +28,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline import models
 from pipeline import params as params_mod
+from pipeline.config import PseudolabelConfig
 from pipeline.inference import predict
 from pipeline.shards import ShardError, expand, file_sha256, read_attrs, read_imageset, write_arrays
 
 log = logging.getLogger("pipeline.pseudolabel")
-
-
-@dataclass(frozen=True)
-class PseudolabelConfig:
-    """Mirror of params.yaml `pseudolabel:`."""
-    batch_size: int     # images per teacher forward pass (memory only; labels do not depend on it)
-    save_probs: bool    # also store the full softmax probabilities (N x classes float32)
-    label_source: Literal["teacher", "generator"]  # label written for training: the teacher's, or the
-                                                   # shard's own where known (see the module docstring)
 
 
 def label_arrays(probs: np.ndarray, save_probs: bool, conditioning: np.ndarray | None = None

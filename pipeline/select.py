@@ -21,13 +21,13 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import datasets
 from pipeline import params as params_mod
+from pipeline.config import SelectConfig
 from pipeline.shards import ShardError, atomic_path, expand, read_arrays, read_attrs
 
 log = logging.getLogger("pipeline.select")
@@ -36,13 +36,6 @@ SHARD_NUMBER = re.compile(r"shard-(\d+)\.h5$")
 
 class SelectionError(ValueError):
     """A selection that would keep no image."""
-
-
-@dataclass(frozen=True)
-class SelectConfig:
-    """Mirror of params.yaml `select:`."""
-    class_balance: bool     # cut every class to the size of the smallest (after top_fraction)
-    top_fraction: float     # share of each class kept, most confident first (1.0 keeps all)
 
 
 def select(cfg: SelectConfig, labels: np.ndarray, confidence: np.ndarray,

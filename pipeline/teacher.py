@@ -36,24 +36,12 @@ from tqdm import tqdm
 from pipeline import checkpoint, datasets, models, optim, seeding
 from pipeline import params as params_mod
 from pipeline.augment import random_crop_flip
+from pipeline.config import TeacherConfig
 from pipeline.inference import accuracy, to_float
 from pipeline.preemption import NonFiniteLoss, SigtermFlag, checkpoint_after_step
 from pipeline.shards import atomic_path, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.teacher")
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """Mirror of params.yaml `teacher:`; every field is required (no second defaults)."""
-    model: models.ModelName  # architecture from pipeline.models.MODELS (paper: wrn-28-10)
-    epochs: int             # passes over the training set
-    batch_size: int         # images per SGD step (the last incomplete batch of an epoch is dropped)
-    lr: float               # peak SGD learning rate at this batch size, cosine-decayed per step to 0
-    momentum: float         # SGD momentum
-    nesterov: bool          # Nesterov momentum
-    weight_decay: float     # on conv/linear weights only (not batch norm, not biases)
-    checkpoint_every: int   # epochs between resumable checkpoints in --workdir
 
 
 @dataclass

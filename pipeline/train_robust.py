@@ -56,7 +56,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -68,84 +68,20 @@ from pipeline import aux_bn, checkpoint, datasets, distributed, latent_attack, m
 from pipeline import cutmix as cutmix_mod
 from pipeline import loader as loader_mod
 from pipeline import params as params_mod
-from pipeline.attacks import BnMode, robust_accuracy
-from pipeline.aux_bn import AuxBnMode
-from pipeline.cutmix import ApplyTo
-from pipeline.cutmix import Scheme as CutmixScheme
+from pipeline.attacks import robust_accuracy
+from pipeline.config import TrainRobustConfig
 from pipeline.distributed import Dist, agree, init_distributed, rank_share, sigterm_on_any_rank
-from pipeline.ema import EMA, BufferMode
+from pipeline.ema import EMA
 from pipeline.inference import predict_labels, to_float
 from pipeline.latent_attack import LEARNED, LatentSet
-from pipeline.losses import AttackSpec, LossName, StartMode, TrainThreat, TwoViews, adversarial_loss, norm_ball
-from pipeline.models import ModelName
+from pipeline.losses import AttackSpec, TwoViews, adversarial_loss, norm_ball
 from pipeline.preemption import SIGTERM_EXIT, NonFiniteLoss, Preempted, SigtermFlag, checkpoint_after_step
 from pipeline.robustbench import initialise as init_from_zoo
 from pipeline.shards import ShardError, atomic_path, file_sha256, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.train_robust")
-Autocast = Literal["auto", "bf16", "fp32"]
-MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 CURVE_FIELDS = ["epoch", "step", "lr", "train_loss", "train_ce", "train_kl", "train_acc",
                 "val_clean_acc", "val_robust_acc"]
-
-
-@dataclass(frozen=True)
-class TrainRobustConfig:
-    """Mirror of params.yaml `train_robust:`; every field is required (no second defaults)."""
-    model: ModelName
-    loss: LossName
-    threat: TrainThreat         # linf, l2 or cvae (the learned perturbation set; eps/step unused)
-    beta: float                 # TRADES weight of the KL term (paper: 6)
-    eps_255: float              # attack radius in 1/255 units
-    step_255: float             # attack step in 1/255 units
-    attack_steps: int           # inner maximisation steps
-    epochs: int                 # epochs of epoch_size samples
-    epoch_size: int             # samples (real + generated) per epoch
-    batch_size: int             # global batch, all ranks together
-    generated_fraction: float   # share of each batch that is generated (ignored by the baseline)
-    lr: float                   # peak learning rate at this batch size
-    momentum: float
-    nesterov: bool
-    weight_decay: float         # not on batch-norm and bias parameters
-    warmup_epochs: int          # linear warm-up epochs before cosine decay
-    ema_decay: float            # EMA decay, warm-up form min(decay, (1+t)/(10+t))
-    label_smoothing: float      # on generated labels only
-    val_pgd_steps: int          # PGD steps of the validation attack
-    val_batch_size: int         # validation images per attack batch on each rank (memory only)
-    checkpoint_every: int       # steps between resumable checkpoints
-    num_workers: int            # DataLoader worker processes
-    sync_bn: bool               # SyncBatchNorm across ranks
-    aux_bn: AuxBnMode           # none, adversarial (AdvProp) or source (real vs generated); pipeline/aux_bn.py
-    cutmix_alpha: float         # CutMix Beta(alpha, alpha) box areas; 0 = off (pipeline/cutmix.py)
-    cutmix_apply_to: ApplyTo    # real, generated or both rows of each batch
-    cutmix_scheme: CutmixScheme  # reference (JAX: one box per batch, attack from mixed labels) or per_row
-    attack_bn: BnMode           # batch (the references) or running: batch-norm statistics of the inner attack
-    attack_start: StartMode     # uniform (the references) or gaussian (x + 0.001 N(0, I)): the attack's start
-    bn_momentum: float          # running-statistics momentum of every batch norm (the references: 0.01)
-    ema_buffers: BufferMode     # copy (the references: the trained model's statistics) or average
-    compile: bool               # torch.compile (inductor) the model of the attack and the training forwards
-    autocast: Autocast          # auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32: the forwards' precision
-    memory_format: MemoryFormat  # auto (channels_last on CUDA, contiguous on CPU), channels_last or contiguous
-    init_checkpoint: str        # "" (random init) or a local RobustBench zoo file the model starts from
-
-    def epoch_end(self, epoch: int) -> int:
-        """Global step at which epoch `epoch` (1-based) ends: epoch * epoch_size // batch_size, so an
-        epoch is epoch_size samples on average and the run is the references' step count
-        (deepmind-research adversarial_robustness/jax/experiment.py L57-L59: int(n * 50_000 / batch)),
-        19,531 steps at paper scale rather than 400 * (50,000 // 1,024) = 19,200."""
-        return epoch * self.epoch_size // self.batch_size
-
-    @property
-    def total_steps(self) -> int:
-        return self.epoch_end(self.epochs)
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.epoch_end(self.warmup_epochs)   # the references' steps_from_epochs(10) = 488
-
-    def attack(self, latent: LatentSet | None = None) -> AttackSpec:
-        return AttackSpec(self.threat, self.eps_255 / 255, self.step_255 / 255, self.attack_steps,
-                          latent, self.attack_bn, self.attack_start)
 
 
 @dataclass(frozen=True)

@@ -1,52 +1,37 @@
-"""Each params key is described once: the schema (pipeline/params.schema.yaml) holds its type, range and
-choices, and the stage config dataclass that mirrors its section only names it, with a type. These tests
-keep the two in step, so a key added, renamed or given another choice on one side fails here rather than
-in `params.section` at the start of a stage: the schema's keys equal the dataclass fields, a `Literal`
-field's values equal the schema's `enum` (and every schema enum is a `Literal` field), and bool, int,
-float, str, list and mapping types agree. Each `Literal` also equals the registry it names, so the
+"""Each params key is declared once, as a field of its section's dataclass: the type (choices as `Literal`),
+and the range and description as `params.key(...)`. pipeline/params.schema.yaml is written from them
+(`python -m pipeline.params_schema write`); these tests keep the committed file equal to its rendering, so an
+edit of the schema or of a field without the other fails here, and hold every field to the rule: declared
+with `key`, no default, no check of its own. Each `Literal` also equals the registry it names, so the
 schema, the types and argparse's `choices=sorted(REGISTRY)` offer the same names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args
 
+import jsonschema
 import pytest
 
-from pipeline import corruptions, evaluate, generators, models
+from pipeline import corruptions, datasets, evaluate, generators, models
 from pipeline import params as P
-from pipeline.analysis import AnalysisConfig
+from pipeline import params_schema as S
 from pipeline.attacks import Threat
-from pipeline.data import DataConfig
-from pipeline.evaluate import EvaluateConfig
-from pipeline.generate import GenerateConfig
 from pipeline.generators import ddpm
-from pipeline.pseudolabel import PseudolabelConfig
-from pipeline.select import SelectConfig
-from pipeline.teacher import TeacherConfig
-from pipeline.train_robust import TrainRobustConfig
 
-SCHEMA = P.load_schema()
-# Schema path of each section -> the dataclass its stage builds with params.section.
-SECTIONS: dict[tuple[str, ...], type] = {
-    ("data",): DataConfig,
-    **{("train_generator", name): module.Config for name, module in generators.GENERATORS.items()},
-    ("generate",): GenerateConfig,
-    ("teacher",): TeacherConfig,
-    ("pseudolabel",): PseudolabelConfig,
-    ("select",): SelectConfig,
-    ("analysis",): AnalysisConfig,
-    ("train_robust",): TrainRobustConfig,
-    ("evaluate",): EvaluateConfig,
-}
-# Read as plain mappings: base by every stage, variants by pipeline/params.py itself; train_generator
-# holds one section per generator (above).
-WITHOUT_DATACLASS = {"base", "variants", "train_generator"}
-PYTHON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
-# Each Literal and the registry whose keys are its values.
+
+def section_classes() -> dict[str, type]:
+    classes = {}
+    for name, declared in S.sections().items():
+        if isinstance(declared, dict):
+            classes.update({f"{name}.{key}": cls for key, cls in declared.items()})
+        else:
+            classes[name] = declared
+    return classes
+
+
+SECTIONS = section_classes()
 REGISTRIES = [
     (models.ModelName, models.MODELS),
     (generators.GeneratorName, generators.GENERATORS),
@@ -55,113 +40,45 @@ REGISTRIES = [
     (corruptions.Corruption, corruptions.FAMILIES),
     (Threat, evaluate.NORMS),
     (evaluate.AutoAttackVersion, evaluate.ATTACKS),
+    (P.DatasetName, datasets.DATASETS),
 ]
 
 
-def resolve(node: dict[str, Any]) -> dict[str, Any]:
-    """A schema node with its `$ref` (into $defs) laid under its own keys."""
-    if "$ref" not in node:
-        return node
-    name = node["$ref"].removeprefix("#/$defs/")
-    return {**SCHEMA["$defs"][name], **{k: v for k, v in node.items() if k != "$ref"}}
+def test_the_committed_schema_is_the_one_the_dataclasses_render():
+    assert P.SCHEMA_PATH.read_text() == S.render(), "run `python -m pipeline.params_schema write`"
+    assert P.load_schema() == S.schema()
 
 
-def section_schema(path: tuple[str, ...]) -> dict[str, Any]:
-    node = SCHEMA
-    for key in path:
-        node = resolve(node["properties"][key])
-    return node
+def test_check_names_a_stale_schema(tmp_path):
+    stale = tmp_path / "params.schema.yaml"
+    stale.write_text(S.render().replace("minimum: 1", "minimum: 2", 1))
+    with pytest.raises(SystemExit, match="params.schema.yaml is stale; run `python -m pipeline.params_schema write"):
+        S.main(["check", str(stale)])
+    S.main(["check", str(P.SCHEMA_PATH)])
 
 
-def _union_members(hint: Any) -> tuple[Any, ...] | None:
-    return get_args(hint) if get_origin(hint) in (typing.Union, types.UnionType) else None
+def test_every_params_section_is_a_dataclass_the_shipped_params_fill():
+    default = P.load(P.CONFIGS_DIR / "default.yaml")
+    for name, cls in SECTIONS.items():
+        values: Any = default
+        for part in name.split("."):
+            values = values[part]
+        P.section(cls, values)   # every key a field, every field a key
 
 
-def literal_values(hint: Any) -> tuple[Any, ...] | None:
-    """The values of a Literal, or of a union of Literals (e.g. Threat | LearnedThreat); None otherwise."""
-    if get_origin(hint) is Literal:
-        return get_args(hint)
-    members = _union_members(hint)
-    if members and all(get_origin(member) is Literal for member in members):
-        return tuple(value for member in members for value in get_args(member))
-    return None
+@pytest.mark.parametrize("name", sorted(SECTIONS))
+def test_every_field_is_declared_with_key_and_no_default(name):
+    """No second defaults: a field with a default would let a stage run on a value params.yaml never set."""
+    for field in dataclasses.fields(SECTIONS[name]):
+        assert P.SCHEMA_KEY in field.metadata, f"{name}.{field.name}: declare it with params.key(...)"
+        assert field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING, \
+            f"{name}.{field.name} has a default"
 
 
-def mismatches(hint: Any, node: dict[str, Any], where: str) -> list[str]:
-    """How the Python type `hint` and the schema node disagree (empty when they agree)."""
-    node = resolve(node)
-    alternatives = node.get("oneOf") or node.get("anyOf")
-    if alternatives is not None:
-        members = _union_members(hint) or (hint,)
-        if len(members) != len(alternatives):
-            return [f"{where}: {hint} has {len(members)} alternatives, the schema {len(alternatives)}"]
-        return [f"{where}: no schema alternative fits {member}" for member in members
-                if all(mismatches(member, alternative, where) for alternative in alternatives)]
-    values = literal_values(hint)
-    if values is not None:
-        if "enum" not in node:
-            return [f"{where}: Literal{list(values)} field, but the schema has no enum"]
-        if sorted(values) != sorted(node["enum"]) or len(set(values)) != len(values):
-            return [f"{where}: Literal {sorted(values)} != schema enum {sorted(node['enum'])}"]
-        kinds = {type(value) for value in values}
-        expected = PYTHON_TYPES.get(kinds.pop()) if len(kinds) == 1 else None
-        return [] if node.get("type") == expected else [f"{where}: schema type {node.get('type')} for {hint}"]
-    if "enum" in node:
-        return [f"{where}: schema enum {node['enum']} on a {hint} field (type it Literal[...])"]
-    if hint in PYTHON_TYPES:
-        found = node.get("type")
-        return [] if found == PYTHON_TYPES[hint] else [f"{where}: {hint.__name__} field, schema type {found}"]
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is list:
-        if node.get("type") != "array":
-            return [f"{where}: list field, schema type {node.get('type')}"]
-        return mismatches(args[0], node["items"], f"{where}[]")
-    if origin is dict:
-        if node.get("type") != "object":
-            return [f"{where}: mapping field, schema type {node.get('type')}"]
-        keys = literal_values(args[0])
-        if keys is None:  # free keys: every value follows additionalProperties
-            return mismatches(args[0], {"type": "string"}, f"{where} key") + \
-                mismatches(args[1], node["additionalProperties"], f"{where}.*")
-        if set(keys) != set(node.get("properties", {})) or set(keys) != set(node.get("required", [])):
-            return [f"{where}: keys {sorted(keys)} != schema properties {sorted(node.get('properties', {}))}"]
-        return [error for key in keys for error in mismatches(args[1], node["properties"][key], f"{where}.{key}")]
-    return [f"{where}: no rule compares {hint} with the schema"]
-
-
-def test_every_section_has_its_dataclass():
-    """A new params section gets a dataclass here, or is named as read without one."""
-    listed = {path[0] for path in SECTIONS} | WITHOUT_DATACLASS
-    assert set(SCHEMA["properties"]) == listed
-    assert {path[1] for path in SECTIONS if path[0] == "train_generator"} == \
-        set(SCHEMA["properties"]["train_generator"]["properties"])
-
-
-@pytest.mark.parametrize("path", sorted(SECTIONS), ids=".".join)
-def test_schema_keys_equal_dataclass_fields(path):
-    node = section_schema(path)
-    fields = [field.name for field in dataclasses.fields(SECTIONS[path])]
-    assert set(node["required"]) == set(node["properties"]), "every schema key is required (no defaults)"
-    assert set(node["required"]) == set(fields), (
-        f"{'.'.join(path)}: only in the schema {sorted(set(node['required']) - set(fields))}, "
-        f"only in {SECTIONS[path].__name__} {sorted(set(fields) - set(node['required']))}")
-    assert node.get("additionalProperties") is False
-
-
-@pytest.mark.parametrize("path", sorted(SECTIONS), ids=".".join)
-def test_field_types_and_choices_equal_the_schema(path):
-    """Literal fields carry the schema's enum, other fields its type; no schema enum on a plain str."""
-    node = section_schema(path)
-    hints = get_type_hints(SECTIONS[path])
-    errors = [error for name, hint in hints.items()
-              for error in mismatches(hint, node["properties"][name], ".".join((*path, name)))]
-    assert not errors, "\n".join(errors)
-
-
-@pytest.mark.parametrize("path", sorted(SECTIONS), ids=".".join)
-def test_dataclasses_repeat_no_check(path):
-    """Ranges and enums live in the schema, rules between keys in params._check_cross_keys: one place each."""
-    assert not hasattr(SECTIONS[path], "__post_init__")
+@pytest.mark.parametrize("name", sorted(SECTIONS))
+def test_dataclasses_repeat_no_check(name):
+    """Ranges and enums live in the declarations, rules between keys in params._check_cross_keys."""
+    assert not hasattr(SECTIONS[name], "__post_init__")
 
 
 @pytest.mark.parametrize("literal, registry", REGISTRIES, ids=lambda x: getattr(x, "__name__", None))
@@ -169,14 +86,27 @@ def test_literals_equal_their_registries(literal, registry):
     assert sorted(get_args(literal)) == sorted(registry)
 
 
-def test_mismatches_are_found():
-    """The comparison itself: an enum value, a type and a key set that differ are each reported."""
-    assert mismatches(Literal["a", "b"], {"type": "string", "enum": ["a", "c"]}, "k")
-    assert mismatches(str, {"type": "string", "enum": ["a"]}, "k")
-    assert mismatches(int, {"type": "number"}, "k")
-    assert mismatches(list[int], {"type": "array", "items": {"type": "string"}}, "k")
-    assert mismatches(dict[Literal["x"], float], {"type": "object", "required": ["x", "y"],
-                                                 "properties": {"x": {"type": "number"}, "y": {"type": "number"}}},
-                      "k")
-    assert not mismatches(str | dict[str, str], {"oneOf": [{"type": "string"}, {
-        "type": "object", "additionalProperties": {"type": "string"}}]}, "k")
+def test_types_and_declarations_become_schema_nodes():
+    """The rendering itself: Literal choices, ranges, list items, mapping values, a whole node."""
+    @dataclasses.dataclass(frozen=True)
+    class Example:
+        kind: Literal["a", "b"] = P.key("which")
+        count: int = P.key(minimum=1)
+        sizes: list[float] = P.key(minItems=1, items={"exclusiveMinimum": 0})
+        radius: dict[Literal["x", "y"], float] = P.key(values={"exclusiveMinimum": 0})
+        free: dict[str, dict[str, Any]] = P.key(values={"minProperties": 1})
+        either: str | int = P.key(schema={"oneOf": [{"type": "string"}, {"type": "integer"}]})
+
+    node = S.dataclass_node(Example)
+    assert node["required"] == ["kind", "count", "sizes", "radius", "free", "either"]
+    assert node["additionalProperties"] is False
+    props = node["properties"]
+    assert props["kind"] == {"type": "string", "enum": ["a", "b"], "description": "which"}
+    assert props["count"] == {"type": "integer", "minimum": 1}
+    assert props["sizes"] == {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 1}
+    assert props["radius"]["properties"]["y"] == {"type": "number", "exclusiveMinimum": 0}
+    assert props["radius"]["required"] == ["x", "y"] and props["radius"]["additionalProperties"] is False
+    assert props["free"] == {"type": "object", "additionalProperties": {"type": "object", "minProperties": 1}}
+    validator = jsonschema.Draft202012Validator({"type": "object", "properties": props})
+    assert not list(validator.iter_errors({"kind": "a", "count": 1, "sizes": [0.5], "either": 3}))
+    assert len(list(validator.iter_errors({"kind": "c", "count": 0, "sizes": [0.0], "free": {"v": {}}}))) == 4

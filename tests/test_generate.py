@@ -29,7 +29,7 @@ def ddpm_model(tmp_path_factory, cifar_sets):
     out = tmp_path_factory.mktemp("ddpm") / "model.pt"
     cfg = ddpm.Config(block_out_channels=[16, 32], layers_per_block=1, attention=True, dropout=0.0,
                       num_train_timesteps=1000, lr=2e-4, warmup_steps=2, batch_size=8, train_steps=4,
-                      ema_decay=0.999, checkpoint_every=4)
+                      ema_decay=0.999, checkpoint_every=4, pretrained="")
     ddpm.train(cfg, cifar_sets["train"], out.parent / "work", out, 0, torch.device("cpu"))
     return out
 

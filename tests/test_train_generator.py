@@ -149,7 +149,7 @@ def test_two_gloo_ranks_train_the_one_rank_model(name, tiny_params, write_params
 def test_ho_unet_has_attention_at_16x16_only():
     cfg = ddpm.Config(block_out_channels=[32, 64, 64], layers_per_block=1, attention=True, dropout=0.1,
                       num_train_timesteps=1000, lr=2e-4, warmup_steps=0, batch_size=2, train_steps=1,
-                      ema_decay=0.9999, checkpoint_every=1)
+                      ema_decay=0.9999, checkpoint_every=1, pretrained="")
     unet = ddpm.build_unet(cfg)
     assert unet.config.down_block_types == ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D")
     assert unet.config.up_block_types == ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")

@@ -35,6 +35,7 @@ from pipeline import checkpoint, corruptions, seeding
 from pipeline.corruptions import Corruption
 from pipeline.generators.base import SampleSettings, tiled, to_uint8
 from pipeline.inference import to_float
+from pipeline.params import key
 from pipeline.preemption import NonFiniteLoss, SigtermFlag, checkpoint_after_step
 from pipeline.shards import ShardError, file_sha256, read_attrs, read_imageset
 
@@ -45,18 +46,19 @@ TILE = 64  # images per decoder call, aligned to index multiples (bit-reproducib
 
 @dataclass(frozen=True)
 class Config:
-    """Mirror of params.yaml `train_generator.cvae:`."""
-    latent_dim: int             # size of z
-    width: int                  # channels of the first conv layer (doubled twice)
-    beta: float                 # KL weight of the ELBO
-    lr: float                   # Adam learning rate
-    batch_size: int
-    train_steps: int
-    holdout: int                # pairs held out for the radius and the two errors
-    pairs_path: str             # .npz with `clean` and `perturbed` (e.g. from CIFAR-10-C); "" = own corruptions
-    corruptions: list[Corruption]  # families of pipeline/corruptions.py used when pairs_path is ""
-    latent_steps: int           # projected-gradient steps in the latent ball (approximation error)
-    checkpoint_every: int
+    """params.yaml `train_generator.cvae:`."""
+    latent_dim: int = key("size of the latent z", minimum=1)
+    width: int = key("channels of the first conv layer", minimum=1)
+    beta: float = key("KL weight of the ELBO", minimum=0)
+    lr: float = key(exclusiveMinimum=0)  # Adam learning rate
+    batch_size: int = key(minimum=1)
+    train_steps: int = key(minimum=1)
+    holdout: int = key("pairs held out for the radius and the errors", minimum=1)
+    pairs_path: str = key(".npz with clean and perturbed pairs (empty - own corruptions)")
+    # families of pipeline/corruptions.py used when pairs_path is ""
+    corruptions: list[Corruption] = key(minItems=1, uniqueItems=True)
+    latent_steps: int = key("projected-gradient steps in the latent ball", minimum=1)
+    checkpoint_every: int = key(minimum=1)
 
 
 class _Encoder(nn.Module):

@@ -41,6 +41,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from pipeline import checkpoint, distributed, seeding
 from pipeline.generators import ddpm_pretrained, diffusion_training
 from pipeline.generators.base import UNLABELLED, SampleSettings, tiled, to_uint8
+from pipeline.params import key
 from pipeline.shards import file_sha256, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.generators.ddpm")
@@ -71,21 +72,22 @@ VARIANCE_TYPES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
 
 @dataclass(frozen=True)
 class Config:
-    """Mirror of params.yaml `train_generator.ddpm:`."""
-    block_out_channels: list[int]  # UNet widths per resolution (paper: [128, 256, 256, 256])
-    layers_per_block: int          # res blocks per level (paper: 2)
-    attention: bool                # self-attention at 16x16 (paper: true)
-    dropout: float                 # (paper: 0.1)
-    num_train_timesteps: int       # length of the linear beta schedule (paper: 1000)
-    lr: float                      # Adam learning rate (paper: 2e-4)
-    warmup_steps: int              # linear lr warm-up from 0 over this many steps, then constant (paper: 5000;
-                                   # 0 = constant lr from the first step)
-    batch_size: int                # (paper: 128)
-    train_steps: int               # optimisation steps (paper: 800000)
-    ema_decay: float               # (paper: 0.9999), warm-up form min(decay, (1+t)/(10+t))
-    checkpoint_every: int          # steps between resumable checkpoints in the work dir
-    pretrained: str = ""           # diffusers folder or cached hub id to import instead of training
-                                   # ("" = train); see generators/ddpm_pretrained.py
+    """params.yaml `train_generator.ddpm:`."""
+    # UNet widths per resolution (paper: [128, 256, 256, 256])
+    block_out_channels: list[int] = key(minItems=1, items={"minimum": 1})
+    layers_per_block: int = key(minimum=1)  # res blocks per level (paper: 2)
+    attention: bool = key()  # self-attention at 16x16 (paper: true)
+    dropout: float = key(minimum=0, exclusiveMaximum=1)  # (paper: 0.1)
+    num_train_timesteps: int = key(minimum=1)  # length of the linear beta schedule (paper: 1000)
+    lr: float = key(exclusiveMinimum=0)  # Adam learning rate (paper: 2e-4)
+    warmup_steps: int = key("linear lr warm-up from 0 over this many steps, then constant (Ho et al. - 5000; 0 = "
+                            "constant lr)", minimum=0)
+    batch_size: int = key(minimum=1)  # (paper: 128)
+    train_steps: int = key(minimum=1)  # optimisation steps (paper: 800000)
+    ema_decay: float = key(minimum=0, exclusiveMaximum=1)  # (paper: 0.9999), warm-up form min(decay, (1+t)/(10+t))
+    checkpoint_every: int = key(minimum=1)  # steps between resumable checkpoints in the work dir
+    pretrained: str = key("diffusers folder (pipeline with unet/ and scheduler/, or a bare UNet) or a hub id in the "
+                          "local cache, imported instead of training; empty = train")
 
 
 def build_unet(cfg: Config) -> UNet2DModel:

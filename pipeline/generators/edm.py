@@ -35,6 +35,7 @@ from torch import nn
 from pipeline import checkpoint, distributed, seeding
 from pipeline.generators import diffusion_training
 from pipeline.generators.base import SampleSettings, tiled, to_uint8
+from pipeline.params import key
 from pipeline.shards import file_sha256, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.generators.edm")
@@ -47,18 +48,21 @@ GRAD_NAN_TO_NUM = True              # training/training_loop.py:137-139: non-fin
 
 @dataclass(frozen=True)
 class Config:
-    """Mirror of params.yaml `train_generator.edm:` (paper values: EDM's cond CIFAR-10 DDPM++ recipe)."""
-    block_out_channels: list[int]  # UNet widths per resolution (paper: [256, 256, 256] = 128 x [2, 2, 2])
-    layers_per_block: int          # res blocks per level (paper: 4)
-    attention: bool                # self-attention at 16x16 (paper: true)
-    dropout: float                 # (paper: 0.13)
-    lr: float                      # Adam learning rate (paper: 0.001)
-    warmup_steps: int              # linear lr ramp-up from 0 over this many steps (paper: 19531 = 10 Mimg / 512)
-    batch_size: int                # global batch over all ranks (paper: 512)
-    train_steps: int               # optimisation steps (paper: 390625 = 200 Mimg / 512)
-    ema_halflife_images: int       # EMA half-life in training images (paper: 500000)
-    ema_rampup: float              # half-life <= this x images seen so far; 0 = no ramp-up (paper: 0.05)
-    checkpoint_every: int          # steps between resumable checkpoints in the work dir
+    """params.yaml `train_generator.edm:` (paper values: EDM's cond CIFAR-10 DDPM++ recipe)."""
+    block_out_channels: list[int] = key("UNet widths per 32/16/8.. level (EDM DDPM++ - [256, 256, 256], 128 "
+                                        "channels x [2, 2, 2])", minItems=1, items={"minimum": 1})
+    layers_per_block: int = key("res blocks per level (EDM - 4)", minimum=1)
+    attention: bool = key("self-attention at 16x16")
+    dropout: float = key(minimum=0, exclusiveMaximum=1)  # (paper: 0.13)
+    lr: float = key("Adam learning rate (EDM - 0.001)", exclusiveMinimum=0)
+    warmup_steps: int = key("linear lr ramp-up from 0 over this many steps (EDM - 10 Mimg, 19531 steps of 512); 0 = "
+                            "none", minimum=0)
+    batch_size: int = key("global batch over all data-parallel ranks, a multiple of their count (EDM - 512)", minimum=1)
+    train_steps: int = key("optimisation steps (EDM - 200 Mimg, 390625 steps of 512)", minimum=1)
+    ema_halflife_images: int = key("EMA half-life in training images (EDM - 500000)", minimum=1)
+    ema_rampup: float = key("EMA half-life capped at this fraction of the images seen so far (EDM - 0.05); 0 = no "
+                            "ramp-up", minimum=0)
+    checkpoint_every: int = key(minimum=1)  # steps between resumable checkpoints in the work dir
 
 
 # --- model ---

@@ -20,6 +20,7 @@ import torch
 from pipeline import seeding
 from pipeline.checkpoint import save_atomic
 from pipeline.generators.base import SampleSettings, tiled, to_uint8
+from pipeline.params import key
 from pipeline.shards import file_sha256, read_attrs, read_imageset
 
 log = logging.getLogger("pipeline.generators.gaussian")
@@ -29,8 +30,8 @@ TILE = 64  # images per matrix product, aligned to index multiples (bit-reproduc
 
 @dataclass(frozen=True)
 class Config:
-    """Mirror of params.yaml `train_generator.gaussian:`."""
-    ridge: float     # added to the covariance diagonal (pixel units in [0,1]^2) so it is positive definite
+    """params.yaml `train_generator.gaussian:`."""
+    ridge: float = key("covariance diagonal regulariser", minimum=0)
 
 
 def fit(images: np.ndarray, labels: np.ndarray, ridge: float, num_classes: int = 10

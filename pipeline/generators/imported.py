@@ -25,6 +25,7 @@ import torch
 
 from pipeline.checkpoint import save_atomic
 from pipeline.generators.base import SampleSettings
+from pipeline.params import key
 from pipeline.shards import file_sha256
 
 log = logging.getLogger("pipeline.generators.imported")
@@ -39,8 +40,8 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class Config:
-    """Mirror of params.yaml `train_generator.import:`."""
-    path: str        # .npz, or .npy of images with <stem>_label.npy beside it
+    """params.yaml `train_generator.import:`."""
+    path: str = key(".npz/.npy with uint8 image and int label")
 
 
 def _read_header(handle: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, np.dtype]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import h5py
 import numpy as np
@@ -32,7 +32,9 @@ POOL = "unlabelled.h5"   # written by the data stage beside train.h5
 
 @dataclass(frozen=True)
 class Config:
-    """Mirror of params.yaml `train_generator.oracle:` (empty: the pool is the data stage's, data.n_labelled)."""
+    """params.yaml `train_generator.oracle:` (empty: the pool is the data stage's, data.n_labelled)."""
+    SCHEMA_DESCRIPTION: ClassVar[str] = ("nothing to set - the data stage's unlabelled pool (data.n_labelled) served "
+                                         "as generated images")
 
 
 def pool_path(train_h5: Path) -> Path:
