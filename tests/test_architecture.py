@@ -7,13 +7,15 @@ import ast
 import re
 from pathlib import Path
 
+import pipeline
 from pipeline import dag
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipeline"
 # A module with a CLI that is still a library: pipeline.params is the one params loader and validator
 # every stage reads its section through; its `check` command is the DAG's first stage.
-LIBRARIES_WITH_A_CLI = {"params", "dag", "effect"}   # libraries with a CLI that other modules import
-# (the workflow tools: params, dag; the effect summary, which effect_report reads the kept study through)
+LIBRARIES_WITH_A_CLI = {"params", "dag", "effect", "params_schema"}   # libraries with a CLI that other modules
+# import (the workflow tools: params, dag, params_schema; the effect summary, which effect_report reads the
+# kept study through)
 
 
 def _tree(path: Path) -> ast.Module:
@@ -92,3 +94,29 @@ def test_the_check_sees_imports_of_every_form(tmp_path):
     found = imported_modules(source, root=tmp_path)
     assert {"pipeline.teacher", "pipeline.evaluate", "pipeline.threat_model", "pipeline.pseudolabel",
             "pipeline.generators.base"} <= found
+
+
+def layers() -> dict[str, list[str]]:
+    """The layer map of pipeline/__init__.py's docstring: {layer: modules}."""
+    found: dict[str, list[str]] = {}
+    layer = None
+    for line in (pipeline.__doc__ or "").splitlines()[1:]:
+        if match := re.match(r"^(\w+): ", line):
+            layer = match.group(1)
+            found[layer] = []
+        elif line.startswith("    ") and layer:
+            found[layer] += line.split()
+    return found
+
+
+def test_the_layer_map_lists_every_module_once_and_the_stages_the_dag_runs():
+    mapped = layers()
+    assert set(mapped) == {"stages", "tools", "workflow", "libraries"}
+    names = [name for modules in mapped.values() for name in modules]
+    tree = {path.stem for path in PIPELINE.glob("*.py") if path.stem != "__init__"} | \
+        {path.name for path in PIPELINE.iterdir() if (path / "__init__.py").exists()}
+    assert sorted(names) == sorted(tree), "pipeline/__init__.py: list each module in one layer"
+    commands = {re.match(r"python -m pipeline\.(\w+)", stage.cmd[0]).group(1)   # type: ignore[union-attr]
+                for stage in dag.STAGES.values()}
+    assert set(mapped["stages"]) == commands - {"params"}   # check_params runs the workflow's own params check
+    assert set(mapped["stages"]) | set(mapped["tools"]) == stage_modules()
