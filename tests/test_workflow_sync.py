@@ -378,3 +378,17 @@ def test_readmes_stage_map_is_the_one_generated_from_the_table():
     readme = (REPO / "README.md").read_text()
     start, end = readme.index(dag.MAP_BEGIN), readme.index(dag.MAP_END) + len(dag.MAP_END)
     assert readme[start:end] == dag.stage_map(), "run `python -m pipeline.dag map --readme README.md`"
+
+
+def test_chunk_and_sweep_jobs_read_exactly_the_keys_the_table_declares():
+    """pipeline/evaluate.py's ChunkConfig and SweepConfig (the views a chunk or sweep job builds) are the
+    table's CHUNK_KEYS and SWEEP_KEYS, typed as their declarations in EvaluateConfig."""
+    from typing import get_type_hints
+
+    from pipeline import config
+    from pipeline import evaluate as E
+
+    declared = get_type_hints(config.EvaluateConfig)
+    for view, keys in ((E.ChunkConfig, dag.CHUNK_KEYS), (E.SweepConfig, dag.SWEEP_KEYS)):
+        assert tuple(f"evaluate.{field.name}" for field in dataclasses.fields(view)) == keys
+        assert get_type_hints(view) == {name: declared[name] for name in get_type_hints(view)}
