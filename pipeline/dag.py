@@ -149,8 +149,8 @@ DATA = "data/${base.dataset}"
 EVALUATE_KEYS = tuple(f"evaluate.{key}" for key in (
     "checkpoint", "eps_255", "n_eval", "batch_size", "chunk_size", "version", "pgd_steps", "sweep_factors",
     "n_sweep", "tolerance", "max_pgd_gap"))
-# What decides one AutoAttack chunk and the eps sweep (pipeline.evaluate.ChunkConfig and SweepConfig, tested equal): n_eval
-# only says which chunks exist, so raising it attacks only the new chunks.
+# What decides one AutoAttack chunk and the eps sweep (pipeline.evaluate.ChunkConfig and SweepConfig, tested
+# equal): n_eval only says which chunks exist, so raising it attacks only the new chunks.
 CHUNK_KEYS = tuple(f"evaluate.{key}" for key in ("checkpoint", "eps_255", "batch_size", "chunk_size", "version",
                                                  "pgd_steps"))
 SWEEP_KEYS = tuple(f"evaluate.{key}" for key in ("checkpoint", "eps_255", "batch_size", "pgd_steps",
