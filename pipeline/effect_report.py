@@ -81,26 +81,30 @@ def finished_runs(workdir: Path, cfg: dict[str, Any]) -> tuple[list[str], list[s
 STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
 JOB_START = re.compile(r"^Job (\d+):")
 JOB_END = re.compile(r"^Finished jobid: (\d+) \(Rule: ([\w-]+)\)")
-JOB_FIELDS = ["log", "rule", "jobid", "start", "end", "seconds"]
+JOB_LOG = re.compile(r"^Shell command: .* 2> (\S+\.log)\s*$")
+JOB_FIELDS = ["log", "rule", "jobid", "job_log", "start", "end", "seconds"]
 
 
 def snakemake_jobs(workdir: Path) -> list[dict[str, Any]]:
-    """Every finished job of the Snakemake logs in WORKDIR/.snakemake/log/: its rule and wall seconds between
-    the times Snakemake printed when it started and finished it (the only cost record of rules without a
-    benchmark)."""
+    """Every finished job of the Snakemake logs in WORKDIR/.snakemake/log/: its rule, its own log file (which
+    names its benchmark) and the wall seconds between the times Snakemake printed when it started and
+    finished it (the only cost record of a job without a benchmark)."""
     jobs = []
     for path in sorted((Path(workdir) / ".snakemake" / "log").glob("*.log")):
-        stamp, started = None, {}
+        stamp, started, job_logs, current = None, {}, {}, None
         for line in path.read_text(errors="replace").splitlines():
             if match := STAMP.match(line):
                 stamp = datetime.datetime.strptime(" ".join(match.group(1).split()), "%a %b %d %H:%M:%S %Y")
             elif (match := JOB_START.match(line)) and stamp is not None:
-                started[match.group(1)] = stamp
+                current = match.group(1)
+                started[current] = stamp
+            elif (match := JOB_LOG.match(line)) and current is not None:
+                job_logs[current] = match.group(1)
             elif (match := JOB_END.match(line)) and stamp is not None and match.group(1) in started:
                 start = started.pop(match.group(1))
                 jobs.append({"log": path.name, "rule": match.group(2), "jobid": int(match.group(1)),
-                             "start": start.isoformat(), "end": stamp.isoformat(),
-                             "seconds": (stamp - start).total_seconds()})
+                             "job_log": job_logs.pop(match.group(1), ""), "start": start.isoformat(),
+                             "end": stamp.isoformat(), "seconds": (stamp - start).total_seconds()})
     return jobs
 
 
@@ -238,16 +242,33 @@ def job_hours(results: Path) -> dict[str, tuple[float, float]]:
 
 
 def core_hours(results: Path) -> dict[str, float]:
-    """Per rule, the hours of one core its jobs took: CPU time where Snakemake benchmarked the rule, else the
-    jobs' wall time from its log (jobs.csv; an upper bound of their CPU time, every job on one thread)."""
-    hours = {rule: cpu for rule, (_, cpu) in job_hours(results).items()}
-    logged: dict[str, float] = {}
-    if (results / "jobs.csv").exists():
-        with open(results / "jobs.csv", newline="") as handle:
-            for row in csv.DictReader(handle):
-                if row["rule"] not in hours:
-                    logged[row["rule"]] = logged.get(row["rule"], 0.0) + float(row["seconds"]) / 3600
-    return dict(sorted({**hours, **logged}.items()))
+    """Per Snakemake rule, the hours of one core its jobs took: a job's CPU time where its benchmark was kept
+    (benchmarks/ mirrors logs/), else its wall time from Snakemake's log (jobs.csv; every job runs on one
+    thread, so that bounds its CPU time). Without jobs.csv, the benchmarks alone, by folder."""
+    if not (results / "jobs.csv").exists():
+        return {rule: cpu for rule, (_, cpu) in job_hours(results).items()}
+    hours: dict[str, float] = {}
+    used: set[Path] = set()
+    with open(results / "jobs.csv", newline="") as handle:
+        jobs = list(csv.DictReader(handle))
+    for row in reversed(jobs):   # a job run twice: its benchmark holds the last run
+        seconds = float(row["seconds"])
+        if row["job_log"].startswith("logs/"):
+            benchmark = results / "benchmarks" / Path(row["job_log"]).relative_to("logs").with_suffix(".tsv")
+            if benchmark.exists() and benchmark not in used:
+                used.add(benchmark)
+                seconds = _cpu_seconds(benchmark)
+        hours[row["rule"]] = hours.get(row["rule"], 0.0) + seconds / 3600
+    for benchmark in (results / "benchmarks").rglob("*.tsv"):   # jobs the kept logs do not list: by folder
+        if benchmark not in used:
+            rule = benchmark.relative_to(results / "benchmarks").parts[0].removesuffix(".tsv")
+            hours[rule] = hours.get(rule, 0.0) + _cpu_seconds(benchmark) / 3600
+    return dict(sorted(hours.items()))
+
+
+def _cpu_seconds(benchmark: Path) -> float:
+    with open(benchmark) as handle:
+        return sum(float(row.get("cpu_time") or row["s"]) for row in csv.DictReader(handle, delimiter="\t"))
 
 
 def _missing(value: Any) -> bool:
@@ -325,7 +346,7 @@ def section(results: Path, rows: list[dict[str, Any]]) -> str:
     if hours:
         total = sum(hours.values())
         lines += ["", f"Cost: {total:.2f} core-hours, so about {total / 2:.1f} hours on two idle cores (one thread "
-                  "per job; CPU time where Snakemake benchmarked a rule, else the jobs' wall time from its log, "
+                  "per job; a job's CPU time from its Snakemake benchmark, else its wall time from Snakemake's log, "
                   "results/effect/jobs.csv). By rule: " + ", ".join(f"{rule} {value:.2f}" for rule, value in
                                                                       hours.items() if value >= 0.005) + "."]
     lines.append(END)

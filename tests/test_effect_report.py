@@ -55,7 +55,9 @@ def study(tmp_path) -> Path:
     (workdir / ".snakemake" / "log" / "2026-12-01T100000.snakemake.log").write_text(
         "Select jobs to execute...\n[Tue Dec  1 10:00:00 2026]\nJob 7: generate shard 0\nReason: x\n\n"
         "[Tue Dec  1 10:00:05 2026]\nJob 8: generate shard 1\n[Tue Dec  1 10:03:00 2026]\n"
-        "Finished jobid: 7 (Rule: generate)\n1 of 2 steps (50%) done\n")
+        "Finished jobid: 7 (Rule: generate)\n1 of 2 steps (50%) done\n[Tue Dec  1 10:03:00 2026]\n"
+        "Job 9: train run baseline\nShell command: python -m pipeline.train_robust --run baseline "
+        "2> logs/train_robust/baseline.log\n[Tue Dec  1 12:03:00 2026]\nFinished jobid: 9 (Rule: train_robust)\n")
     return workdir
 
 
@@ -113,10 +115,13 @@ def test_write_fills_the_sections_from_the_kept_results_only(study, tmp_path):
     assert "Cost: 1.05 core-hours, so about 0.5 hours on two idle cores" in text   # 1 h of CPU + 3 min logged
     assert "By rule: generate 0.05, train_robust 1.00." in text
     assert "Its jobs took 1.1 core-hours: about 0.5 hours of a 2-core machine." in readme.read_text()
-    with open(out / "jobs.csv", newline="") as handle:
-        assert list(csv.DictReader(handle)) == [{"log": "2026-12-01T100000.snakemake.log", "rule": "generate",
-                                                 "jobid": "7", "start": "2026-12-01T10:00:00",
-                                                 "end": "2026-12-01T10:03:00", "seconds": "180.0"}]
+    with open(out / "jobs.csv", newline="") as handle:   # train_robust: 2 h of wall, 1 h of CPU in its benchmark
+        assert list(csv.DictReader(handle)) == [
+            {"log": "2026-12-01T100000.snakemake.log", "rule": "generate", "jobid": "7", "job_log": "",
+             "start": "2026-12-01T10:00:00", "end": "2026-12-01T10:03:00", "seconds": "180.0"},
+            {"log": "2026-12-01T100000.snakemake.log", "rule": "train_robust", "jobid": "9",
+             "job_log": "logs/train_robust/baseline.log", "start": "2026-12-01T10:03:00",
+             "end": "2026-12-01T12:03:00", "seconds": "7200.0"}]
 
 
 def test_last_checkpoints_get_their_own_table_once_every_run_has_one(study, tmp_path):
