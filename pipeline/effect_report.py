@@ -319,6 +319,7 @@ def section(results: Path, rows: list[dict[str, Any]]) -> str:
              f"{float(rows[0]['eps_255']):g}/255, {attack} as the robust attack; mean over seeds with the 95% "
              "t-interval, and the difference to the real-data baseline paired by seed.", "",
              *table_lines(rows)]
+    lines += ["", findings(rows)]
     last_rows, _, n_last = last_summary(results)
     if last_rows:
         lines += ["", f"The same attack on every run's last checkpoint (`effect_report last`: the end of the equal "
@@ -368,6 +369,20 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
                      f"{'' if baseline else str(row['mcnemar_n_significant']) + ' of ' + str(row['n_paired'])} | "
                      f"{'' if baseline else verdict(row)} |")
     return lines
+
+
+def findings(rows: list[dict[str, Any]]) -> str:
+    """Per arm, whether any of its amounts is above the baseline with a seed-paired interval excluding 0."""
+    verdicts: dict[str, list[str]] = {}
+    for row in rows:
+        if row["arm"] != "none":
+            verdicts.setdefault(row["arm"], []).append(verdict(row))
+    above = [arm for arm, found in verdicts.items() if "above the baseline" in found]
+    measured = [arm for arm, found in verdicts.items()
+                if arm not in above and any(v != "no interval (one seed)" for v in found)]
+    return ("Above the real-data baseline at some amount, interval excluding 0: "
+            + (", ".join(above) or "no arm") + ". Not found at any amount measured with an interval: "
+            + (", ".join(measured) or "no arm") + ".")
 
 
 def last_summary(results: Path) -> tuple[list[dict[str, Any]], list[str], int]:

@@ -110,6 +110,8 @@ def test_write_fills_the_sections_from_the_kept_results_only(study, tmp_path):
     assert float(summary["gaussian"]["robust_diff_mean"]) == pytest.approx(10 / 200)
     assert [row["arm"] for row in rows] == ["none", "gaussian"]
     assert "| gaussian | 2,000 | 3 |" in text and "above the baseline" in text   # +5 points every seed: CI > 0
+    assert "at some amount, interval excluding 0: gaussian. Not found at any amount measured with an interval: " \
+        "no arm." in text
     assert "Collected 6 of the 6 planned runs" in text and "teacher's test accuracy 41.0%" in text
     assert "gaussian 60.0 vs 100.0" in text        # standard AutoAttack vs the study's attack, same 50 images
     assert "Cost: 1.05 core-hours, so about 0.5 hours on two idle cores" in text   # 1 h of CPU + 3 min logged
