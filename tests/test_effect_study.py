@@ -38,7 +38,8 @@ def study(tmp_path_factory) -> Path:
     cfg["data"].update(archive=str(DEMO_ARCHIVE), md5=data.md5sum(DEMO_ARCHIVE))
     save_params(workdir, cfg)
     targets = report.missing_targets(workdir, workdir / "kept")
-    run([str(BIN / "snakemake"), "--cores", "2", *targets], workdir)
+    # docs/effect.md's command: two one-thread jobs side by side (the profile's one `gpu` would run one)
+    run([str(BIN / "snakemake"), *targets, "--cores", "2", "--max-threads", "1", "--resources", "gpu=2"], workdir)
     report.gap(workdir, n_eval=20)
     report.last(workdir)
     return workdir
