@@ -6,7 +6,7 @@ its sections in docs/results.md and README.md from what was collected.
     python -m pipeline.effect_report last WORKDIR       # the study's attack on every run's last checkpoint
     python -m pipeline.effect_report collect WORKDIR    # WORKDIR's finished runs -> results/effect/
     python -m pipeline.effect_report write              # summary.csv, figures/effect.png, the two sections
-    python -m pipeline.effect_report targets WORKDIR    # evaluations of the runs results/effect/ lacks
+    python -m pipeline.effect_report targets WORKDIR    # evaluations and analyses results/effect/ lacks
 
 `collect` copies, for every run params defines whose evaluation has finished, its evaluation (JSON and
 per-example HDF5), training metrics and curve and the evaluated model (a small CNN: under 300 kB), the
@@ -152,10 +152,14 @@ def collect(workdir: Path, out: Path = RESULTS) -> dict[str, Any]:
 
 
 def missing_targets(workdir: Path, kept: Path = RESULTS) -> list[str]:
-    """The evaluation JSONs (relative to `workdir`) of the runs params defines that `kept` does not hold."""
+    """What `kept` lacks, as targets relative to `workdir`: the evaluation JSONs of the runs params defines
+    and the generators' analysis (their FID)."""
     cfg = params_mod.load(Path(workdir) / "params.yaml")
-    return [f"results/evaluate/{run}/{threat}.json" for run in params_mod.runs(cfg)
-            for threat in cfg["evaluate"]["threats"] if not (kept / "evaluate" / run / f"{threat}.json").exists()]
+    evaluations = [f"results/evaluate/{run}/{threat}.json" for run in params_mod.runs(cfg)
+                   for threat in cfg["evaluate"]["threats"]
+                   if not (kept / "evaluate" / run / f"{threat}.json").exists()]
+    return evaluations + [f"results/analysis/{generator}.json" for generator in params_mod.generators(cfg)
+                          if not (kept / "analysis" / f"{generator}.json").exists()]
 
 
 # --- second looks at the kept models: declared in docs/effect.md, reported beside the study's own numbers ---

@@ -172,7 +172,8 @@ def test_gap_runs_are_each_arms_seed_zero_model_on_all_its_images():
 def test_targets_are_the_evaluations_not_yet_kept(study, tmp_path):
     out = tmp_path / "kept"
     report.collect(study, out)
-    assert report.missing_targets(study, out) == ["results/evaluate/gaussian-s2/linf.json"]
+    assert report.missing_targets(study, out) == ["results/evaluate/gaussian-s2/linf.json",
+                                                  "results/analysis/gaussian.json"]   # its FID
 
 
 def test_the_study_sections_are_the_ones_generated_from_the_kept_results():
