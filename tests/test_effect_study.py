@@ -20,11 +20,12 @@ from pipeline import params as P
 from tests.helpers import BIN, DEMO_ARCHIVE, REPO, make_workdir, run, save_params, tiny_overrides
 
 # 300 labelled images (50 of them validation), the other 300 the oracle's pool; 100 generated images per
-# generator in 2 shards, the sweep at 50 of them; 2 seeds (the fewest with an interval); one chunk of 20
-# test images per run.
+# generator in 2 shards, the sweep at 50 of them; 2 seeds (the fewest with an interval); 2 epochs of 2
+# steps per run; one chunk of 20 test images per run.
 MINIATURE = {"data": {"n_labelled": 300},
              "generate": {"n_images": 100, "shard_size": 50},
              "variants": {"names": [], "amounts": [50], "seeds": [0, 1]},
+             "train_robust": {"epoch_size": 64, "batch_size": 32},
              "evaluate": {"chunk_size": 20}}
 ARMS = {("none", 0), ("oracle", 50), ("oracle", 100), ("gaussian", 50), ("gaussian", 100), ("edm", 100)}
 
