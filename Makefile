@@ -17,8 +17,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-# Unit tests only, none over ~10 s (about N min on an idle 2 cores): no workflow runs, stage subprocesses, SLURM, DVC remotes or
-# DDP. One thread per process: it stays fast on a machine shared with other jobs.
+# Unit tests only, none over ~10 s (about 5 min, 4.4 CPU-minutes in one process): no workflow runs, stage
+# subprocesses, SLURM, DVC remotes or DDP. One thread per process: it stays fast on a machine shared with other jobs.
 test-fast: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not shared"
 
